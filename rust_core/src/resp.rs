@@ -1,0 +1,117 @@
+//! The Redis side of dedup, as bytes: one pipelined `SET key flush NX EX ttl GET`
+//! per event encoded in a single buffer, and the replies parsed in one call.
+
+use crate::decode::Decoded;
+
+fn push_bulk(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'$');
+    out.extend_from_slice(s.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(s);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// RESP for one `SET <prefix><id> <flush_id> NX EX <ttl> GET` per valid event.
+pub fn reserve_commands(d: &Decoded, prefix: &str, flush_id: &str, ttl_seconds: u64) -> Vec<u8> {
+    // Everything after the key is the same for every event.
+    let mut tail = Vec::with_capacity(64 + flush_id.len());
+    push_bulk(&mut tail, flush_id.as_bytes());
+    tail.extend_from_slice(b"$2\r\nNX\r\n$2\r\nEX\r\n");
+    push_bulk(&mut tail, ttl_seconds.to_string().as_bytes());
+    tail.extend_from_slice(b"$3\r\nGET\r\n");
+    let mut out = Vec::with_capacity(d.len() * (tail.len() + prefix.len() + 48));
+    for i in 0..d.len() {
+        let id = d.id(i);
+        out.extend_from_slice(b"*7\r\n$3\r\nSET\r\n$");
+        out.extend_from_slice((prefix.len() + id.len()).to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&tail);
+    }
+    out
+}
+
+/// A reply to `SET ... NX GET`: `None` when the key was free (now reserved),
+/// else the value it already held.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReplyError {
+    Server(String),
+    Protocol(&'static str),
+}
+
+fn line(buf: &[u8], pos: usize) -> Option<(&[u8], usize)> {
+    let rest = &buf[pos..];
+    let end = memchr::memmem::find(rest, b"\r\n")?;
+    Some((&rest[..end], pos + end + 2))
+}
+
+/// Parses `count` replies of `SET ... NX GET`. Returns `Ok(None)` when the
+/// buffer does not hold them all yet, else the (event index, old value) of
+/// every key that was already taken.
+pub fn parse_set_get_replies(
+    buf: &[u8],
+    count: usize,
+) -> Result<Option<Vec<(usize, Vec<u8>)>>, ReplyError> {
+    let mut taken = Vec::new();
+    let mut pos = 0;
+    for i in 0..count {
+        let Some((head, next)) = (if pos < buf.len() { line(buf, pos) } else { None }) else {
+            return Ok(None);
+        };
+        match head.first() {
+            Some(b'$') => {
+                let n: i64 = std::str::from_utf8(&head[1..])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(ReplyError::Protocol("bad bulk length"))?;
+                if n < 0 {
+                    pos = next;
+                    continue;
+                }
+                let end = next + n as usize;
+                if buf.len() < end + 2 {
+                    return Ok(None);
+                }
+                taken.push((i, buf[next..end].to_vec()));
+                pos = end + 2;
+            }
+            Some(b'_') => pos = next,
+            Some(b'-') => {
+                return Err(ReplyError::Server(String::from_utf8_lossy(&head[1..]).into_owned()))
+            }
+            _ => return Err(ReplyError::Protocol("unexpected reply type to SET NX GET")),
+        }
+    }
+    if pos != buf.len() {
+        return Err(ReplyError::Protocol("more replies than commands"));
+    }
+    Ok(Some(taken))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{decode, Limits};
+
+    #[test]
+    fn encodes_one_set_per_event() {
+        let body = br#"{"events":[{"transaction_id":"a","customer_id":"c","event_type":"e","timestamp":1700000000000},{"transaction_id":"bb","customer_id":"c","event_type":"e","timestamp":1700000000000}]}"#;
+        let d = decode(body, 1_700_000_000_000, &Limits::default()).unwrap();
+        let out = reserve_commands(&d, "dedup:", "f1", 60);
+        let one = "*7\r\n$3\r\nSET\r\n$7\r\ndedup:a\r\n$2\r\nf1\r\n$2\r\nNX\r\n$2\r\nEX\r\n$2\r\n60\r\n$3\r\nGET\r\n";
+        let two = one.replace("$7\r\ndedup:a", "$8\r\ndedup:bb");
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{one}{two}"));
+    }
+
+    #[test]
+    fn parses_nil_and_taken_replies() {
+        let r = parse_set_get_replies(b"$-1\r\n$2\r\nf0\r\n$-1\r\n", 3).unwrap().unwrap();
+        assert_eq!(r, vec![(1, b"f0".to_vec())]);
+        assert_eq!(parse_set_get_replies(b"$-1\r\n$2\r\nf", 2).unwrap(), None);
+        assert_eq!(parse_set_get_replies(b"$-1\r", 1).unwrap(), None);
+        assert!(matches!(parse_set_get_replies(b"-ERR x\r\n", 1), Err(ReplyError::Server(_))));
+        assert!(parse_set_get_replies(b"$-1\r\n$-1\r\n", 1).is_err());
+    }
+}
