@@ -1,0 +1,45 @@
+"""Liveness, readiness (each backing service) and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from meterflow.api.events import json_response
+from meterflow.ingest.dedup import DedupUnavailable
+from meterflow.ingest.service import IngestService
+from meterflow.storage import StorageError
+
+
+async def health(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def _check(name: str, probe: object) -> tuple[str, dict[str, str]]:
+    try:
+        await asyncio.wait_for(probe, 2)  # type: ignore[arg-type]
+    except (StorageError, DedupUnavailable, TimeoutError, OSError) as e:
+        return name, {"status": "down", "error": str(e) or type(e).__name__}
+    return name, {"status": "ok"}
+
+
+async def ready(request: Request) -> Response:
+    service: IngestService = request.app.state.ingest
+    checks = dict(
+        await asyncio.gather(
+            _check(f"storage:{service.storage.name}", service.storage.ping()),
+            _check(f"dedup:{service.dedup.name}", service.dedup.ping()),
+        )
+    )
+    ok = all(c["status"] == "ok" for c in checks.values())
+    body = {"status": "ready" if ok else "unavailable", "checks": checks,
+            "flush_queue_rows": service.flusher.queued_rows}  # fmt: skip
+    return json_response(body, 200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    service: IngestService = request.app.state.ingest
+    service.metrics.gauges["meterflow_flush_queue_rows"] = service.flusher.queued_rows
+    return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,144 @@
+"""Settings: one typed object from `MF_*` environment variables and an optional TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+DAY_MS = 86_400_000
+
+
+class ConfigError(Exception):
+    """A setting is wrong or missing; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, with its default. Env: `MF_<NAME>`; TOML: `<name> = ...`."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    workers: int = 1
+    storage: Literal["chdb", "clickhouse"] = "chdb"
+    data_dir: str = "./data"
+    clickhouse_url: str = "http://127.0.0.1:8123"
+    clickhouse_database: str = "default"
+    clickhouse_user: str = "default"
+    clickhouse_password: str = ""
+    dedup: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    dedup_window_s: int = 31 * 86_400
+    flush_timeout_s: int = 30
+    flush_max_rows: int = 10_000
+    flush_max_wait_ms: int = 50
+    flush_queue_max_rows: int = 200_000
+    flush_concurrency: int = 2
+    max_body_bytes: int = 5 * 1024 * 1024
+    max_events: int = 1000
+    max_future_ms: int = 5 * 60 * 1000
+    max_age_ms: int = 30 * DAY_MS
+    retry_after_s: int = 1
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "workers", "dedup_window_s", "flush_timeout_s", "flush_max_rows", "flush_max_wait_ms",
+            "flush_queue_max_rows", "flush_concurrency", "max_body_bytes", "max_events",
+            "retry_after_s",
+        )  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"MF_{name.upper()} must be a positive integer, got {getattr(self, name)}.")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"MF_PORT must be from 1 to 65535, got {self.port}.")
+        if self.max_future_ms < 0 or self.max_age_ms <= 0:
+            raise ConfigError("MF_MAX_FUTURE_MS must be >= 0 and MF_MAX_AGE_MS > 0.")
+        if self.dedup == "memory" and self.workers > 1:
+            raise ConfigError(
+                "MF_DEDUP=memory keeps the dedup index in one process; use MF_WORKERS=1 or MF_DEDUP=redis."
+            )
+        if self.storage == "chdb" and self.workers > 1:
+            raise ConfigError(
+                "MF_STORAGE=chdb admits one process per data directory; use MF_WORKERS=1 or MF_STORAGE=clickhouse."
+            )
+        if self.dedup_window_s * 1000 < self.max_age_ms + self.max_future_ms:
+            raise ConfigError(
+                "MF_DEDUP_WINDOW_S must cover MF_MAX_AGE_MS + MF_MAX_FUTURE_MS, or an old duplicate could pass."
+            )
+        for url_name in ("clickhouse_url", "redis_url"):
+            url = getattr(self, url_name)
+            scheme = url.split("://", 1)[0]
+            if "://" not in url or scheme not in ("http", "https", "redis", "rediss", "unix"):
+                raise ConfigError(f"MF_{url_name.upper()} is not a URL: {url!r}.")
+
+    @property
+    def embedded(self) -> bool:
+        return self.storage == "chdb"
+
+    def public(self) -> dict[str, Any]:
+        """The settings without secrets, for logs and /ready."""
+        d = dataclasses.asdict(self)
+        d["clickhouse_password"] = "***" if self.clickhouse_password else ""
+        return d
+
+
+def _convert(name: str, raw: Any, kind: Any) -> Any:
+    choices = get_args(kind)
+    if choices:
+        if raw not in choices:
+            raise ConfigError(f"MF_{name.upper()} must be one of {', '.join(choices)}, got {raw!r}.")
+        return raw
+    if kind is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"MF_{name.upper()} must be an integer, got {raw!r}.")
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"MF_{name.upper()} must be an integer, got {raw!r}.") from None
+    if not isinstance(raw, str):
+        raise ConfigError(f"MF_{name.upper()} must be a string, got {raw!r}.")
+    return raw
+
+
+def load(
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Builds the settings: defaults < TOML file (`MF_CONFIG`) < env < overrides."""
+    env = os.environ if env is None else env
+    hints = get_type_hints(Settings)
+    known = {f.name for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    path = config_file or env.get("MF_CONFIG")
+    if path:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"MF_CONFIG points at {path}, which does not exist.") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}.") from None
+        section = doc.get("meterflow", doc)
+        for key, raw in section.items():
+            if isinstance(raw, dict):
+                continue  # other sections (meters, ...) belong to other stages
+            if key not in known:
+                raise ConfigError(f"{path}: unknown setting {key!r}.")
+            values[key] = _convert(key, raw, hints[key])
+    for key, raw in env.items():
+        if not key.startswith("MF_") or key == "MF_CONFIG":
+            continue
+        name = key[3:].lower()
+        if name not in known:
+            raise ConfigError(f"{key} is not a MeterFlow setting.")
+        values[name] = _convert(name, raw, hints[name])
+    for name, raw in (overrides or {}).items():
+        if raw is not None:
+            values[name] = _convert(name, raw, hints[name])
+    return Settings(**values)

@@ -1,0 +1,1 @@
+"""Ingest: decode (Rust core), dedup, group-commit flusher."""

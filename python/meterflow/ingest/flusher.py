@@ -1,0 +1,159 @@
+"""Group commit: rows of concurrent requests go to storage in one insert per flush."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from meterflow.config import Settings
+from meterflow.ingest.core import Batch
+from meterflow.ingest.dedup import Dedup, DedupUnavailable, new_flush_id
+from meterflow.metrics import Metrics
+from meterflow.storage import Storage, StorageError
+
+log = logging.getLogger("meterflow.flusher")
+
+
+class Overloaded(Exception):
+    """The flush queue is full; the request is refused before any I/O."""
+
+
+@dataclass(eq=False)
+class Flush:
+    """One future insert. Requests join it before they reserve their ids (the
+    reservation names the flush), then add their rows or leave."""
+
+    id: str
+    seq: int
+    created: float
+    done: asyncio.Future[None]
+    rows: list[bytes] = field(default_factory=list)
+    parts: list[tuple[Batch, bytes | None]] = field(default_factory=list)
+    count: int = 0
+    pending: int = 0
+    sealed: bool = False
+
+    def reserved_ids(self) -> list[str]:
+        """The ids this flush holds (used only to release them after a failure)."""
+        ids: list[str] = []
+        for batch, keep in self.parts:
+            ids.extend(batch.transaction_id(i) for i in range(len(batch)) if keep is None or keep[i])
+        return ids
+
+
+class Flusher:
+    def __init__(self, settings: Settings, storage: Storage, dedup: Dedup, metrics: Metrics) -> None:
+        self._max_rows = settings.flush_max_rows
+        self._max_wait = settings.flush_max_wait_ms / 1000
+        self._queue_max = settings.flush_queue_max_rows
+        self._storage = storage
+        self._dedup = dedup
+        self._metrics = metrics
+        self._sem = asyncio.Semaphore(settings.flush_concurrency)
+        self._seq = itertools.count(1)
+        self._current: Flush | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+        self.queued_rows = 0
+        self.closed = False
+
+    def join(self, n: int) -> Flush:
+        """Joins the open flush for up to `n` rows; refuses when the queue is full."""
+        if self.closed:
+            raise Overloaded("MeterFlow is shutting down.")
+        if self.queued_rows + n > self._queue_max:
+            self._metrics.inc("meterflow_flush_queue_full_total")
+            raise Overloaded(
+                f"The flush queue holds {self.queued_rows} rows; the limit is {self._queue_max}."
+            )
+        f = self._current
+        if f is None or f.sealed:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            # A flush whose waiters were cancelled must not log "never retrieved".
+            done.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
+            f = Flush(id=new_flush_id(), seq=next(self._seq), created=time.monotonic(), done=done)
+            self._current = f
+            loop.call_later(self._max_wait, self._seal, f)
+        f.pending += 1
+        self.queued_rows += n
+        return f
+
+    def add(self, f: Flush, batch: Batch, keep: bytes | None, rows: bytes, count: int, joined: int) -> None:
+        """Adds a request's reserved rows to the flush it joined for `joined` rows."""
+        f.rows.append(rows)
+        f.parts.append((batch, keep))
+        f.count += count
+        self.queued_rows -= joined - count
+        f.pending -= 1
+        if f.count >= self._max_rows:
+            self._seal(f)
+        self._maybe_write(f)
+
+    def leave(self, f: Flush, joined: int) -> None:
+        """Leaves the flush without rows (nothing new, or reservation failed)."""
+        f.pending -= 1
+        self.queued_rows -= joined
+        self._maybe_write(f)
+
+    def _seal(self, f: Flush) -> None:
+        if f.sealed:
+            return
+        f.sealed = True
+        if self._current is f:
+            self._current = None
+        self._maybe_write(f)
+
+    def _maybe_write(self, f: Flush) -> None:
+        if not f.sealed or f.pending or f.done.done():
+            return
+        if f.count == 0:
+            f.done.set_result(None)
+            return
+        task = asyncio.get_running_loop().create_task(self._write(f))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, f: Flush) -> None:
+        rows = b"".join(f.rows)
+        f.rows.clear()
+        try:
+            async with self._sem:
+                t0 = time.perf_counter()
+                await self._storage.insert_events(rows)
+                self._metrics.observe("meterflow_flush_seconds", time.perf_counter() - t0)
+        except StorageError as e:
+            self._metrics.inc("meterflow_flush_failures_total")
+            log.warning("flush failed", extra={"flush_id": f.id, "rows": f.count, "error": str(e)})
+            try:
+                await self._dedup.release(f.id, f.seq, f.reserved_ids())
+            except DedupUnavailable as e2:
+                # The reservations expire into take-overs after the flush timeout.
+                log.warning("release failed", extra={"flush_id": f.id, "error": str(e2)})
+            self.queued_rows -= f.count
+            f.done.set_exception(e)
+            return
+        except BaseException as e:
+            self.queued_rows -= f.count
+            f.done.set_exception(StorageError(f"insert interrupted: {e!r}"))
+            raise
+        self.queued_rows -= f.count
+        self._metrics.inc("meterflow_flushes_total")
+        self._metrics.inc("meterflow_flushed_rows_total", f.count)
+        try:
+            await self._dedup.commit(f.id, f.seq)
+        except DedupUnavailable as e:
+            # The rows are stored; without the commit record their ids are taken
+            # over after the flush timeout and collapse in storage.
+            log.warning("commit failed", extra={"flush_id": f.id, "error": str(e)})
+        f.done.set_result(None)
+
+    async def drain(self) -> None:
+        """Seals the open flush and waits for every write (SIGTERM)."""
+        self.closed = True
+        if self._current is not None:
+            self._seal(self._current)
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)

@@ -1,0 +1,132 @@
+"""The sync ingest path of DESIGN §3: decode, reserve, group-commit, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from meterflow.config import Settings
+from meterflow.ingest.core import DecodeError, Limits, decode_batch
+from meterflow.ingest.dedup import Dedup, DedupUnavailable
+from meterflow.ingest.flusher import Flusher, Overloaded
+from meterflow.metrics import Metrics
+from meterflow.storage import Storage, StorageError
+
+log = logging.getLogger("meterflow.ingest")
+
+__all__ = ["DecodeError", "IngestResult", "IngestService", "Unavailable"]
+
+
+class Unavailable(Exception):
+    """A backing service is down or the queue is full: answer 503 with Retry-After."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class IngestResult:
+    accepted: int
+    duplicates: int
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "duplicates": self.duplicates, "failed": self.failed}
+
+
+LARGE_BODY = 256 * 1024
+
+IN_FLIGHT_MESSAGE = (
+    "Another request holding this transaction_id has not finished storing it; retry later."
+)
+
+
+class IngestService:
+    def __init__(self, settings: Settings, storage: Storage, dedup: Dedup, metrics: Metrics) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.dedup = dedup
+        self.metrics = metrics
+        self.limits = Limits(
+            max_events=settings.max_events,
+            max_future_ms=settings.max_future_ms,
+            max_age_ms=settings.max_age_ms,
+        )
+        self.flusher = Flusher(settings, storage, dedup, metrics)
+
+    async def warm(self) -> None:
+        """Embedded mode: load the ids stored within the dedup window."""
+        if self.dedup.name != "memory":
+            return
+        since = time.time_ns() // 1_000_000 - self.settings.dedup_window_s * 1000
+        rows = await self.storage.query(
+            f"SELECT DISTINCT transaction_id AS id FROM events WHERE timestamp_ms >= {since}"
+        )
+        await self.dedup.warm([r["id"] for r in rows])
+        log.info("dedup index warmed", extra={"ids": len(rows)})
+
+    async def ingest(self, body: bytes, customer_id: str | None = None) -> IngestResult:
+        """Raises DecodeError (envelope) or Unavailable; per-event problems are in the result."""
+        now = time.time_ns() // 1_000_000
+        if len(body) > LARGE_BODY:
+            # The core releases the GIL: a large body decodes off the event loop.
+            batch = await asyncio.to_thread(decode_batch, body, now, self.limits, customer_id)
+        else:
+            batch = decode_batch(body, now, self.limits, customer_id)
+        failed = [
+            {"index": i, "transaction_id": t, "reason": r, "message": m}
+            for (i, t, r), m in zip(batch.failed, batch.failure_messages, strict=True)
+        ]
+        n = len(batch)
+        m = self.metrics
+        m.inc("meterflow_events_received_total", batch.received)
+        for f in failed:
+            m.inc("meterflow_events_failed_total", reason=f["reason"].split(":")[0])
+        duplicates = batch.in_batch_duplicates
+        accepted = 0
+        if n:
+            try:
+                flush = self.flusher.join(n)
+            except Overloaded as e:
+                raise Unavailable("overloaded", str(e)) from e
+            added = False
+            try:
+                try:
+                    res = await self.dedup.reserve(batch, flush.id, flush.seq)
+                except DedupUnavailable as e:
+                    raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e
+                duplicates += res.duplicates
+                for i in res.in_flight:
+                    failed.append(
+                        {
+                            "index": batch.request_index(i),
+                            "transaction_id": batch.transaction_id(i),
+                            "reason": "in_flight",
+                            "message": IN_FLIGHT_MESSAGE,
+                        }
+                    )
+                    m.inc("meterflow_events_failed_total", reason="in_flight")
+                if res.accepted:
+                    self.flusher.add(flush, batch, res.keep, batch.storage_rows(res.keep), res.accepted, n)
+                    added = True
+            finally:
+                if not added:
+                    self.flusher.leave(flush, n)
+            if added:
+                try:
+                    await asyncio.shield(flush.done)
+                except StorageError as e:
+                    raise Unavailable("storage_unavailable", f"Storage is unavailable: {e}") from e
+                accepted = res.accepted
+        if batch.failed and len(failed) > len(batch.failed):
+            failed.sort(key=lambda f: int(f["index"]))
+        m.inc("meterflow_events_accepted_total", accepted)
+        m.inc("meterflow_events_duplicate_total", duplicates)
+        # Every event is accounted for: received = accepted + duplicates + failed.
+        assert accepted + duplicates + len(failed) == batch.received
+        return IngestResult(accepted=accepted, duplicates=duplicates, failed=failed)

@@ -1,0 +1,60 @@
+"""Counters and sums in Prometheus text format, per process."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+HELP = {
+    "meterflow_events_received_total": "Events received in accepted-for-processing requests.",
+    "meterflow_events_accepted_total": "Events stored for the first time.",
+    "meterflow_events_duplicate_total": "Events answered as duplicates.",
+    "meterflow_events_failed_total": "Events rejected one by one, by reason.",
+    "meterflow_requests_total": "Requests to POST /v1/events by status.",
+    "meterflow_flushes_total": "Inserts into storage.",
+    "meterflow_flushed_rows_total": "Rows inserted into storage.",
+    "meterflow_flush_failures_total": "Inserts that failed.",
+    "meterflow_flush_queue_full_total": "Requests refused because the flush queue was full.",
+    "meterflow_flush_seconds": "Time spent in storage inserts.",
+    "meterflow_flush_queue_rows": "Rows waiting for a flush.",
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self._sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self.gauges: dict[str, float] = {}
+
+    def inc(self, name: str, n: float = 1, **labels: str) -> None:
+        self._counters[(name, tuple(sorted(labels.items())))] += n
+
+    def get(self, name: str, **labels: str) -> float:
+        return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def observe(self, name: str, value: float) -> None:
+        s = self._sums[name]
+        s[0] += value
+        s[1] += 1
+
+    def render(self) -> str:
+        lines: list[str] = []
+        seen: set[str] = set()
+
+        def head(name: str, kind: str) -> None:
+            if name not in seen:
+                seen.add(name)
+                lines.append(f"# HELP {name} {HELP.get(name, name)}")
+                lines.append(f"# TYPE {name} {kind}")
+
+        for (name, labels), v in sorted(self._counters.items()):
+            head(name, "counter")
+            lab = ",".join(f'{k}="{val}"' for k, val in labels)
+            lines.append(f"{name}{{{lab}}} {v:g}" if lab else f"{name} {v:g}")
+        for name, (total, count) in sorted(self._sums.items()):
+            head(name, "summary")
+            lines.append(f"{name}_sum {total:.6f}")
+            lines.append(f"{name}_count {count:g}")
+        for name, v in sorted(self.gauges.items()):
+            head(name, "gauge")
+            lines.append(f"{name} {v:g}")
+        return "\n".join(lines) + "\n"
