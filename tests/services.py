@@ -1,0 +1,202 @@
+"""Real services for the tests: redis-server, clickhouse-server and MeterFlow itself,
+each a subprocess on a loopback port, probed until it answers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception as e:
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up within {timeout}s: {last}")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as r:
+        return bool(r.status == 200)
+
+
+class Process:
+    def __init__(self, argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> None:
+        self.argv = argv
+        self.log = log
+        self.env = dict(env) if env is not None else None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(
+            self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        out.close()
+
+    def send(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        self.send(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.send(signal.SIGKILL)
+            return self.proc.wait(10)
+        finally:
+            self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+class Redis:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir / "redis"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = Process(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            self.dir / "redis.log",
+        )  # fmt: skip
+
+    def start(self) -> None:
+        self.proc.start()
+
+        def ping() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), 1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+
+        wait_for(ping, "redis-server")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+CLICKHOUSE_CONFIG = """<?xml version="1.0"?>
+<yandex>
+    <logger><level>warning</level><log>{dir}/server.log</log><errorlog>{dir}/server.err.log</errorlog><size>10M</size><count>1</count></logger>
+    <http_port>{http}</http_port>
+    <tcp_port>{tcp}</tcp_port>
+    <listen_host>127.0.0.1</listen_host>
+    <max_connections>256</max_connections>
+    <keep_alive_timeout>10</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <mark_cache_size>268435456</mark_cache_size>
+    <path>{dir}/data/</path>
+    <tmp_path>{dir}/tmp/</tmp_path>
+    <user_files_path>{dir}/user_files/</user_files_path>
+    <format_schema_path>{dir}/format_schemas/</format_schema_path>
+    <users_config>{dir}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mlock_executable>false</mlock_executable>
+</yandex>
+"""
+
+CLICKHOUSE_USERS = """<?xml version="1.0"?>
+<yandex>
+    <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+    <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+        <profile>default</profile><quota>default</quota></default></users>
+    <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
+        <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
+</yandex>
+"""
+
+
+class ClickHouse:
+    def __init__(self, workdir: Path) -> None:
+        self.http_port = free_port()
+        self.dir = workdir / "clickhouse"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        cfg = self.dir / "config.xml"
+        cfg.write_text(CLICKHOUSE_CONFIG.format(dir=self.dir, http=self.http_port, tcp=free_port()))
+        (self.dir / "users.xml").write_text(CLICKHOUSE_USERS)
+        binary = shutil.which("clickhouse-server") or shutil.which("clickhouse") or "clickhouse-server"
+        argv = [binary, f"--config-file={cfg}"]
+        if binary.endswith("/clickhouse"):
+            argv = [binary, "server", f"--config-file={cfg}"]
+        self.proc = Process(argv, self.dir / "stdout.log")
+
+    def start(self) -> None:
+        self.proc.start()
+        wait_for(lambda: http_ok(self.url + "/?query=SELECT%201"), "clickhouse-server", 60)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def query(self, sql: str) -> str:
+        req = urllib.request.Request(self.url + "/", data=sql.encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return str(r.read().decode())
+
+    def reset_database(self, name: str) -> None:
+        self.query(f"DROP DATABASE IF EXISTS {name}")
+        self.query(f"CREATE DATABASE {name}")
+
+
+class MeterFlowServer:
+    """`meterflow serve` in a subprocess, as a user runs it."""
+
+    def __init__(self, workdir: Path, env: Mapping[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.log = workdir / f"meterflow-{self.port}.log"
+        full = {k: v for k, v in os.environ.items() if not k.startswith("MF_")}
+        full.update({"MF_PORT": str(self.port), "MF_LOG_LEVEL": "info"})
+        full.update(env)
+        self.env = full
+        self.proc = Process([sys.executable, "-m", "meterflow.cli", "serve"], self.log, full)
+
+    def start(self, timeout: float = 60) -> None:
+        self.proc.start()
+
+        def up() -> bool:
+            assert self.proc.proc is not None
+            if self.proc.proc.poll() is not None:
+                raise RuntimeError(f"meterflow exited: {self.log.read_text()[-2000:]}")
+            return http_ok(self.url + "/health")
+
+        wait_for(up, "meterflow", timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        return self.proc.stop(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def logs(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
