@@ -52,4 +52,7 @@ class Storage(Protocol):
         """Inserts RowBinary rows (see `ROW_COLUMNS`) in one statement."""
 
     async def query(self, sql: str) -> list[dict[str, Any]]:
-        """Runs a SELECT; one dict per row."""
+        """Runs a SELECT; one dict per row (64-bit integers as numbers)."""
+
+    async def execute(self, sql: str) -> None:
+        """Runs a statement that returns nothing (DDL, OPTIMIZE)."""

@@ -74,12 +74,16 @@ class ClickHouseStorage:
     async def _post(self, query: str, data: bytes | None) -> bytes:
         assert self._session is not None
         s = self._settings
-        params = {"query": query, "database": s.clickhouse_database}
-        auth = aiohttp.BasicAuth(s.clickhouse_user, s.clickhouse_password)
+        params = {
+            "query": query,
+            "database": s.clickhouse_database,
+            "output_format_json_quote_64bit_integers": "0",
+            "user": s.clickhouse_user,
+        }
+        if s.clickhouse_password:
+            params["password"] = s.clickhouse_password
         try:
-            async with self._session.post(
-                s.clickhouse_url, params=params, data=data if data is not None else b"", auth=auth
-            ) as resp:
+            async with self._session.post(s.clickhouse_url, params=params, data=data or b"") as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     first = body.decode(errors="replace").strip().splitlines()[:1]

@@ -61,6 +61,10 @@ class EmbeddedStorage:
     async def insert_events(self, rows: bytes) -> None:
         await self._run(self._insert, rows)
 
+    async def execute(self, sql: str) -> None:
+        await self._run(self._session.query, sql)
+
     async def query(self, sql: str) -> list[dict[str, Any]]:
+        sql += " SETTINGS output_format_json_quote_64bit_integers = 0"
         res = await self._run(self._session.query, sql, "JSONEachRow")
         return [orjson.loads(line) for line in res.bytes().splitlines() if line]

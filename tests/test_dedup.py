@@ -1,0 +1,110 @@
+"""The dedup suite every backend passes: the in-process index and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import pytest
+from conftest import flush_redis
+from services import Redis, free_port
+
+from meterflow import samples
+from meterflow.config import Settings
+from meterflow.ingest.core import Batch, decode_batch
+from meterflow.ingest.dedup import Dedup, DedupUnavailable, RedisDedup, new_flush_id, open_dedup
+
+NOW = samples.now_ms()
+_seq = itertools.count(1)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def dedup(request: pytest.FixtureRequest) -> AsyncIterator[Dedup]:
+    if request.param == "redis":
+        redis: Redis = request.getfixturevalue("redis_server")
+        flush_redis(redis)
+        d = open_dedup(Settings(dedup="redis", redis_url=redis.url, flush_timeout_s=2))
+    else:
+        d = open_dedup(Settings(dedup="memory"))
+    await d.start()
+    yield d
+    await d.close()
+
+
+def batch(n: int, seed: int = 1) -> Batch:
+    return decode_batch(samples.body(samples.batch(n, seed=seed, ts=NOW)), NOW)
+
+
+def flush() -> tuple[str, int]:
+    return new_flush_id(), next(_seq)
+
+
+async def test_new_ids_are_reserved_then_duplicates_after_commit(dedup: Dedup) -> None:
+    b = batch(1000)
+    f = flush()
+    r = await dedup.reserve(b, *f)
+    assert (r.accepted, r.duplicates, r.in_flight, r.keep) == (1000, 0, [], None)
+    await dedup.commit(*f)
+    again = await dedup.reserve(b, *flush())
+    assert (again.accepted, again.duplicates) == (0, 1000)
+    assert again.keep == bytes(1000)
+
+
+async def test_uncommitted_ids_are_in_flight(dedup: Dedup) -> None:
+    b = batch(10)
+    await dedup.reserve(b, *flush())
+    r = await dedup.reserve(b, *flush())
+    assert (r.accepted, r.duplicates, r.in_flight) == (0, 0, list(range(10)))
+
+
+async def test_released_ids_can_be_reserved_again(dedup: Dedup) -> None:
+    b = batch(10)
+    f = flush()
+    await dedup.reserve(b, *f)
+    await dedup.release(*f, b.transaction_ids)
+    r = await dedup.reserve(b, *flush())
+    assert r.accepted == 10
+
+
+async def test_mixed_batch_keeps_only_new_ids(dedup: Dedup) -> None:
+    old = batch(5, seed=9)
+    f = flush()
+    await dedup.reserve(old, *f)
+    await dedup.commit(*f)
+    events = samples.batch(5, seed=9, ts=NOW) + samples.batch(5, seed=10, ts=NOW)
+    b = decode_batch(samples.body(events), NOW)
+    r = await dedup.reserve(b, *flush())
+    assert (r.accepted, r.duplicates) == (5, 5)
+    assert r.keep == b"\x00" * 5 + b"\x01" * 5
+
+
+async def test_concurrent_reservations_accept_each_id_once(dedup: Dedup) -> None:
+    b = batch(300, seed=4)
+    results = await asyncio.gather(*(dedup.reserve(b, *flush()) for _ in range(10)))
+    assert sum(r.accepted for r in results) == 300
+    assert all(r.accepted in (0, 300) or r.keep is not None for r in results)
+
+
+async def test_ids_of_a_dead_flush_are_taken_over_after_the_timeout(redis_server: Redis) -> None:
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url, flush_timeout_s=2))
+    await d.start()
+    b = batch(20, seed=5)
+    dead = new_flush_id(NOW - 3_000)  # a flush that reserved, then its process died
+    await d.reserve(b, dead, 1)
+    r = await d.reserve(batch(20, seed=5), new_flush_id(), 3)
+    assert r.accepted == 20  # taken over from the dead flush, atomically
+    loser = await d.reserve(b, new_flush_id(), 4)
+    assert loser.accepted == 0 and len(loser.in_flight) == 20
+    await d.close()
+
+
+async def test_redis_down_is_dedup_unavailable() -> None:
+    d = RedisDedup(Settings(dedup="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    await d.start()
+    with pytest.raises(DedupUnavailable):
+        await d.reserve(batch(3), *flush())
+    with pytest.raises(DedupUnavailable):
+        await d.ping()
+    await d.close()

@@ -1,0 +1,101 @@
+"""The storage suite every backend passes: chdb embedded and ClickHouse 18.16 over HTTP."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+from services import ClickHouse, free_port
+
+from meterflow import samples
+from meterflow.config import Settings
+from meterflow.ingest.core import decode_batch
+from meterflow.storage import Storage, StorageError, open_storage
+from meterflow.storage.base import SCHEMA
+from meterflow.storage.embedded import EmbeddedStorage
+
+_seq = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+async def chdb_storage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedStorage]:
+    # chdb admits one data path per process: the whole session shares one.
+    path: Path = tmp_path_factory.mktemp("chdb")
+    s = EmbeddedStorage(Settings(data_dir=str(path)))
+    await s.start()
+    yield s
+    await s.close()
+
+
+@pytest.fixture(params=["chdb", "clickhouse"])
+async def storage(request: pytest.FixtureRequest, chdb_storage: EmbeddedStorage) -> AsyncIterator[Storage]:
+    if request.param == "chdb":
+        await chdb_storage.execute("DROP TABLE IF EXISTS events")
+        for ddl in SCHEMA:
+            await chdb_storage.execute(ddl)
+        yield chdb_storage
+        return
+    ch: ClickHouse = request.getfixturevalue("clickhouse")
+    db = f"mf_storage_{next(_seq)}"
+    ch.reset_database(db)
+    s = open_storage(Settings(storage="clickhouse", clickhouse_url=ch.url, clickhouse_database=db))
+    await s.start()
+    yield s
+    await s.close()
+
+
+NOW = samples.now_ms()
+
+
+def rows(n: int, seed: int = 1) -> tuple[bytes, list[dict[str, object]]]:
+    events = samples.batch(n, seed=seed, ts=NOW)
+    return decode_batch(samples.body(events), NOW).storage_rows(), events
+
+
+async def test_schema_creation_is_idempotent(storage: Storage) -> None:
+    for ddl in SCHEMA:
+        await storage.execute(ddl)
+    assert await storage.query("SELECT count() AS n FROM events") == [{"n": 0}]
+
+
+async def test_rows_round_trip_exactly(storage: Storage) -> None:
+    data, events = rows(3)
+    await storage.insert_events(data)
+    got = await storage.query(
+        "SELECT transaction_id, customer_id, event_type, timestamp_ms, toUInt32(ts) AS s, properties "
+        "FROM events ORDER BY transaction_id"
+    )
+    assert len(got) == 3
+    for g, e in zip(got, sorted(events, key=lambda e: str(e["transaction_id"])), strict=True):
+        assert g["transaction_id"] == e["transaction_id"]
+        assert g["customer_id"] == e["customer_id"]
+        assert g["timestamp_ms"] == e["timestamp"]
+        assert g["s"] == int(e["timestamp"]) // 1000  # type: ignore[call-overload]
+        assert orjson.loads(str(g["properties"])) == e["properties"]
+
+
+async def test_reinserted_transaction_counts_once(storage: Storage) -> None:
+    data, _ = rows(500, seed=2)
+    await storage.insert_events(data)
+    await storage.insert_events(data)
+    counted = await storage.query(
+        "SELECT (SELECT count() FROM events FINAL) AS final, (SELECT uniqExact(transaction_id) FROM events) AS u"
+    )
+    assert counted == [{"final": 500, "u": 500}]
+    await storage.execute("OPTIMIZE TABLE events FINAL")
+    assert await storage.query("SELECT count() AS n FROM events") == [{"n": 500}]
+
+
+async def test_bad_statement_is_a_storage_error(storage: Storage) -> None:
+    with pytest.raises(StorageError):
+        await storage.query("SELECT nope FROM missing_table")
+
+
+async def test_unreachable_clickhouse_is_a_storage_error() -> None:
+    s = open_storage(Settings(storage="clickhouse", clickhouse_url=f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(StorageError):
+        await s.start()
+    await s.close()
