@@ -10,8 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+import json
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,3 +202,64 @@ class MeterFlowServer:
 
     def logs(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+
+def flush_redis(redis: Redis) -> None:
+    with socket.create_connection(("127.0.0.1", redis.port), 2) as s:
+        s.sendall(b"FLUSHALL\r\n")
+        assert s.recv(16).startswith(b"+OK")
+
+
+
+@dataclass
+class Backend:
+    """Where one MeterFlow server keeps its data, and how a test reads it back."""
+
+    kind: str
+    env: dict[str, str]
+    clickhouse: ClickHouse | None
+    data_dir: Path | None
+
+    @property
+    def database(self) -> str:
+        return self.env.get("MF_CLICKHOUSE_DATABASE", "default")
+
+    def stored(self) -> tuple[int, int]:
+        """(rows with FINAL, distinct transaction ids) in the events table.
+        For chdb the server must be stopped: one process per data path."""
+        sql = (
+            "SELECT (SELECT count() FROM events FINAL) AS n, "
+            "(SELECT uniqExact(transaction_id) FROM events) AS u"
+        )
+        return self._one(sql, ("n", "u"))
+
+    def stored_ids(self) -> list[str]:
+        rows = self.query_json("SELECT DISTINCT transaction_id AS id FROM events ORDER BY id")
+        return [str(r["id"]) for r in rows]
+
+    def raw_rows(self) -> int:
+        return self._one("SELECT count() AS n FROM events", ("n",))[0]
+
+    def _one(self, sql: str, cols: tuple[str, ...]) -> tuple[int, ...]:
+        rows = self.query_json(sql)
+        return tuple(int(rows[0][c]) for c in cols)
+
+    def query_json(self, sql: str) -> list[dict[str, object]]:
+        if self.clickhouse is not None:
+            url = f"{self.clickhouse.url}/?database={self.database}"
+            req = urllib.request.Request(url, data=(sql + " FORMAT JSONEachRow").encode(), method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return [json.loads(line) for line in r.read().splitlines() if line]
+        assert self.data_dir is not None
+        code = (
+            "import sys, chdb.session as s; "
+            "r = s.Session(sys.argv[1]).query(sys.argv[2], 'JSONEachRow'); "
+            "sys.stdout.buffer.write(r.bytes())"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(self.data_dir / "chdb"), sql],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        return [json.loads(line) for line in out.stdout.splitlines() if line]
+
+

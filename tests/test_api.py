@@ -8,8 +8,7 @@ import random
 import httpx
 import orjson
 import pytest
-from conftest import Backend
-from services import MeterFlowServer
+from services import Backend, MeterFlowServer
 
 from meterflow import samples
 

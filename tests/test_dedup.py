@@ -7,8 +7,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import flush_redis
-from services import Redis, free_port
+from services import Redis, flush_redis, free_port
 
 from meterflow import samples
 from meterflow.config import Settings

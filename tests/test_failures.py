@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import Backend
-from services import ClickHouse, MeterFlowServer, Redis
+from services import Backend, ClickHouse, MeterFlowServer, Redis
 
 from meterflow import samples
 

@@ -1,0 +1,136 @@
+"""dedup_1000: reserving 1000 fresh ids in Redis, our way beside the alternatives.
+
+- `redis_py`: redis-py's async pipeline of 1000 `SET NX EX GET` (the plain way);
+- `evalsha`: one Lua script call with 1000 keys (an alternative we tried);
+- `core_resp`: MeterFlow's way: the Rust core encodes the pipeline as RESP, one
+  write on a raw connection, replies parsed in Rust in one call;
+- `test_redis_benchmark_ceiling`: `redis-benchmark -P 1000` of the same
+  command, Redis's own ceiling on this machine, kept in extra_info.
+Each round reserves CONCURRENCY batches at once; `benches/report.py` turns
+the run into keys/s and ratios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from services import Redis, flush_redis
+
+from meterflow import samples
+from meterflow.config import Settings
+from meterflow.ingest.core import decode_batch
+from meterflow.ingest.dedup import RedisDedup, new_flush_id
+
+WINDOW = 31 * 86_400
+NOW = samples.now_ms()
+_fresh = itertools.count()
+
+
+def fresh_batch() -> Any:
+    """1000 ids never seen before: every round measures real reservations."""
+    n = next(_fresh)
+    return decode_batch(samples.body(samples.batch(1000, seed=n, prefix=f"b{n}", ts=NOW)), NOW)
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+# Requests in flight at once, as under load (redis-benchmark itself runs 50
+# clients): the client's work for one batch overlaps Redis's work for another.
+CONCURRENCY = 4
+
+
+def measure(benchmark: Any, loop: asyncio.AbstractEventLoop, run: Callable[[Any], Coroutine[Any, Any, int]]) -> None:
+    rounds = 1 if benchmark.disabled else 100
+    batches = iter([fresh_batch() for _ in range((rounds + 5) * CONCURRENCY)])
+
+    async def one_round() -> int:
+        return sum(await asyncio.gather(*(run(next(batches)) for _ in range(CONCURRENCY))))
+
+    reserved = benchmark.pedantic(
+        lambda: loop.run_until_complete(one_round()), rounds=rounds,
+        warmup_rounds=0 if benchmark.disabled else 5, iterations=1,
+    )  # fmt: skip
+    benchmark.extra_info["keys_per_round"] = 1000 * CONCURRENCY
+    assert reserved == 1000 * CONCURRENCY
+
+
+@pytest.mark.benchmark(group="dedup_1000")
+def test_redis_py(benchmark: Any, loop: asyncio.AbstractEventLoop, redis_server: Redis) -> None:
+    flush_redis(redis_server)
+    r = aioredis.from_url(redis_server.url)
+
+    async def run(b: Any) -> int:
+        fid = new_flush_id()
+        async with r.pipeline(transaction=False) as p:
+            for tid in b.transaction_ids:
+                p.set("dedup:" + tid, fid, nx=True, ex=WINDOW, get=True)
+            out = await p.execute()
+        return sum(1 for x in out if x is None)
+
+    measure(benchmark, loop, run)
+    loop.run_until_complete(r.aclose())
+
+
+LUA = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[1], 'NX', 'EX', ARGV[2]) then n = n + 1 end
+end
+return n
+"""
+
+
+@pytest.mark.benchmark(group="dedup_1000")
+def test_evalsha(benchmark: Any, loop: asyncio.AbstractEventLoop, redis_server: Redis) -> None:
+    flush_redis(redis_server)
+    r = aioredis.from_url(redis_server.url)
+    script = r.register_script(LUA)
+
+    async def run(b: Any) -> int:
+        keys = ["dedup:" + t for t in b.transaction_ids]
+        return int(await script(keys=keys, args=[new_flush_id(), WINDOW]))
+
+    measure(benchmark, loop, run)
+    loop.run_until_complete(r.aclose())
+
+
+@pytest.mark.benchmark(group="dedup_1000")
+def test_core_resp(benchmark: Any, loop: asyncio.AbstractEventLoop, redis_server: Redis) -> None:
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url))
+    loop.run_until_complete(d.start())
+
+    async def run(b: Any) -> int:
+        return (await d.reserve(b, new_flush_id(), 1)).accepted
+
+    measure(benchmark, loop, run)
+    loop.run_until_complete(d.close())
+
+
+def test_redis_benchmark_ceiling(benchmark: Any, redis_server: Redis) -> None:
+    """redis-benchmark's pipelined `SET key v NX EX` rate on this machine, same run."""
+    tool = shutil.which("redis-benchmark")
+    assert tool, "redis-benchmark (Debian's redis-tools) is needed"
+    n = 100_000 if benchmark.disabled else 2_000_000
+    out = subprocess.run(
+        [tool, "-h", "127.0.0.1", "-p", str(redis_server.port), "-P", "1000", "-r", "100000000",
+         "-n", str(n), "-q", "SET", "ceil:__rand_int__", "v", "NX", "EX", str(WINDOW)],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    rates = re.findall(r"([\d.]+) requests per second", out)
+    assert rates, out
+    benchmark.extra_info["keys_per_s"] = float(rates[-1])
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)

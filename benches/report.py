@@ -1,0 +1,36 @@
+"""Prints the ratios the README quotes from a `pytest --benchmark-json` file."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(path: str) -> None:
+    doc = json.load(open(path))
+    by_group: dict[str, dict[str, dict[str, float]]] = {}
+    extra: dict[str, dict[str, float]] = {}
+    for b in doc["benchmarks"]:
+        name = b["param"] or b["name"].removeprefix("test_")
+        by_group.setdefault(b["group"] or "", {})[name] = b["stats"]
+        extra[name] = b.get("extra_info", {})
+    decode = by_group.get("decode_1000", {})
+    if decode:
+        core = decode["core"]["median"]
+        print("decode_1000 (median per 1000-event batch):")
+        for name, st in sorted(decode.items(), key=lambda kv: kv[1]["median"]):
+            print(f"  {name:9s} {st['median'] * 1e6:9.1f} us   {st['median'] / core:5.2f}x the core's time")
+    dedup = by_group.get("dedup_1000", {})
+    if dedup:
+        print("dedup_1000 (median, fresh ids, batches of 1000 reserved 4 at a time):")
+        rates = {name: extra[name].get("keys_per_round", 1000) / st["median"] for name, st in dedup.items()}
+        ceiling = extra.get("redis_benchmark_ceiling", {}).get("keys_per_s")
+        if ceiling:
+            rates["redis-benchmark -P 1000"] = ceiling
+        for name, rate in sorted(rates.items(), key=lambda kv: -kv[1]):
+            share = f"   {rate / ceiling:6.1%} of redis-benchmark" if ceiling else ""
+            print(f"  {name:24s} {rate:11,.0f} keys/s{share}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else ".benchmarks/last.json")
