@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from services import Backend, ClickHouse, MeterFlowServer, Redis, flush_redis
 
+from meterflow.config import Settings
+from meterflow.storage import Storage, open_storage
+from meterflow.storage.base import SCHEMA
+from meterflow.storage.embedded import EmbeddedStorage
+
 BACKENDS = ["embedded", "full"]
 _db_seq = itertools.count(1)
+_seq = itertools.count(1)
 
 
 @pytest.fixture
@@ -61,3 +67,30 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., MeterFlowServer]]:
 @pytest.fixture
 def server(backend: Backend, start_server: Callable[..., MeterFlowServer]) -> MeterFlowServer:
     return start_server(backend)
+
+
+@pytest.fixture(scope="session")
+async def chdb_storage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedStorage]:
+    # chdb admits one data path per process: the whole session shares one.
+    path: Path = tmp_path_factory.mktemp("chdb")
+    s = EmbeddedStorage(Settings(data_dir=str(path)))
+    await s.start()
+    yield s
+    await s.close()
+
+
+@pytest.fixture(params=["chdb", "clickhouse"])
+async def storage(request: pytest.FixtureRequest, chdb_storage: EmbeddedStorage) -> AsyncIterator[Storage]:
+    if request.param == "chdb":
+        await chdb_storage.execute("DROP TABLE IF EXISTS events")
+        for ddl in SCHEMA:
+            await chdb_storage.execute(ddl)
+        yield chdb_storage
+        return
+    ch: ClickHouse = request.getfixturevalue("clickhouse")
+    db = f"mf_storage_{next(_seq)}"
+    ch.reset_database(db)
+    s = open_storage(Settings(storage="clickhouse", clickhouse_url=ch.url, clickhouse_database=db))
+    await s.start()
+    yield s
+    await s.close()

@@ -2,49 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import orjson
 import pytest
-from services import ClickHouse, free_port
+from services import free_port
 
 from meterflow import samples
 from meterflow.config import Settings
 from meterflow.ingest.core import decode_batch
 from meterflow.storage import Storage, StorageError, open_storage
 from meterflow.storage.base import SCHEMA
-from meterflow.storage.embedded import EmbeddedStorage
-
-_seq = itertools.count(1)
-
-
-@pytest.fixture(scope="session")
-async def chdb_storage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedStorage]:
-    # chdb admits one data path per process: the whole session shares one.
-    path: Path = tmp_path_factory.mktemp("chdb")
-    s = EmbeddedStorage(Settings(data_dir=str(path)))
-    await s.start()
-    yield s
-    await s.close()
-
-
-@pytest.fixture(params=["chdb", "clickhouse"])
-async def storage(request: pytest.FixtureRequest, chdb_storage: EmbeddedStorage) -> AsyncIterator[Storage]:
-    if request.param == "chdb":
-        await chdb_storage.execute("DROP TABLE IF EXISTS events")
-        for ddl in SCHEMA:
-            await chdb_storage.execute(ddl)
-        yield chdb_storage
-        return
-    ch: ClickHouse = request.getfixturevalue("clickhouse")
-    db = f"mf_storage_{next(_seq)}"
-    ch.reset_database(db)
-    s = open_storage(Settings(storage="clickhouse", clickhouse_url=ch.url, clickhouse_database=db))
-    await s.start()
-    yield s
-    await s.close()
 
 
 NOW = samples.now_ms()

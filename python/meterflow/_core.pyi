@@ -66,7 +66,8 @@ class Batch:
         """Position in the request's ``events`` array of valid event ``i``."""
     def storage_rows(self, keep: bytes | None = None) -> bytes:
         """RowBinary rows (transaction_id, customer_id, event_type, timestamp_ms,
-        ts, properties) of the events whose ``keep`` byte is non-zero."""
+        ts, properties, num_keys, num_values, str_keys, str_values) of the
+        events whose ``keep`` byte is non-zero."""
     def archive_lines(self, keep: bytes | None = None) -> bytes:
         """NDJSON of the kept events, one canonical JSON event per line."""
     def redis_reserve(self, prefix: str, flush_id: str, ttl_seconds: int) -> bytes:

@@ -10,7 +10,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
+from meterflow.metering.meters import DEFAULT_METERS, Meter, MeterError, parse_meter
+
 DAY_MS = 86_400_000
+
+
+def _default_meters() -> tuple[Meter, ...]:
+    return tuple(parse_meter(m, "config") for m in DEFAULT_METERS)
 
 
 class ConfigError(Exception):
@@ -45,12 +51,16 @@ class Settings:
     retry_after_s: int = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    usage_max_period_days: int = 400
+    usage_max_windows: int = 10_000
+    # Meters defined as code (TOML `[[meters]]`); the seed's catalog by default.
+    meters: tuple[Meter, ...] = dataclasses.field(default_factory=_default_meters)
 
     def __post_init__(self) -> None:
         positive = (
             "workers", "dedup_window_s", "flush_timeout_s", "flush_max_rows", "flush_max_wait_ms",
             "flush_queue_max_rows", "flush_concurrency", "max_body_bytes", "max_events",
-            "retry_after_s",
+            "retry_after_s", "usage_max_period_days", "usage_max_windows",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -85,6 +95,7 @@ class Settings:
         """The settings without secrets, for logs and /ready."""
         d = dataclasses.asdict(self)
         d["clickhouse_password"] = "***" if self.clickhouse_password else ""
+        d["meters"] = [m.code for m in self.meters]
         return d
 
 
@@ -106,6 +117,21 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
     return raw
 
 
+def _meters(path: str, raw: Any) -> tuple[Meter, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: `meters` must be an array of tables ([[meters]]).")
+    out: list[Meter] = []
+    for i, doc in enumerate(raw):
+        try:
+            m = parse_meter(doc, "config")
+        except MeterError as e:
+            raise ConfigError(f"{path}: meters[{i}].{e.field}: {e.message}") from None
+        if any(o.code == m.code for o in out):
+            raise ConfigError(f"{path}: meters[{i}].code: {m.code!r} is defined twice.")
+        out.append(m)
+    return tuple(out)
+
+
 def load(
     env: Mapping[str, str] | None = None,
     config_file: str | None = None,
@@ -125,9 +151,11 @@ def load(
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}.") from None
         section = doc.get("meterflow", doc)
+        if "meters" in doc:
+            values["meters"] = _meters(path, doc["meters"])
         for key, raw in section.items():
-            if isinstance(raw, dict):
-                continue  # other sections (meters, ...) belong to other stages
+            if key == "meters" or isinstance(raw, dict):
+                continue
             if key not in known:
                 raise ConfigError(f"{path}: unknown setting {key!r}.")
             values[key] = _convert(key, raw, hints[key])

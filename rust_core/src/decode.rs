@@ -201,7 +201,11 @@ fn char_len_over(s: &str, max: usize) -> bool {
 }
 
 fn push_string_rb(out: &mut Vec<u8>, s: &[u8]) {
-    let mut n = s.len() as u64;
+    push_varint(out, s.len() as u64);
+    out.extend_from_slice(s);
+}
+
+fn push_varint(out: &mut Vec<u8>, mut n: u64) {
     loop {
         let byte = (n & 0x7f) as u8;
         n >>= 7;
@@ -211,7 +215,60 @@ fn push_string_rb(out: &mut Vec<u8>, s: &[u8]) {
         }
         out.push(byte | 0x80);
     }
-    out.extend_from_slice(s);
+}
+
+/// Appends `s` to `text` and returns its span.
+fn push_span(text: &mut String, s: &str) -> (u32, u32) {
+    let a = text.len() as u32;
+    text.push_str(s);
+    (a, text.len() as u32)
+}
+
+/// Numeric properties must be smaller than 10^24 in magnitude: with nine
+/// decimals that is 33 of Decimal128's 38 digits, leaving room for sums.
+const MAX_SCALED_DIGITS: i64 = 24 + 9;
+
+/// A JSON number's exact value times 10^9 (Decimal128(9)), rounded half to
+/// even past nine decimals; None when its magnitude is 1e24 or more.
+pub fn decimal9(text: &str) -> Option<i128> {
+    let (neg, body) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exp) = match body.find(['e', 'E']) {
+        Some(i) => (&body[..i], body[i + 1..].parse::<i64>().ok()?),
+        None => (body, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all: Vec<u8> = int.bytes().chain(frac.bytes()).map(|c| c - b'0').collect();
+    let Some(first) = all.iter().position(|&d| d != 0) else {
+        return Some(0);
+    };
+    let digits = &all[first..];
+    // The scaled value is D * 10^p, D the significant digits.
+    let p = exp.checked_sub(frac.len() as i64)?.checked_add(9)?;
+    let n = digits.len() as i64;
+    if n.checked_add(p)? > MAX_SCALED_DIGITS {
+        return None;
+    }
+    let keep = n + p; // digits at or above 10^0 of the scaled value
+    let value_of = |ds: &[u8]| ds.iter().fold(0i128, |v, &d| v * 10 + i128::from(d));
+    let v = if p >= 0 {
+        value_of(digits) * 10i128.pow(p as u32)
+    } else if keep < 0 {
+        0 // below half of the last place: the first dropped digit is an implicit 0
+    } else {
+        let k = keep as usize;
+        let v = value_of(&digits[..k]);
+        let (r, tail) = (digits[k], &digits[k + 1..]);
+        let above_half = r > 5 || (r == 5 && tail.iter().any(|&d| d != 0));
+        if above_half || (r == 5 && !above_half && v % 2 == 1) {
+            v + 1
+        } else {
+            v
+        }
+    };
+    Some(if neg { -v } else { v })
 }
 
 fn fmt_duration(ms: i64) -> String {
@@ -263,6 +320,11 @@ struct Decoder<'l> {
     props: Vec<u8>,
     /// Spans in `props` of the current event's property keys (for duplicates).
     keys: Vec<(u32, u32)>,
+    /// The current event's properties as typed columns: every value as text
+    /// (`str_*`), numbers also as exact Decimal128(9) (`num_*`).
+    text: String,
+    strs: Vec<((u32, u32), (u32, u32))>,
+    nums: Vec<((u32, u32), i128)>,
     out: Decoded,
 }
 
@@ -298,6 +360,9 @@ pub fn decode_for(
         now_ms,
         props: Vec::with_capacity(256),
         keys: Vec::with_capacity(16),
+        text: String::with_capacity(256),
+        strs: Vec::with_capacity(16),
+        nums: Vec::with_capacity(16),
         out,
     };
     let syntax = EnvelopeError::InvalidJson;
@@ -394,6 +459,9 @@ impl<'l> Decoder<'l> {
         sc.enter().map_err(syntax)?;
         let mut f = EventFields::new();
         self.props.clear();
+        self.text.clear();
+        self.strs.clear();
+        self.nums.clear();
         if !sc.empty_container(b'}') {
             loop {
                 let k = sc.key().map_err(syntax)?;
@@ -524,8 +592,11 @@ impl<'l> Decoder<'l> {
         }
         self.keys.push((k0 as u32, self.props.len() as u32));
         self.props.push(b':');
+        let key = push_span(&mut self.text, k);
         match v {
             Value::Str(s) => {
+                let val = push_span(&mut self.text, s);
+                self.strs.push((key, val));
                 if char_len_over(s, lim.max_property_value_len) {
                     f.fail(
                         "property_value_too_long".into(),
@@ -539,8 +610,29 @@ impl<'l> Decoder<'l> {
                 }
                 write_scanned_string(&mut self.props, s);
             }
-            Value::Num(t, _) => self.props.extend_from_slice(t.as_bytes()),
-            Value::Bool(b) => self.props.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Num(t, _) => {
+                self.props.extend_from_slice(t.as_bytes());
+                let val = push_span(&mut self.text, t);
+                self.strs.push((key, val));
+                match decimal9(t) {
+                    Some(d) => self.nums.push((key, d)),
+                    None => {
+                        let name = shown();
+                        f.fail(
+                            "property_out_of_range".into(),
+                            format!(
+                                "events[{index}].properties.{name} is {t}; numbers must be smaller than 1e24 in magnitude."
+                            ),
+                        )
+                    }
+                }
+            }
+            Value::Bool(b) => {
+                let word = if *b { "true" } else { "false" };
+                self.props.extend_from_slice(word.as_bytes());
+                let val = push_span(&mut self.text, word);
+                self.strs.push((key, val));
+            }
             Value::Null | Value::Container(_) => {
                 let name = shown();
                 f.fail(
@@ -686,6 +778,26 @@ impl<'l> Decoder<'l> {
         o.rows.extend_from_slice(&ts.to_le_bytes());
         o.rows.extend_from_slice(&((ts.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32).to_le_bytes());
         push_string_rb(&mut o.rows, &self.props);
+        // num_keys Array(String), num_values Array(Decimal128(9)),
+        // str_keys Array(String), str_values Array(String).
+        let text = self.text.as_bytes();
+        let span = |(a, b): (u32, u32)| &text[a as usize..b as usize];
+        push_varint(&mut o.rows, self.nums.len() as u64);
+        for &(k, _) in &self.nums {
+            push_string_rb(&mut o.rows, span(k));
+        }
+        push_varint(&mut o.rows, self.nums.len() as u64);
+        for &(_, d) in &self.nums {
+            o.rows.extend_from_slice(&d.to_le_bytes());
+        }
+        push_varint(&mut o.rows, self.strs.len() as u64);
+        for &(k, _) in &self.strs {
+            push_string_rb(&mut o.rows, span(k));
+        }
+        push_varint(&mut o.rows, self.strs.len() as u64);
+        for &(_, v) in &self.strs {
+            push_string_rb(&mut o.rows, span(v));
+        }
         o.row_offsets.push(o.rows.len() as u32);
         // Archive line: the event as accepted, canonical JSON.
         o.archive.extend_from_slice(b"{\"transaction_id\":\"");
@@ -793,6 +905,26 @@ mod tests {
         assert_eq!(d.failed[0].index, 1);
         assert_eq!(d.failed[0].transaction_id.as_deref(), Some("bad_ts"));
         assert!(d.failed[0].message.contains("events[1].timestamp"));
+    }
+
+    #[test]
+    fn decimal9_is_exact_and_rounds_half_to_even() {
+        let e9 = 1_000_000_000i128;
+        assert_eq!(decimal9("2048"), Some(2048 * e9));
+        assert_eq!(decimal9("-1.5"), Some(-1_500_000_000));
+        assert_eq!(decimal9("0.1"), Some(100_000_000));
+        assert_eq!(decimal9("1.5e3"), Some(1500 * e9));
+        assert_eq!(decimal9("25E-1"), Some(2_500_000_000));
+        assert_eq!(decimal9("0.0000000005"), Some(0));
+        assert_eq!(decimal9("0.0000000015"), Some(2));
+        assert_eq!(decimal9("0.00000000051"), Some(1));
+        assert_eq!(decimal9("1e-400"), Some(0));
+        assert_eq!(decimal9("0"), Some(0));
+        assert_eq!(decimal9("0e999"), Some(0));
+        assert_eq!(decimal9("999999999999999999999999"), Some(999_999_999_999_999_999_999_999 * e9));
+        assert_eq!(decimal9("1e24"), None);
+        assert_eq!(decimal9("1e400"), None);
+        assert_eq!(decimal9("0.30000000000000004"), Some(300_000_000));
     }
 
     #[test]

@@ -200,8 +200,9 @@ impl Batch {
         Some((*ts.iter().min()?, *ts.iter().max()?))
     }
 
-    /// The kept events as ClickHouse RowBinary rows of
-    /// (transaction_id, customer_id, event_type, timestamp_ms, ts, properties).
+    /// The kept events as ClickHouse RowBinary rows of (transaction_id,
+    /// customer_id, event_type, timestamp_ms, ts, properties, num_keys,
+    /// num_values, str_keys, str_values).
     #[pyo3(signature = (keep=None))]
     fn storage_rows<'py>(&self, py: Python<'py>, keep: Option<&[u8]>) -> PyResult<Bound<'py, PyBytes>> {
         select_bytes(py, &self.d.rows, &self.d.row_offsets, keep_mask(&self.d, keep)?)

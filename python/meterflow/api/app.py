@@ -14,10 +14,13 @@ from meterflow import config
 from meterflow.api import errors
 from meterflow.api.events import post_events
 from meterflow.api.health import health, metrics, ready
+from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
 from meterflow.api.openapi import openapi
+from meterflow.api.usage import get_usage
 from meterflow.ingest.dedup import open_dedup
 from meterflow.ingest.service import IngestService
 from meterflow.logs import setup_logging
+from meterflow.metering.catalog import MeterCatalog
 from meterflow.metrics import Metrics
 from meterflow.storage import open_storage
 
@@ -36,6 +39,9 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         service = IngestService(settings, storage, dedup, Metrics())
         await service.warm()
         app.state.ingest = service
+        app.state.settings = settings
+        app.state.storage = storage
+        app.state.meters = MeterCatalog(storage, settings.meters)
         log.info("ready", extra={"storage": storage.name, "dedup": dedup.name})
         try:
             yield
@@ -48,6 +54,12 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
 
     routes = [
         Route("/v1/events", post_events, methods=["POST"]),
+        Route("/v1/meters", list_meters, methods=["GET"]),
+        Route("/v1/meters", create_meter, methods=["POST"]),
+        Route("/v1/meters/{code}", get_meter, methods=["GET"]),
+        Route("/v1/meters/{code}", put_meter, methods=["PUT"]),
+        Route("/v1/meters/{code}", delete_meter, methods=["DELETE"]),
+        Route("/v1/usage", get_usage, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
+from meterflow.api.responses import json_response
 from meterflow.ingest.service import DecodeError, IngestService, Unavailable
 
 _DECODE_STATUS = {"too_many_events": 413}
@@ -53,7 +53,3 @@ async def post_events(request: Request) -> Response:
         raise ApiError(503, e.code, e.message, {"Retry-After": str(settings.retry_after_s)}) from None
     service.metrics.inc("meterflow_requests_total", status="200")
     return json_response(result.as_json())
-
-
-def json_response(data: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")

@@ -7,7 +7,7 @@ import asyncio
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from meterflow.api.events import json_response
+from meterflow.api.responses import json_response
 from meterflow.ingest.dedup import DedupUnavailable
 from meterflow.ingest.service import IngestService
 from meterflow.storage import StorageError

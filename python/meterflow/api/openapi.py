@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow import __version__
-from meterflow.api.events import json_response
+from meterflow.api.responses import json_response
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 

@@ -10,8 +10,11 @@ class StorageError(Exception):
 
 
 # Events keep epoch milliseconds in an Int64 and a DateTime derived from it
-# (no DateTime64 on 18.16). ReplacingMergeTree collapses a re-inserted
-# transaction: its sorting key is the whole identity of the event.
+# (no DateTime64 on 18.16). `properties` is the canonical JSON; the same
+# properties are also typed columns written by the Rust core, so queries never
+# parse JSON: every value as text (`str_*`, for filters and group-by), numbers
+# also as exact Decimal128(9) (`num_*`, for aggregation). ReplacingMergeTree
+# collapses a re-inserted transaction: its sorting key is the event's identity.
 EVENTS_DDL = """
 CREATE TABLE IF NOT EXISTS events (
     transaction_id String,
@@ -19,15 +22,33 @@ CREATE TABLE IF NOT EXISTS events (
     event_type String,
     timestamp_ms Int64,
     ts DateTime,
-    properties String
+    properties String,
+    num_keys Array(String),
+    num_values Array(Decimal128(9)),
+    str_keys Array(String),
+    str_values Array(String)
 ) ENGINE = ReplacingMergeTree()
 PARTITION BY toYYYYMM(ts)
 ORDER BY (customer_id, event_type, timestamp_ms, transaction_id)
 """
 
-SCHEMA = (EVENTS_DDL,)
+DOCUMENTS_DDL = """
+CREATE TABLE IF NOT EXISTS documents (
+    kind String,
+    id String,
+    version UInt64,
+    deleted UInt8,
+    body String
+) ENGINE = ReplacingMergeTree(version)
+ORDER BY (kind, id)
+"""
 
-ROW_COLUMNS = "transaction_id, customer_id, event_type, timestamp_ms, ts, properties"
+SCHEMA = (EVENTS_DDL, DOCUMENTS_DDL)
+
+ROW_COLUMNS = (
+    "transaction_id, customer_id, event_type, timestamp_ms, ts, properties, "
+    "num_keys, num_values, str_keys, str_values"
+)
 
 
 def quote(value: str) -> str:

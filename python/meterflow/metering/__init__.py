@@ -1,0 +1,1 @@
+"""Metering: meters say which events count and how; usage queries apply them."""
