@@ -75,7 +75,9 @@ async def parse_request(
         raise UsageError("end", f"`end` ({end}) must be after `start` ({start}); the period is [start, end).")
     max_ms = settings.usage_max_period_days * DAY_MS
     if end - start > max_ms:
-        raise UsageError("end", f"The period is longer than {settings.usage_max_period_days} days, the limit.")
+        raise UsageError(
+            "end", f"The period from `start` to `end` is longer than {settings.usage_max_period_days} days, the limit."
+        )
     group_by = tuple(g for g in (params.get("group_by") or "").split(",") if g)
     for g in group_by:
         if g not in meter.group_by:
