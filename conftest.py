@@ -4,7 +4,7 @@ clickhouse-server, started once per session on loopback ports."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 
 from services import ClickHouse, Redis  # noqa: E402
+
+from meterflow.config import Settings  # noqa: E402
+from meterflow.storage.embedded import EmbeddedStorage  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +36,13 @@ def clickhouse(workdir: Path) -> Iterator[ClickHouse]:
     ch.start()
     yield ch
     ch.stop()
+
+
+@pytest.fixture(scope="session")
+async def chdb_storage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedStorage]:
+    # chdb admits one data path per process: the whole session shares one.
+    path: Path = tmp_path_factory.mktemp("chdb")
+    s = EmbeddedStorage(Settings(data_dir=str(path)))
+    await s.start()
+    yield s
+    await s.close()

@@ -69,16 +69,6 @@ def server(backend: Backend, start_server: Callable[..., MeterFlowServer]) -> Me
     return start_server(backend)
 
 
-@pytest.fixture(scope="session")
-async def chdb_storage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedStorage]:
-    # chdb admits one data path per process: the whole session shares one.
-    path: Path = tmp_path_factory.mktemp("chdb")
-    s = EmbeddedStorage(Settings(data_dir=str(path)))
-    await s.start()
-    yield s
-    await s.close()
-
-
 @pytest.fixture(params=["chdb", "clickhouse"])
 async def storage(request: pytest.FixtureRequest, chdb_storage: EmbeddedStorage) -> AsyncIterator[Storage]:
     if request.param == "chdb":

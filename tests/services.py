@@ -169,8 +169,14 @@ class ClickHouse:
         self.query(f"CREATE DATABASE {name}")
 
 
+# The fixed admin key of test servers (MF_ADMIN_KEY); keys the tests create are random.
+TEST_ADMIN_KEY = "mf_TestAdmin001" + "x" * 32
+
+
 class MeterFlowServer:
     """`meterflow serve` in a subprocess, as a user runs it."""
+
+    auth = {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
 
     def __init__(self, workdir: Path, env: Mapping[str, str]) -> None:
         self.port = free_port()
@@ -178,7 +184,7 @@ class MeterFlowServer:
         self.workdir = workdir
         self.log = workdir / f"meterflow-{self.port}.log"
         full = {k: v for k, v in os.environ.items() if not k.startswith("MF_")}
-        full.update({"MF_PORT": str(self.port), "MF_LOG_LEVEL": "info"})
+        full.update({"MF_PORT": str(self.port), "MF_LOG_LEVEL": "info", "MF_ADMIN_KEY": TEST_ADMIN_KEY})
         full.update(env)
         self.env = full
         self.proc = Process([sys.executable, "-m", "meterflow.cli", "serve"], self.log, full)

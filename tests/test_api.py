@@ -17,7 +17,7 @@ JSON = {"Content-Type": "application/json"}
 
 def post(server: MeterFlowServer, body: bytes | dict[str, object], headers: dict[str, str] | None = None) -> httpx.Response:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
-    return httpx.post(f"{server.url}/v1/events", content=data, headers=headers or JSON, timeout=30)
+    return httpx.post(f"{server.url}/v1/events", content=data, headers={**server.auth, **(headers or JSON)}, timeout=30)
 
 
 def test_seed_example_is_accepted_once(server: MeterFlowServer, backend: Backend) -> None:
@@ -114,7 +114,7 @@ async def test_concurrent_clients_with_overlapping_ids(server: MeterFlowServer, 
         out = []
         async with httpx.AsyncClient(timeout=60) as c:
             for body in mine:
-                r = await c.post(f"{server.url}/v1/events", content=body, headers=JSON)
+                r = await c.post(f"{server.url}/v1/events", content=body, headers={**JSON, **server.auth})
                 assert r.status_code == 200, r.text
                 out.append(r.json())
         return out
@@ -144,14 +144,14 @@ def test_service_routes(server: MeterFlowServer) -> None:
     ready = httpx.get(f"{server.url}/ready")
     assert ready.status_code == 200
     assert all(c["status"] == "ok" for c in ready.json()["checks"].values())
-    spec = httpx.get(f"{server.url}/openapi.json").json()
+    spec = httpx.get(f"{server.url}/openapi.json", headers=server.auth).json()
     assert {"/v1/events", "/health", "/ready", "/metrics", "/openapi.json"} <= set(spec["paths"])
     post(server, {"events": [samples.seed_event()]})
-    metrics = httpx.get(f"{server.url}/metrics").text
+    metrics = httpx.get(f"{server.url}/metrics", headers=server.auth).text
     assert "meterflow_events_accepted_total 1" in metrics
     missing = httpx.get(f"{server.url}/nope")
     assert missing.status_code == 404 and set(missing.json()) == {"error", "message"}
-    wrong = httpx.get(f"{server.url}/v1/events")
+    wrong = httpx.get(f"{server.url}/v1/events", headers=server.auth)
     assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
 
 

@@ -19,9 +19,14 @@ def test_defaults_are_the_embedded_mode() -> None:
 
 def test_toml_then_env_then_overrides(tmp_path: Path) -> None:
     cfg = tmp_path / "mf.toml"
-    cfg.write_text('port = 4000\nstorage = "clickhouse"\nflush_max_rows = 5\n[meters]\nx = 1\n')
+    cfg.write_text(
+        'port = 4000\nstorage = "clickhouse"\nflush_max_rows = 5\n'
+        '[[meters]]\ncode = "gpu"\nevent_type = "compute"\naggregation = "SUM"\nproperty = "gpu_s"\n'
+    )
     s = load(env={"MF_CONFIG": str(cfg), "MF_PORT": "4100"}, overrides={"workers": None})
     assert (s.port, s.storage, s.flush_max_rows) == (4100, "clickhouse", 5)
+    assert [m.code for m in s.meters] == ["gpu"]
+    assert [m.code for m in load(env={}).meters] == ["api_calls", "bandwidth", "storage_peak", "compute_time"]
     assert load(env={"MF_CONFIG": str(cfg)}, overrides={"port": 4200}).port == 4200
 
 
@@ -37,6 +42,7 @@ def test_toml_then_env_then_overrides(tmp_path: Path) -> None:
         ({"MF_REDIS_URL": "localhost"}, "MF_REDIS_URL is not a URL"),
         ({"MF_CONFIG": "/nonexistent.toml"}, "does not exist"),
         ({"MF_DEDUP_WINDOW_S": "60"}, "MF_DEDUP_WINDOW_S must cover"),
+        ({"MF_ADMIN_KEY": "hunter2"}, "MF_ADMIN_KEY must look like"),
     ],
 )
 def test_bad_settings_name_themselves(env: dict[str, str], fragment: str) -> None:
@@ -44,6 +50,14 @@ def test_bad_settings_name_themselves(env: dict[str, str], fragment: str) -> Non
         load(env=env)
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_bad_meter_in_toml_names_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "mf.toml"
+    cfg.write_text('[[meters]]\ncode = "x"\nevent_type = "e"\naggregation = "MEDIAN"\n')
+    with pytest.raises(ConfigError) as e:
+        load(env={"MF_CONFIG": str(cfg)})
+    assert "meters[0].aggregation" in str(e.value)
 
 
 def test_serve_fails_at_start_with_one_line() -> None:

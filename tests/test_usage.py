@@ -354,43 +354,49 @@ def test_meter_validation_names_the_field(doc: dict[str, Any], field: str) -> No
 # --- end to end through the HTTP API, both backends ------------------------------------
 
 
+def client(server: MeterFlowServer) -> httpx.Client:
+    return httpx.Client(headers=server.auth, timeout=30)
+
+
 def test_seed_event_usage_over_http(server: MeterFlowServer) -> None:
     event = samples.seed_event()
-    r = httpx.post(f"{server.url}/v1/events", content=samples.body([event]), headers={"Content-Type": "application/json"})
+    r = httpx.post(f"{server.url}/v1/events", content=samples.body([event]),
+                   headers={"Content-Type": "application/json", **server.auth})  # fmt: skip
     assert r.json()["accepted"] == 1
     day = 86_400_000
     start = event["timestamp"] // day * day
     q = {"customer_id": "cust_123", "start": start, "end": start + day}
-    bw = httpx.get(f"{server.url}/v1/usage", params={**q, "meter": "bandwidth"}).json()
+    bw = httpx.get(f"{server.url}/v1/usage", params={**q, "meter": "bandwidth"}, headers=server.auth).json()
     assert (bw["value"], bw["unit"]) == (2048, "bytes")
     assert bw["period"] == {"start": start, "end": start + day}
-    assert httpx.get(f"{server.url}/v1/usage", params={**q, "metric": "api_calls"}).json()["value"] == 1
-    bad = httpx.get(f"{server.url}/v1/usage", params={**q, "meter": "bandwidth", "end": start})
+    assert httpx.get(f"{server.url}/v1/usage", params={**q, "metric": "api_calls"}, headers=server.auth).json()["value"] == 1
+    bad = httpx.get(f"{server.url}/v1/usage", params={**q, "meter": "bandwidth", "end": start}, headers=server.auth)
     assert bad.status_code == 400 and "`end`" in bad.json()["message"]
 
 
 def test_meters_api_round_trip(server: MeterFlowServer) -> None:
     url = f"{server.url}/v1/meters"
+    c = client(server)
     doc = {"code": "gpu_hours", "name": "GPU hours", "event_type": "compute", "aggregation": "SUM",
            "property": "gpu_h", "unit": "h", "filters": {"region": ["eu", "us"]}, "group_by": ["region"],
            "description": "GPU time"}  # fmt: skip
-    created = httpx.post(url, json=doc)
+    created = c.post(url, json=doc)
     assert created.status_code == 201
-    assert httpx.post(url, json=doc).status_code == 409
-    got = httpx.get(f"{url}/gpu_hours").json()
+    assert c.post(url, json=doc).status_code == 409
+    got = c.get(f"{url}/gpu_hours").json()
     assert {k: got[k] for k in doc} == doc
-    assert httpx.put(f"{url}/gpu_hours", json={**doc, "unit": "hours"}).json()["unit"] == "hours"
-    assert httpx.put(f"{url}/bandwidth", json={**doc, "code": "bandwidth"}).status_code == 409
-    bad = httpx.post(url, json={**doc, "code": "other", "aggregation": "MEDIAN"})
+    assert c.put(f"{url}/gpu_hours", json={**doc, "unit": "hours"}).json()["unit"] == "hours"
+    assert c.put(f"{url}/bandwidth", json={**doc, "code": "bandwidth"}).status_code == 409
+    bad = c.post(url, json={**doc, "code": "other", "aggregation": "MEDIAN"})
     assert bad.status_code == 400 and "aggregation" in bad.json()["message"]
-    page = httpx.get(url, params={"limit": 2}).json()
+    page = c.get(url, params={"limit": 2}).json()
     assert len(page["data"]) == 2 and page["next_cursor"]
-    rest = httpx.get(url, params={"limit": 100, "cursor": page["next_cursor"]}).json()
+    rest = c.get(url, params={"limit": 100, "cursor": page["next_cursor"]}).json()
     codes = [m["code"] for m in page["data"] + rest["data"]]
     assert codes == sorted(set(codes)) and "gpu_hours" in codes and "bandwidth" in codes
-    assert httpx.delete(f"{url}/gpu_hours").status_code == 204
-    assert httpx.get(f"{url}/gpu_hours").status_code == 404
-    assert httpx.delete(f"{url}/api_calls").status_code == 409
+    assert c.delete(f"{url}/gpu_hours").status_code == 204
+    assert c.get(f"{url}/gpu_hours").status_code == 404
+    assert c.delete(f"{url}/api_calls").status_code == 409
 
 
 def test_usage_values_are_exact_json_numbers(server: MeterFlowServer) -> None:
@@ -402,7 +408,8 @@ def test_usage_values_are_exact_json_numbers(server: MeterFlowServer) -> None:
     ]  # fmt: skip
     # JSON text a float cannot hold: its exact decimal value must survive.
     body = samples.body(events).replace(b'"EXACT"', b"123456789.123456789")
-    httpx.post(f"{server.url}/v1/events", content=body, headers={"Content-Type": "application/json"})
-    r = httpx.get(f"{server.url}/v1/usage", params={"customer_id": "cust_dec", "meter": "bandwidth",
-                                                   "start": now - 1000, "end": now + 1})  # fmt: skip
+    c = client(server)
+    c.post(f"{server.url}/v1/events", content=body, headers={"Content-Type": "application/json"})
+    r = c.get(f"{server.url}/v1/usage", params={"customer_id": "cust_dec", "meter": "bandwidth",
+                                                    "start": now - 1000, "end": now + 1})  # fmt: skip
     assert json.loads(r.text, parse_float=Decimal)["value"] == Decimal("123456789.423456789")

@@ -51,6 +51,12 @@ class Settings:
     retry_after_s: int = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    # A fixed admin key accepted besides the stored ones (deployments, tests).
+    admin_key: str = ""
+    rate_requests_per_s: int = 100
+    rate_requests_burst: int = 200
+    rate_events_per_s: int = 100_000
+    rate_events_burst: int = 200_000
     usage_max_period_days: int = 400
     usage_max_windows: int = 10_000
     # Meters defined as code (TOML `[[meters]]`); the seed's catalog by default.
@@ -60,7 +66,8 @@ class Settings:
         positive = (
             "workers", "dedup_window_s", "flush_timeout_s", "flush_max_rows", "flush_max_wait_ms",
             "flush_queue_max_rows", "flush_concurrency", "max_body_bytes", "max_events",
-            "retry_after_s", "usage_max_period_days", "usage_max_windows",
+            "retry_after_s", "usage_max_period_days", "usage_max_windows", "rate_requests_per_s",
+            "rate_requests_burst", "rate_events_per_s", "rate_events_burst",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -81,6 +88,9 @@ class Settings:
             raise ConfigError(
                 "MF_DEDUP_WINDOW_S must cover MF_MAX_AGE_MS + MF_MAX_FUTURE_MS, or an old duplicate could pass."
             )
+        if self.admin_key and not (self.admin_key.startswith("mf_") and len(self.admin_key) == 47
+                                   and self.admin_key[3:].isalnum()):  # fmt: skip
+            raise ConfigError("MF_ADMIN_KEY must look like a MeterFlow key: mf_ and 44 letters or digits.")
         for url_name in ("clickhouse_url", "redis_url"):
             url = getattr(self, url_name)
             scheme = url.split("://", 1)[0]
@@ -95,6 +105,7 @@ class Settings:
         """The settings without secrets, for logs and /ready."""
         d = dataclasses.asdict(self)
         d["clickhouse_password"] = "***" if self.clickhouse_password else ""
+        d["admin_key"] = "***" if self.admin_key else ""
         d["meters"] = [m.code for m in self.meters]
         return d
 

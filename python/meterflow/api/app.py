@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -12,13 +14,19 @@ from starlette.routing import Route
 
 from meterflow import config
 from meterflow.api import errors
+from meterflow.api.auth import requires
+from meterflow.api.customers import delete_customer, get_customer, list_customers, patch_customer, put_customer
 from meterflow.api.events import post_events
 from meterflow.api.health import health, metrics, ready
+from meterflow.api.keys import create_key, list_keys, revoke_key
 from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
 from meterflow.api.openapi import openapi
 from meterflow.api.usage import get_usage
 from meterflow.ingest.dedup import open_dedup
 from meterflow.ingest.service import IngestService
+from meterflow.auth.keys import KeyStore
+from meterflow.auth.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from meterflow.customers import Customers
 from meterflow.logs import setup_logging
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metrics import Metrics
@@ -42,28 +50,46 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         app.state.settings = settings
         app.state.storage = storage
         app.state.meters = MeterCatalog(storage, settings.meters)
+        app.state.customers = Customers(storage)
+        app.state.keys = keys = KeyStore(storage, settings.admin_key)
+        limiter: RateLimiter = (
+            RedisRateLimiter(settings.redis_url) if settings.dedup == "redis" else MemoryRateLimiter()
+        )
+        app.state.limiter = limiter
+        await bootstrap_admin_key(settings, keys)
         log.info("ready", extra={"storage": storage.name, "dedup": dedup.name})
         try:
             yield
         finally:
             # SIGTERM: Granian has stopped taking requests; flush what is queued.
             await service.flusher.drain()
+            if isinstance(limiter, RedisRateLimiter):
+                await limiter.close()
             await dedup.close()
             await storage.close()
             log.info("stopped")
 
+    # Every route but /health and /ready needs a key with the named scope (or admin).
     routes = [
-        Route("/v1/events", post_events, methods=["POST"]),
-        Route("/v1/meters", list_meters, methods=["GET"]),
-        Route("/v1/meters", create_meter, methods=["POST"]),
-        Route("/v1/meters/{code}", get_meter, methods=["GET"]),
-        Route("/v1/meters/{code}", put_meter, methods=["PUT"]),
-        Route("/v1/meters/{code}", delete_meter, methods=["DELETE"]),
-        Route("/v1/usage", get_usage, methods=["GET"]),
+        Route("/v1/events", requires("ingest", post_events), methods=["POST"]),
+        Route("/v1/meters", requires("read", list_meters), methods=["GET"]),
+        Route("/v1/meters", requires("admin", create_meter), methods=["POST"]),
+        Route("/v1/meters/{code}", requires("read", get_meter), methods=["GET"]),
+        Route("/v1/meters/{code}", requires("admin", put_meter), methods=["PUT"]),
+        Route("/v1/meters/{code}", requires("admin", delete_meter), methods=["DELETE"]),
+        Route("/v1/usage", requires("read", get_usage), methods=["GET"]),
+        Route("/v1/customers", requires("read", list_customers), methods=["GET"]),
+        Route("/v1/customers/{customer_id}", requires("read", get_customer), methods=["GET"]),
+        Route("/v1/customers/{customer_id}", requires("admin", put_customer), methods=["PUT"]),
+        Route("/v1/customers/{customer_id}", requires("admin", patch_customer), methods=["PATCH"]),
+        Route("/v1/customers/{customer_id}", requires("admin", delete_customer), methods=["DELETE"]),
+        Route("/v1/keys", requires("admin", list_keys), methods=["GET"]),
+        Route("/v1/keys", requires("admin", create_key), methods=["POST"]),
+        Route("/v1/keys/{key_id}", requires("admin", revoke_key), methods=["DELETE"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/metrics", requires("read", metrics), methods=["GET"]),
+        Route("/openapi.json", requires("read", openapi), methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -74,6 +100,18 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             Exception: errors.internal_error,
         },
     )
+
+
+async def bootstrap_admin_key(settings: config.Settings, keys: KeyStore) -> None:
+    """Embedded first start: make an admin key, show it once, keep it in data_dir/admin.key."""
+    if not settings.embedded or settings.admin_key or await keys.any_exist():
+        return
+    _, secret = await keys.create("admin", "bootstrap")
+    path = Path(settings.data_dir) / "admin.key"
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    # Shown once on the console (never through the logs), as a new key is.
+    print(f"meterflow: first start: admin API key {secret} (also saved to {path})", file=sys.stderr, flush=True)
 
 
 def app_factory() -> Starlette:

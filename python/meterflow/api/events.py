@@ -5,8 +5,10 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from meterflow.api.auth import check_rate
 from meterflow.api.errors import ApiError
 from meterflow.api.responses import json_response
+from meterflow.auth.keys import Principal
 from meterflow.ingest.service import DecodeError, IngestService, Unavailable
 
 _DECODE_STATUS = {"too_many_events": 413}
@@ -42,8 +44,14 @@ async def post_events(request: Request) -> Response:
     settings = service.settings
     check_json(request)
     body = await read_body(request, settings.max_body_bytes)
+    principal: Principal = request.state.principal
+
+    async def admit(events: int) -> None:
+        # After decoding, before any reservation: a refused batch leaves no trace.
+        await check_rate(request.app.state.limiter, settings, principal, "events", events)
+
     try:
-        result = await service.ingest(body)
+        result = await service.ingest(body, principal.customer_id, admit)
     except DecodeError as e:
         code, message = e.args
         service.metrics.inc("meterflow_requests_total", status=str(_DECODE_STATUS.get(code, 400)))

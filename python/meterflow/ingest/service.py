@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +71,15 @@ class IngestService:
         await self.dedup.warm([r["id"] for r in rows])
         log.info("dedup index warmed", extra={"ids": len(rows)})
 
-    async def ingest(self, body: bytes, customer_id: str | None = None) -> IngestResult:
-        """Raises DecodeError (envelope) or Unavailable; per-event problems are in the result."""
+    async def ingest(
+        self,
+        body: bytes,
+        customer_id: str | None = None,
+        admit: Callable[[int], Awaitable[None]] | None = None,
+    ) -> IngestResult:
+        """Raises DecodeError (envelope) or Unavailable; per-event problems are in
+        the result. `customer_id` binds the batch to one customer; `admit` sees
+        the event count before anything is reserved (rate limits) and may raise."""
         now = time.time_ns() // 1_000_000
         if len(body) > LARGE_BODY:
             # The core releases the GIL: a large body decodes off the event loop.
@@ -82,6 +90,8 @@ class IngestService:
             {"index": i, "transaction_id": t, "reason": r, "message": m}
             for (i, t, r), m in zip(batch.failed, batch.failure_messages, strict=True)
         ]
+        if admit is not None:
+            await admit(batch.received)
         n = len(batch)
         m = self.metrics
         m.inc("meterflow_events_received_total", batch.received)

@@ -33,11 +33,23 @@ class Documents:
         rows = await self._latest(f"AND id = {quote(doc_id)}", include_deleted, 1)
         return rows[0] if rows else None
 
-    async def list(self, after: str = "", limit: int = 100, include_deleted: bool = False) -> list[dict[str, Any]]:
-        return await self._latest(f"AND id > {quote(after)}" if after else "", include_deleted, limit)
+    async def list(
+        self, after: str = "", limit: int = 100, include_deleted: bool = False, match: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """In id order after the cursor `after`; `match` keeps documents whose
+        string field contains the text (case-insensitive)."""
+        conds = [] if include_deleted else ["d = 0"]
+        for name, text in (match or {}).items():
+            conds.append(f"positionCaseInsensitiveUTF8(visitParamExtractString(b, {quote(name)}), {quote(text)}) > 0")
+        where = f"AND id > {quote(after)}" if after else ""
+        return await self._latest(where, include_deleted, limit, conds)
 
-    async def _latest(self, where: str, include_deleted: bool, limit: int) -> list[dict[str, Any]]:
-        having = "" if include_deleted else "HAVING d = 0"
+    async def _latest(
+        self, where: str, include_deleted: bool, limit: int, conds: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        if conds is None:
+            conds = [] if include_deleted else ["d = 0"]
+        having = f"HAVING {' AND '.join(conds)}" if conds else ""
         rows = await self._storage.query(
             "SELECT id, argMax(body, version) AS b, argMax(deleted, version) AS d FROM documents "
             f"WHERE kind = {quote(self._kind)} {where} GROUP BY id {having} ORDER BY id LIMIT {int(limit)}"

@@ -1,0 +1,73 @@
+"""Authentication, scopes and request rate limits, wrapped around each route."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from meterflow.api.errors import ApiError
+from meterflow.auth.keys import KeyStore, Principal, Scope
+from meterflow.auth.ratelimit import RateLimitUnavailable, RateLimiter, Verdict
+from meterflow.config import Settings
+from meterflow.storage import StorageError
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def rate_limited(verdict: Verdict, what: str) -> ApiError:
+    return ApiError(
+        429, "rate_limited",
+        f"This API key is over its limit of {what}; retry after {verdict.headers()['Retry-After']} s.",
+        verdict.headers(),
+    )  # fmt: skip
+
+
+async def check_rate(limiter: RateLimiter, settings: Settings, p: Principal, kind: str, cost: int) -> Verdict:
+    rate = p.rate_limits.get(f"{kind}_per_s") or getattr(settings, f"rate_{kind}_per_s")
+    burst = p.rate_limits.get(f"{kind}_burst") or getattr(settings, f"rate_{kind}_burst")
+    try:
+        verdict = await limiter.check(f"{kind}:{p.key_id}", int(rate), int(burst), cost)
+    except RateLimitUnavailable as e:
+        raise ApiError(503, "rate_limiter_unavailable", f"The rate limiter is unavailable: {e}",
+                       {"Retry-After": str(settings.retry_after_s)}) from None  # fmt: skip
+    if not verdict.allowed:
+        raise rate_limited(verdict, f"{burst} {kind} at once and {rate} {kind}/s")
+    return verdict
+
+
+def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
+    """The endpoint, behind a key with `scope` (or admin) and the key's request rate."""
+
+    async def guarded(request: Request) -> Response:
+        state = request.app.state
+        settings: Settings = state.settings
+        raw = presented_key(request)
+        if not raw:
+            raise ApiError(401, "missing_api_key", "Send an API key as `Authorization: Bearer <key>` or `X-API-Key`.")
+        keys: KeyStore = state.keys
+        try:
+            principal = await keys.authenticate(raw)
+        except StorageError as e:
+            raise ApiError(503, "storage_unavailable", f"Storage is unavailable: {e}",
+                           {"Retry-After": str(settings.retry_after_s)}) from None  # fmt: skip
+        if principal is None:
+            raise ApiError(401, "invalid_api_key", "The API key is unknown or revoked.")
+        if not principal.allows(scope):
+            raise ApiError(403, "insufficient_scope", f"This key has scope `{principal.scope}`; this route needs `{scope}`.")
+        verdict = await check_rate(state.limiter, settings, principal, "requests", 1)
+        request.state.principal = principal
+        response = await endpoint(request)
+        response.headers.update(verdict.headers())
+        return response
+
+    guarded.__name__ = endpoint.__name__
+    return guarded

@@ -1,0 +1,43 @@
+"""/v1/keys: create (secret shown once), list (never the secret), revoke."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from meterflow.api.errors import ApiError
+from meterflow.api.responses import json_body, json_response, page_params
+from meterflow.auth.keys import KeyError_, KeyStore, check_rate_limits
+
+
+async def create_key(request: Request) -> Response:
+    keys: KeyStore = request.app.state.keys
+    doc = await json_body(request)
+    if not isinstance(doc, dict) or set(doc) - {"scope", "name", "customer_id", "rate_limits"}:
+        raise ApiError(400, "invalid_key", "A key takes `scope`, and optionally `name`, `customer_id` and `rate_limits`.")
+    name = doc.get("name") or ""
+    customer = doc.get("customer_id")
+    if not isinstance(name, str) or (customer is not None and not isinstance(customer, str)):
+        raise ApiError(400, "invalid_key", "`name` and `customer_id` must be strings.")
+    try:
+        limits = check_rate_limits(doc.get("rate_limits"))
+        key, secret = await keys.create(str(doc.get("scope")), name, customer, limits)
+    except KeyError_ as e:
+        raise ApiError(400, "invalid_key", str(e)) from None
+    return json_response({**key, "key": secret}, 201)
+
+
+async def list_keys(request: Request) -> Response:
+    keys: KeyStore = request.app.state.keys
+    limit, cursor = page_params(request)
+    rows = await keys.list(cursor, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return json_response({"data": rows, "next_cursor": rows[-1]["id"] if more and rows else None})
+
+
+async def revoke_key(request: Request) -> Response:
+    keys: KeyStore = request.app.state.keys
+    if not await keys.revoke(request.path_params["key_id"]):
+        raise ApiError(404, "key_not_found", f"There is no active key {request.path_params['key_id']!r}.")
+    return Response(status_code=204)

@@ -1,0 +1,1 @@
+"""Auth: API keys (hashed, scoped, revocable) and per-key rate limits."""
