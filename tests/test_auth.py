@@ -1,0 +1,251 @@
+"""API keys, scopes, rate limits and the customers API, against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from services import Backend, MeterFlowServer
+
+from meterflow import samples
+from meterflow.auth.ratelimit import MemoryRateLimiter, gcra
+
+JSON = {"Content-Type": "application/json"}
+
+
+def create_key(server: MeterFlowServer, **body: Any) -> dict[str, Any]:
+    r = httpx.post(f"{server.url}/v1/keys", json=body, headers=server.auth)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def bearer(key: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key['key']}"}
+
+
+def post_events(server: MeterFlowServer, headers: dict[str, str], events: list[dict[str, Any]]) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/events", content=samples.body(events), headers={**JSON, **headers})
+
+
+def test_every_auth_status(server: MeterFlowServer) -> None:
+    events = [samples.seed_event()]
+    none = post_events(server, {}, events)
+    assert (none.status_code, none.json()["error"]) == (401, "missing_api_key")
+    unknown = post_events(server, {"Authorization": "Bearer mf_" + "A" * 44}, events)
+    assert (unknown.status_code, unknown.json()["error"]) == (401, "invalid_api_key")
+    garbage = post_events(server, {"X-API-Key": "not a key"}, events)
+    assert garbage.status_code == 401
+    read = create_key(server, scope="read", name="dashboard")
+    assert read["key"].startswith("mf_") and len(read["key"]) == 47
+    denied = post_events(server, bearer(read), events)
+    assert (denied.status_code, denied.json()["error"]) == (403, "insufficient_scope")
+    ingest = create_key(server, scope="ingest")
+    assert post_events(server, {"X-API-Key": ingest["key"]}, events).json()["accepted"] == 1
+    usage = httpx.get(f"{server.url}/v1/usage", params={"customer_id": "c", "meter": "api_calls", "start": 1, "end": 2},
+                      headers=bearer(ingest))  # fmt: skip
+    assert usage.status_code == 403
+    assert httpx.get(f"{server.url}/v1/keys", headers=bearer(read)).status_code == 403
+    # /health and /ready need no key
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/ready").status_code == 200
+
+
+def test_revoked_key_stops_working_within_seconds(server: MeterFlowServer) -> None:
+    key = create_key(server, scope="ingest")
+    ok = post_events(server, bearer(key), samples.batch(1, seed=1))
+    assert ok.status_code == 200
+    assert httpx.delete(f"{server.url}/v1/keys/{key['id']}", headers=server.auth).status_code == 204
+    deadline = time.monotonic() + 5
+    status = 200
+    while time.monotonic() < deadline and status != 401:
+        status = post_events(server, bearer(key), samples.batch(1, seed=2)).status_code
+        time.sleep(0.2)
+    assert status == 401
+    listed = httpx.get(f"{server.url}/v1/keys", headers=server.auth).json()["data"]
+    assert key["id"] not in [k["id"] for k in listed]
+    assert httpx.delete(f"{server.url}/v1/keys/{key['id']}", headers=server.auth).status_code == 404
+
+
+def test_keys_list_never_shows_secrets_and_tracks_last_use(server: MeterFlowServer) -> None:
+    key = create_key(server, scope="ingest", name="billing-sync")
+    post_events(server, bearer(key), samples.batch(1, seed=3))
+    listed = {k["id"]: k for k in httpx.get(f"{server.url}/v1/keys", headers=server.auth).json()["data"]}
+    entry = listed[key["id"]]
+    assert "key" not in entry and "hash" not in entry
+    assert entry["name"] == "billing-sync" and entry["scope"] == "ingest"
+    assert entry["last_used_at"] is not None
+    bad = httpx.post(f"{server.url}/v1/keys", json={"scope": "root"}, headers=server.auth)
+    assert bad.status_code == 400 and "scope" in bad.json()["message"]
+
+
+def test_bound_key_fails_foreign_customers_one_by_one(server: MeterFlowServer, backend: Backend) -> None:
+    key = create_key(server, scope="ingest", customer_id="cust_123")
+    events = samples.batch(4, seed=5)
+    events[0]["customer_id"] = events[2]["customer_id"] = "cust_123"
+    r = post_events(server, bearer(key), events).json()
+    assert r["accepted"] == 2
+    assert [(f["index"], f["reason"]) for f in r["failed"]] == [(1, "customer_not_allowed"), (3, "customer_not_allowed")]
+    bad = httpx.post(f"{server.url}/v1/keys", json={"scope": "read", "customer_id": "x"}, headers=server.auth)
+    assert bad.status_code == 400
+    server.stop()
+    assert backend.stored() == (2, 2)
+
+
+def test_secrets_never_reach_the_logs(server: MeterFlowServer) -> None:
+    keys = [create_key(server, scope=s)["key"] for s in ("ingest", "read", "admin")]
+    for k in keys:
+        post_events(server, {"Authorization": f"Bearer {k}"}, samples.batch(2, seed=7))
+        httpx.get(f"{server.url}/v1/nope", headers={"X-API-Key": k})
+    post_events(server, {"Authorization": "Bearer mf_" + "B" * 44}, samples.batch(1))
+    server.stop()
+    logs = server.logs()
+    assert "ready" in logs  # the log is there and was written
+    for k in [*keys, server.auth["Authorization"].split()[1]]:
+        assert k not in logs
+        assert k[3:] not in logs
+
+
+# --- rate limits ------------------------------------------------------------------------
+
+
+async def burst(server: MeterFlowServer, key: dict[str, Any], n: int) -> tuple[list[httpx.Response], float]:
+    async with httpx.AsyncClient(timeout=30) as c:
+        t0 = time.monotonic()
+        rs = await asyncio.gather(*(c.get(f"{server.url}/v1/meters", headers=bearer(key)) for _ in range(n)))
+        return list(rs), time.monotonic() - t0
+
+
+async def check_limit(server: MeterFlowServer) -> None:
+    limits = {"requests_per_s": 10, "requests_burst": 10}
+    a = create_key(server, scope="read", rate_limits=limits)
+    b = create_key(server, scope="read", rate_limits=limits)
+    rs, elapsed = await burst(server, a, 50)
+    passed = [r for r in rs if r.status_code == 200]
+    limited = [r for r in rs if r.status_code == 429]
+    assert len(passed) + len(limited) == 50
+    # 10 at once; any more only as the bucket refills (10/s) while the burst is sent.
+    assert 10 <= len(passed) <= 10 + int(elapsed * 10) + 1
+    r = limited[0]
+    assert r.json()["error"] == "rate_limited"
+    assert int(r.headers["Retry-After"]) >= 1
+    assert r.headers["RateLimit-Limit"] == "10"
+    assert r.headers["RateLimit-Remaining"] == "0"
+    assert 0 <= int(r.headers["RateLimit-Reset"]) <= 2
+    assert int(passed[0].headers["RateLimit-Remaining"]) < 10
+    # The other key has its own budget.
+    other, _ = await burst(server, b, 5)
+    assert all(x.status_code == 200 for x in other)
+    await asyncio.sleep(1.1)
+    again, _ = await burst(server, a, 5)
+    assert sum(x.status_code == 200 for x in again) >= 5
+
+
+async def test_request_rate_limit(server: MeterFlowServer) -> None:
+    await check_limit(server)
+
+
+async def test_request_rate_limit_with_two_workers(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> None:
+    server = start_server(make_backend("full"), MF_WORKERS="2")
+    await check_limit(server)
+
+
+def test_event_rate_limit_refuses_without_a_trace(server: MeterFlowServer, backend: Backend) -> None:
+    key = create_key(server, scope="ingest", rate_limits={"events_per_s": 100, "events_burst": 150})
+    events = samples.batch(200, seed=9)
+    r = post_events(server, bearer(key), events)
+    assert r.status_code == 429 and "Retry-After" in r.headers
+    assert post_events(server, bearer(key), events[:100]).json()["accepted"] == 100
+    r2 = post_events(server, bearer(key), events[100:])
+    assert r2.status_code == 429
+    server.stop()
+    assert backend.stored() == (100, 100)
+
+
+def test_gcra_arithmetic() -> None:
+    tat = 0.0
+    verdicts = []
+    for _ in range(12):
+        v, tat = gcra(tat, 1000.0, rate=10, burst=10, cost=1)
+        verdicts.append(v.allowed)
+    assert verdicts == [True] * 10 + [False] * 2
+    v, _ = gcra(tat, 1100.0, rate=10, burst=10, cost=1)
+    assert v.allowed  # one interval later one more passes
+    big, _ = gcra(0.0, 0.0, rate=10, burst=10, cost=11)
+    assert not big.allowed
+
+    async def memory() -> list[bool]:
+        rl = MemoryRateLimiter()
+        return [(await rl.check("k", 5, 5)).allowed for _ in range(7)]
+
+    assert asyncio.run(memory()) == [True] * 5 + [False] * 2
+
+
+# --- customers ------------------------------------------------------------------------------
+
+
+def test_customer_round_trip(server: MeterFlowServer) -> None:
+    url = f"{server.url}/v1/customers"
+    doc = {"name": "Acme GmbH", "email": "billing@acme.example", "currency": "EUR",
+           "timezone": "Europe/Berlin", "metadata": {"crm_id": "A-17", "plan": "pro"}}  # fmt: skip
+    created = httpx.put(f"{url}/cust_acme", json=doc, headers=server.auth)
+    assert created.status_code == 201
+    got = httpx.get(f"{url}/cust_acme", headers=server.auth).json()
+    assert {k: got[k] for k in doc} == doc
+    assert got["id"] == "cust_acme" and got["created_at"] == got["updated_at"]
+    time.sleep(0.01)
+    patched = httpx.patch(f"{url}/cust_acme", json={"email": "ap@acme.example"}, headers=server.auth).json()
+    assert patched["email"] == "ap@acme.example" and patched["name"] == "Acme GmbH"
+    assert patched["created_at"] == got["created_at"] and patched["updated_at"] > got["updated_at"]
+    replaced = httpx.put(f"{url}/cust_acme", json={"name": "Acme"}, headers=server.auth)
+    assert replaced.status_code == 200 and replaced.json()["email"] is None
+    for bad, field in [({"currency": "euro"}, "currency"), ({"timezone": "Mars/Base"}, "timezone"),
+                       ({"email": "nope"}, "email"), ({"metadata": {"a": 1}}, "metadata"), ({"colour": "x"}, "colour")]:  # fmt: skip
+        r = httpx.put(f"{url}/cust_bad", json=bad, headers=server.auth)
+        assert r.status_code == 400 and field in r.json()["message"]
+    assert httpx.delete(f"{url}/cust_acme", headers=server.auth).status_code == 204
+    assert httpx.get(f"{url}/cust_acme", headers=server.auth).status_code == 404
+    assert httpx.delete(f"{url}/cust_acme", headers=server.auth).status_code == 404
+    # Events for unknown customers are still accepted (usage may precede the CRM sync).
+    r = post_events(server, server.auth, [{**samples.seed_event(), "customer_id": "cust_unknown"}])
+    assert r.json()["accepted"] == 1
+
+
+async def test_customers_paginate_2500_without_loss_or_repetition(
+    backend: Backend, start_server: Callable[..., MeterFlowServer]
+) -> None:
+    server = start_server(backend, MF_RATE_REQUESTS_PER_S="100000", MF_RATE_REQUESTS_BURST="100000")
+    ids = [f"cust_{i:05d}" for i in range(2500)]
+    async with httpx.AsyncClient(timeout=60, headers=server.auth) as c:
+        sem = asyncio.Semaphore(16)
+
+        async def put(cid: str) -> None:
+            async with sem:
+                r = await c.put(f"{server.url}/v1/customers/{cid}", json={"name": f"Name {cid}", "email": f"{cid}@x.io"})
+                assert r.status_code == 201
+
+        await asyncio.gather(*(put(cid) for cid in ids))
+        seen: list[str] = []
+        cursor = ""
+        while True:
+            page = (await c.get(f"{server.url}/v1/customers", params={"limit": 500, "cursor": cursor})).json()
+            seen += [x["id"] for x in page["data"]]
+            if not page["next_cursor"]:
+                break
+            cursor = page["next_cursor"]
+        assert seen == ids
+        found = (await c.get(f"{server.url}/v1/customers", params={"name": "name CUST_0012"})).json()["data"]
+        assert [x["id"] for x in found] == [f"cust_0012{i}" for i in range(10)]
+        by_mail = (await c.get(f"{server.url}/v1/customers", params={"email": "cust_02499@"})).json()["data"]
+        assert [x["id"] for x in by_mail] == ["cust_02499"]
+
+
+@pytest.mark.parametrize("limit", ["0", "501", "x"])
+def test_bad_page_limit(server: MeterFlowServer, limit: str) -> None:
+    r = httpx.get(f"{server.url}/v1/customers", params={"limit": limit}, headers=server.auth)
+    assert r.status_code == 400 and "limit" in r.json()["message"]
