@@ -9,7 +9,10 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUST_SRC := $(shell find rust_core/src -name '*.rs') rust_core/Cargo.toml rust_core/Cargo.lock
 
-.PHONY: run test test-rust test-python bench lint format services build clean
+GARAGE_ROOT := $(HOME)/.cache/meterflow/garage
+GARAGE := $(GARAGE_ROOT)/bin/garage
+
+.PHONY: run test test-rust test-python bench lint format services build clean garage
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,15 +39,25 @@ services:
 	    redis-server redis-tools clickhouse-server >/dev/null; \
 	fi
 
+GARAGE_VERSION := 2.5.0
+# Garage, the S3-compatible store the archive tests run against: built once from
+# crates.io (about 15 minutes on 2 cores), then reused from ~/.cache/meterflow.
+$(GARAGE):
+	@echo "==> building Garage $(GARAGE_VERSION) (cargo install garage; cached in $(GARAGE_ROOT))"
+	CARGO_TARGET_DIR=$(HOME)/.cache/meterflow/garage-target cargo install garage@$(GARAGE_VERSION) --locked --quiet --root $(GARAGE_ROOT)
+	rm -rf $(HOME)/.cache/meterflow/garage-target
+
+garage: $(GARAGE)
+
 test-rust:
 	cd rust_core && cargo test --quiet
 
-test-python: build services
+test-python: build services garage
 	$(PY) -m pytest
 
-test: services build test-rust test-python
+test: services garage build test-rust test-python
 
-bench: build services
+bench: build services garage
 	@mkdir -p .benchmarks
 	$(PY) -m pytest benches --benchmark-enable --benchmark-json=.benchmarks/last.json -q
 	$(PY) benches/report.py .benchmarks/last.json

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 
-from services import ClickHouse, Redis  # noqa: E402
+from services import ClickHouse, Garage, Redis  # noqa: E402
 
 from meterflow.config import Settings  # noqa: E402
 from meterflow.storage.embedded import EmbeddedStorage  # noqa: E402
@@ -28,6 +28,14 @@ def redis_server(workdir: Path) -> Iterator[Redis]:
     r.start()
     yield r
     r.stop()
+
+
+@pytest.fixture(scope="session")
+def garage(workdir: Path) -> Iterator[Garage]:
+    g = Garage(workdir)
+    g.start()
+    yield g
+    g.stop()
 
 
 @pytest.fixture(scope="session")

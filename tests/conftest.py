@@ -33,6 +33,7 @@ def make_backend(
         db = f"mf_test_{next(_db_seq)}"
         ch.reset_database(db)
         env = {
+            "MF_DATA_DIR": str(tmp_path / f"data{next(_db_seq)}"),
             "MF_STORAGE": "clickhouse",
             "MF_CLICKHOUSE_URL": ch.url,
             "MF_CLICKHOUSE_DATABASE": db,

@@ -173,6 +173,89 @@ class ClickHouse:
 TEST_ADMIN_KEY = "mf_TestAdmin001" + "x" * 32
 
 
+def garage_binary() -> str | None:
+    cached = Path.home() / ".cache/meterflow/garage/bin/garage"
+    return shutil.which("garage") or (str(cached) if cached.exists() else None)
+
+
+class Garage:
+    """Garage, the S3-compatible store: one node, a layout, a key allowed to create buckets."""
+
+    region = "garage"
+
+    def __init__(self, workdir: Path) -> None:
+        binary = garage_binary()
+        assert binary, "garage is not built: run `make garage` (cargo install garage, cached)"
+        self.binary = binary
+        self.dir = workdir / "garage"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.s3_port, self.rpc_port, self.admin_port = free_port(), free_port(), free_port()
+        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.config = self.dir / "garage.toml"
+        self.config.write_text(
+            f"""metadata_dir = "{self.dir}/meta"
+data_dir = "{self.dir}/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{self.rpc_port}"
+rpc_public_addr = "127.0.0.1:{self.rpc_port}"
+rpc_secret = "{os.urandom(32).hex()}"
+
+[s3_api]
+s3_region = "{self.region}"
+api_bind_addr = "127.0.0.1:{self.s3_port}"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:{self.admin_port}"
+admin_token = "{os.urandom(16).hex()}"
+"""
+        )
+        self.proc = Process([binary, "-c", str(self.config), "server"], self.dir / "garage.log",
+                            {**os.environ, "RUST_LOG": "warn"})  # fmt: skip
+        self.access_key = ""
+        self.secret_key = ""
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run([self.binary, "-c", str(self.config), *args], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "RUST_LOG": "warn"})  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"garage {' '.join(args)}: {out.stderr.strip()[-500:]}")
+        return out.stdout
+
+    def start(self) -> None:
+        self.proc.start()
+
+        def s3_up() -> bool:
+            with socket.create_connection(("127.0.0.1", self.s3_port), 1):
+                return True
+
+        wait_for(s3_up, "garage", 60)
+        if not self.access_key:
+            node = ""
+
+            def has_node() -> bool:
+                nonlocal node
+                node = self.cli("node", "id", "-q").strip().split("@")[0]
+                return bool(node)
+
+            wait_for(has_node, "garage node id", 30)
+            self.cli("layout", "assign", "-z", "dc1", "-c", "1G", node)
+            self.cli("layout", "apply", "--version", "1")
+            info = self.cli("key", "create", "meterflow-test")
+            self.access_key = info.split("Key ID:")[1].split()[0]
+            self.secret_key = info.split("Secret key:")[1].split()[0]
+            self.cli("key", "allow", "--create-bucket", "meterflow-test")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def env(self, bucket: str) -> dict[str, str]:
+        return {"MF_ARCHIVE": "s3", "MF_S3_ENDPOINT": self.endpoint, "MF_S3_BUCKET": bucket,
+                "MF_S3_REGION": self.region, "MF_S3_ACCESS_KEY": self.access_key,
+                "MF_S3_SECRET_KEY": self.secret_key}  # fmt: skip
+
+
 class MeterFlowServer:
     """`meterflow serve` in a subprocess, as a user runs it."""
 

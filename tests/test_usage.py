@@ -376,27 +376,27 @@ def test_seed_event_usage_over_http(server: MeterFlowServer) -> None:
 
 def test_meters_api_round_trip(server: MeterFlowServer) -> None:
     url = f"{server.url}/v1/meters"
-    c = client(server)
-    doc = {"code": "gpu_hours", "name": "GPU hours", "event_type": "compute", "aggregation": "SUM",
-           "property": "gpu_h", "unit": "h", "filters": {"region": ["eu", "us"]}, "group_by": ["region"],
-           "description": "GPU time"}  # fmt: skip
-    created = c.post(url, json=doc)
-    assert created.status_code == 201
-    assert c.post(url, json=doc).status_code == 409
-    got = c.get(f"{url}/gpu_hours").json()
-    assert {k: got[k] for k in doc} == doc
-    assert c.put(f"{url}/gpu_hours", json={**doc, "unit": "hours"}).json()["unit"] == "hours"
-    assert c.put(f"{url}/bandwidth", json={**doc, "code": "bandwidth"}).status_code == 409
-    bad = c.post(url, json={**doc, "code": "other", "aggregation": "MEDIAN"})
-    assert bad.status_code == 400 and "aggregation" in bad.json()["message"]
-    page = c.get(url, params={"limit": 2}).json()
-    assert len(page["data"]) == 2 and page["next_cursor"]
-    rest = c.get(url, params={"limit": 100, "cursor": page["next_cursor"]}).json()
-    codes = [m["code"] for m in page["data"] + rest["data"]]
-    assert codes == sorted(set(codes)) and "gpu_hours" in codes and "bandwidth" in codes
-    assert c.delete(f"{url}/gpu_hours").status_code == 204
-    assert c.get(f"{url}/gpu_hours").status_code == 404
-    assert c.delete(f"{url}/api_calls").status_code == 409
+    with client(server) as c:
+        doc = {"code": "gpu_hours", "name": "GPU hours", "event_type": "compute", "aggregation": "SUM",
+               "property": "gpu_h", "unit": "h", "filters": {"region": ["eu", "us"]}, "group_by": ["region"],
+               "description": "GPU time"}  # fmt: skip
+        created = c.post(url, json=doc)
+        assert created.status_code == 201
+        assert c.post(url, json=doc).status_code == 409
+        got = c.get(f"{url}/gpu_hours").json()
+        assert {k: got[k] for k in doc} == doc
+        assert c.put(f"{url}/gpu_hours", json={**doc, "unit": "hours"}).json()["unit"] == "hours"
+        assert c.put(f"{url}/bandwidth", json={**doc, "code": "bandwidth"}).status_code == 409
+        bad = c.post(url, json={**doc, "code": "other", "aggregation": "MEDIAN"})
+        assert bad.status_code == 400 and "aggregation" in bad.json()["message"]
+        page = c.get(url, params={"limit": 2}).json()
+        assert len(page["data"]) == 2 and page["next_cursor"]
+        rest = c.get(url, params={"limit": 100, "cursor": page["next_cursor"]}).json()
+        codes = [m["code"] for m in page["data"] + rest["data"]]
+        assert codes == sorted(set(codes)) and "gpu_hours" in codes and "bandwidth" in codes
+        assert c.delete(f"{url}/gpu_hours").status_code == 204
+        assert c.get(f"{url}/gpu_hours").status_code == 404
+        assert c.delete(f"{url}/api_calls").status_code == 409
 
 
 def test_usage_values_are_exact_json_numbers(server: MeterFlowServer) -> None:
@@ -408,8 +408,8 @@ def test_usage_values_are_exact_json_numbers(server: MeterFlowServer) -> None:
     ]  # fmt: skip
     # JSON text a float cannot hold: its exact decimal value must survive.
     body = samples.body(events).replace(b'"EXACT"', b"123456789.123456789")
-    c = client(server)
-    c.post(f"{server.url}/v1/events", content=body, headers={"Content-Type": "application/json"})
-    r = c.get(f"{server.url}/v1/usage", params={"customer_id": "cust_dec", "meter": "bandwidth",
-                                                    "start": now - 1000, "end": now + 1})  # fmt: skip
+    with client(server) as c:
+        c.post(f"{server.url}/v1/events", content=body, headers={"Content-Type": "application/json"})
+        r = c.get(f"{server.url}/v1/usage", params={"customer_id": "cust_dec", "meter": "bandwidth",
+                                                   "start": now - 1000, "end": now + 1})  # fmt: skip
     assert json.loads(r.text, parse_float=Decimal)["value"] == Decimal("123456789.423456789")

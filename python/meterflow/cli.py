@@ -1,8 +1,9 @@
-"""The `meterflow` command: serve."""
+"""The `meterflow` command: serve, keys create, replay."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 
@@ -46,6 +47,81 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> config.Settings | None:
+    try:
+        return config.load(config_file=getattr(args, "config", None))
+    except config.ConfigError as e:
+        print(f"meterflow: {e}", file=sys.stderr)
+        return None
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    from meterflow.auth.keys import KeyError_, KeyStore
+    from meterflow.storage import StorageError, open_storage
+
+    async def run() -> str:
+        storage = open_storage(settings)
+        await storage.start()
+        try:
+            _, secret = await KeyStore(storage).create(args.scope, args.name or "", args.customer_id)
+            return secret
+        finally:
+            await storage.close()
+
+    try:
+        secret = asyncio.run(run())
+    except (StorageError, KeyError_) as e:
+        print(f"meterflow: cannot create the key: {e}", file=sys.stderr)
+        return 1
+    # The one time the secret is shown.
+    print(secret)
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    from meterflow.ingest.archive import open_store
+    from meterflow.ingest.replay import parse_time, replay
+    from meterflow.storage import StorageError, open_storage
+
+    try:
+        start, end = parse_time(args.start), parse_time(args.end)
+    except ValueError as e:
+        print(f"meterflow: {e}", file=sys.stderr)
+        return 2
+    if end <= start:
+        print("meterflow: --to must be after --from.", file=sys.stderr)
+        return 2
+    store = open_store(settings)
+    if store is None:
+        print("meterflow: MF_ARCHIVE=none: there is no archive to replay.", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        await store.start()
+        storage = None if args.dry_run else open_storage(settings)
+        try:
+            if storage is not None:
+                await storage.start()
+            await replay(store, storage, start, end, args.dry_run)
+        finally:
+            if storage is not None:
+                await storage.close()
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except (StorageError, OSError, ValueError) as e:
+        print(f"\nmeterflow: replay failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meterflow", description="MeterFlow usage-based billing engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, help="worker processes (MF_WORKERS, default 1)")
     serve.add_argument("--config", help="TOML settings file (MF_CONFIG)")
     serve.set_defaults(func=_serve)
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create an API key and print it (shown once)")
+    create.add_argument("--scope", required=True, choices=["ingest", "read", "admin"])
+    create.add_argument("--name", help="a label for the key")
+    create.add_argument("--customer-id", help="bind an ingest key to one customer")
+    create.add_argument("--config", help="TOML settings file (MF_CONFIG)")
+    create.set_defaults(func=_keys_create)
+    rp = sub.add_parser("replay", help="read archived events of a time range back into storage")
+    rp.add_argument("--from", dest="start", required=True, help="epoch ms or ISO 8601 (UTC)")
+    rp.add_argument("--to", dest="end", required=True, help="epoch ms or ISO 8601 (UTC), exclusive")
+    rp.add_argument("--dry-run", action="store_true", help="count what would be replayed; write nothing")
+    rp.add_argument("--config", help="TOML settings file (MF_CONFIG)")
+    rp.set_defaults(func=_replay)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

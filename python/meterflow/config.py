@@ -57,6 +57,13 @@ class Settings:
     rate_requests_burst: int = 200
     rate_events_per_s: int = 100_000
     rate_events_burst: int = 200_000
+    archive: Literal["none", "directory", "s3"] = "directory"
+    s3_endpoint: str = "http://127.0.0.1:3900"
+    s3_bucket: str = "meterflow-archive"
+    s3_region: str = "garage"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    spool_max_bytes: int = 1 << 30
     usage_max_period_days: int = 400
     usage_max_windows: int = 10_000
     # Meters defined as code (TOML `[[meters]]`); the seed's catalog by default.
@@ -67,7 +74,7 @@ class Settings:
             "workers", "dedup_window_s", "flush_timeout_s", "flush_max_rows", "flush_max_wait_ms",
             "flush_queue_max_rows", "flush_concurrency", "max_body_bytes", "max_events",
             "retry_after_s", "usage_max_period_days", "usage_max_windows", "rate_requests_per_s",
-            "rate_requests_burst", "rate_events_per_s", "rate_events_burst",
+            "rate_requests_burst", "rate_events_per_s", "rate_events_burst", "spool_max_bytes",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -91,10 +98,12 @@ class Settings:
         if self.admin_key and not (self.admin_key.startswith("mf_") and len(self.admin_key) == 47
                                    and self.admin_key[3:].isalnum()):  # fmt: skip
             raise ConfigError("MF_ADMIN_KEY must look like a MeterFlow key: mf_ and 44 letters or digits.")
-        for url_name in ("clickhouse_url", "redis_url"):
+        if self.archive == "s3" and not (self.s3_access_key and self.s3_secret_key):
+            raise ConfigError("MF_ARCHIVE=s3 needs MF_S3_ACCESS_KEY and MF_S3_SECRET_KEY.")
+        for url_name in ("clickhouse_url", "redis_url", "s3_endpoint"):
             url = getattr(self, url_name)
             scheme = url.split("://", 1)[0]
-            if "://" not in url or scheme not in ("http", "https", "redis", "rediss", "unix"):
+            if "://" not in url or scheme not in ("http", "https", "redis", "rediss", "unix"):  # noqa: SIM102
                 raise ConfigError(f"MF_{url_name.upper()} is not a URL: {url!r}.")
 
     @property
@@ -106,6 +115,7 @@ class Settings:
         d = dataclasses.asdict(self)
         d["clickhouse_password"] = "***" if self.clickhouse_password else ""
         d["admin_key"] = "***" if self.admin_key else ""
+        d["s3_secret_key"] = "***" if self.s3_secret_key else ""
         d["meters"] = [m.code for m in self.meters]
         return d
 

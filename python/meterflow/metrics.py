@@ -16,6 +16,13 @@ HELP = {
     "meterflow_flush_queue_full_total": "Requests refused because the flush queue was full.",
     "meterflow_flush_seconds": "Time spent in storage inserts.",
     "meterflow_flush_queue_rows": "Rows waiting for a flush.",
+    "meterflow_archive_spooled_total": "Archive objects written to the local spool.",
+    "meterflow_archive_uploaded_total": "Archive objects uploaded to the store.",
+    "meterflow_archive_uploaded_rows_total": "Events in uploaded archive objects.",
+    "meterflow_archive_upload_failures_total": "Failed upload attempts (retried with backoff).",
+    "meterflow_archive_spool_full_total": "Requests refused because the archive spool was full.",
+    "meterflow_archive_spool_objects": "Archive objects waiting in the spool.",
+    "meterflow_archive_spool_bytes": "Bytes waiting in the spool.",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sys
@@ -22,6 +23,7 @@ from meterflow.api.keys import create_key, list_keys, revoke_key
 from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
 from meterflow.api.openapi import openapi
 from meterflow.api.usage import get_usage
+from meterflow.ingest.archive import Spool, open_store
 from meterflow.ingest.dedup import open_dedup
 from meterflow.ingest.service import IngestService
 from meterflow.auth.keys import KeyStore
@@ -44,7 +46,13 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         dedup = open_dedup(settings)
         await storage.start()
         await dedup.start()
-        service = IngestService(settings, storage, dedup, Metrics())
+        metrics = Metrics()
+        archive = open_store(settings)
+        spool = Spool(settings, archive, metrics) if archive is not None else None
+        if archive is not None and spool is not None:
+            await archive.start()
+            spool.start()
+        service = IngestService(settings, storage, dedup, metrics, spool)
         await service.warm()
         app.state.ingest = service
         app.state.settings = settings
@@ -63,6 +71,13 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         finally:
             # SIGTERM: Granian has stopped taking requests; flush what is queued.
             await service.flusher.drain()
+            if spool is not None and archive is not None:
+                await spool.stop()
+                try:  # a last upload; what fails stays spooled for the next start
+                    await asyncio.wait_for(spool.drain_once(), 10)
+                except Exception as e:
+                    log.warning("archive left spooled at shutdown", extra={"error": str(e)[:300]})
+                await archive.close()
             if isinstance(limiter, RedisRateLimiter):
                 await limiter.close()
             await dedup.close()

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from meterflow.api.responses import json_response
+from meterflow.ingest.archive import ArchiveError
 from meterflow.ingest.dedup import DedupUnavailable
 from meterflow.ingest.service import IngestService
 from meterflow.storage import StorageError
@@ -20,7 +21,7 @@ async def health(request: Request) -> Response:
 async def _check(name: str, probe: object) -> tuple[str, dict[str, str]]:
     try:
         await asyncio.wait_for(probe, 2)  # type: ignore[arg-type]
-    except (StorageError, DedupUnavailable, TimeoutError, OSError) as e:
+    except (StorageError, DedupUnavailable, ArchiveError, TimeoutError, OSError) as e:
         return name, {"status": "down", "error": str(e) or type(e).__name__}
     return name, {"status": "ok"}
 
@@ -36,10 +37,24 @@ async def ready(request: Request) -> Response:
     ok = all(c["status"] == "ok" for c in checks.values())
     body = {"status": "ready" if ok else "unavailable", "checks": checks,
             "flush_queue_rows": service.flusher.queued_rows}  # fmt: skip
+    spool = service.spool
+    if spool is not None:
+        # The archive never blocks ingestion: its state is reported, not a reason for 503.
+        objects, size = spool.depth()
+        name, check = await _check(f"archive:{spool.store.name}", spool.store.ping())
+        body["archive"] = {**check, "spool_objects": objects, "spool_bytes": size,
+                           "spool_max_bytes": spool.max_bytes, "last_error": spool.last_error}  # fmt: skip
+        if size >= spool.max_bytes:
+            ok = False
+            body["status"] = "unavailable"
     return json_response(body, 200 if ok else 503)
 
 
 async def metrics(request: Request) -> Response:
     service: IngestService = request.app.state.ingest
     service.metrics.gauges["meterflow_flush_queue_rows"] = service.flusher.queued_rows
+    if service.spool is not None:
+        objects, size = service.spool.depth()
+        service.metrics.gauges["meterflow_archive_spool_objects"] = objects
+        service.metrics.gauges["meterflow_archive_spool_bytes"] = size
     return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")

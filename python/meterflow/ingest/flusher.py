@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from meterflow.config import Settings
+from meterflow.ingest.archive import Spool
 from meterflow.ingest.core import Batch
 from meterflow.ingest.dedup import Dedup, DedupUnavailable, new_flush_id
 from meterflow.metrics import Metrics
@@ -31,6 +32,7 @@ class Flush:
     created: float
     done: asyncio.Future[None]
     rows: list[bytes] = field(default_factory=list)
+    archive: list[bytes] = field(default_factory=list)
     parts: list[tuple[Batch, bytes | None]] = field(default_factory=list)
     count: int = 0
     pending: int = 0
@@ -45,7 +47,10 @@ class Flush:
 
 
 class Flusher:
-    def __init__(self, settings: Settings, storage: Storage, dedup: Dedup, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, storage: Storage, dedup: Dedup, metrics: Metrics, spool: Spool | None = None
+    ) -> None:
+        self.spool = spool
         self._max_rows = settings.flush_max_rows
         self._max_wait = settings.flush_max_wait_ms / 1000
         self._queue_max = settings.flush_queue_max_rows
@@ -84,6 +89,8 @@ class Flusher:
     def add(self, f: Flush, batch: Batch, keep: bytes | None, rows: bytes, count: int, joined: int) -> None:
         """Adds a request's reserved rows to the flush it joined for `joined` rows."""
         f.rows.append(rows)
+        if self.spool is not None:
+            f.archive.append(batch.archive_lines(keep))
         f.parts.append((batch, keep))
         f.count += count
         self.queued_rows -= joined - count
@@ -124,6 +131,14 @@ class Flusher:
                 t0 = time.perf_counter()
                 await self._storage.insert_events(rows)
                 self._metrics.observe("meterflow_flush_seconds", time.perf_counter() - t0)
+                if self.spool is not None:
+                    # Before the commit: an acknowledged event is always on disk for the archive.
+                    created_ms = int(f.id[:12], 16)
+                    try:
+                        await self.spool.put(f.id, created_ms, b"".join(f.archive), f.count)
+                    except OSError as e:
+                        raise StorageError(f"cannot write the archive spool: {e}") from e
+                    f.archive.clear()
         except StorageError as e:
             self._metrics.inc("meterflow_flush_failures_total")
             log.warning("flush failed", extra={"flush_id": f.id, "rows": f.count, "error": str(e)})

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meterflow.config import Settings
+from meterflow.ingest.archive import Spool, SpoolFull
 from meterflow.ingest.core import DecodeError, Limits, decode_batch
 from meterflow.ingest.dedup import Dedup, DedupUnavailable
 from meterflow.ingest.flusher import Flusher, Overloaded
@@ -48,7 +49,9 @@ IN_FLIGHT_MESSAGE = (
 
 
 class IngestService:
-    def __init__(self, settings: Settings, storage: Storage, dedup: Dedup, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, storage: Storage, dedup: Dedup, metrics: Metrics, spool: Spool | None = None
+    ) -> None:
         self.settings = settings
         self.storage = storage
         self.dedup = dedup
@@ -58,7 +61,8 @@ class IngestService:
             max_future_ms=settings.max_future_ms,
             max_age_ms=settings.max_age_ms,
         )
-        self.flusher = Flusher(settings, storage, dedup, metrics)
+        self.spool = spool
+        self.flusher = Flusher(settings, storage, dedup, metrics, spool)
 
     async def warm(self) -> None:
         """Embedded mode: load the ids stored within the dedup window."""
@@ -101,7 +105,11 @@ class IngestService:
         accepted = 0
         if n:
             try:
+                if self.spool is not None:
+                    self.spool.check_room()
                 flush = self.flusher.join(n)
+            except SpoolFull as e:
+                raise Unavailable("archive_spool_full", str(e)) from e
             except Overloaded as e:
                 raise Unavailable("overloaded", str(e)) from e
             added = False
