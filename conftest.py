@@ -11,10 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 
-from services import ClickHouse, Garage, Redis  # noqa: E402
+from services import ClickHouse, Garage, Redis
 
-from meterflow.config import Settings  # noqa: E402
-from meterflow.storage.embedded import EmbeddedStorage  # noqa: E402
+from meterflow.config import Settings
+from meterflow.storage.embedded import EmbeddedStorage
 
 
 @pytest.fixture(scope="session")

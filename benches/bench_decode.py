@@ -16,7 +16,7 @@ BODY = samples.body(samples.batch(1000, ts=NOW))
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_decode_1000(benchmark, name: str) -> None:
     pipeline = PIPELINES[name]
-    n, failed, rows, lines, dups = benchmark(pipeline, BODY, NOW)
+    n, failed, _rows, lines, dups = benchmark(pipeline, BODY, NOW)
     assert (n, failed, dups) == (1000, [], 0)
     assert lines.count(b"\n") == 1000
 

@@ -95,7 +95,7 @@ def test_month_total(benchmark: Any, usage_data: Any) -> None:
 
 @pytest.mark.benchmark(group="usage_month_hourly")
 def test_month_hourly_series(benchmark: Any, usage_data: Any) -> None:
-    loop, storage, n = usage_data
+    loop, storage, _ = usage_data
     out = benchmark(run, loop, storage, {**BASE, "window": "HOUR", "tz": "Europe/Berlin"})
     assert len(out["series"]) == DAYS * 24
     assert sum(s["value"] for s in out["series"]) == out["value"]
@@ -103,7 +103,7 @@ def test_month_hourly_series(benchmark: Any, usage_data: Any) -> None:
 
 @pytest.mark.benchmark(group="usage_month_group_by")
 def test_month_group_by(benchmark: Any, usage_data: Any) -> None:
-    loop, storage, n = usage_data
+    loop, storage, _ = usage_data
     out = benchmark(run, loop, storage, {**BASE, "group_by": "region,endpoint"})
     assert sum(out["breakdown"].values()) == out["value"]
     assert len(out["breakdown"]) == 3  # cust_42: number % 4 is always 2 (endpoint /c)

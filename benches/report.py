@@ -7,7 +7,8 @@ import sys
 
 
 def main(path: str) -> None:
-    doc = json.load(open(path))
+    with open(path) as f:
+        doc = json.load(f)
     by_group: dict[str, dict[str, dict[str, float]]] = {}
     extra: dict[str, dict[str, float]] = {}
     for b in doc["benchmarks"]:

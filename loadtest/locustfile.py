@@ -1,6 +1,6 @@
 """Locust: realistic 1000-event batches with a share of duplicates and invalid events.
 
-    MF_KEY=<ingest key> locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 30s --host http://127.0.0.1:3000
+MF_KEY=<ingest key> locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 30s --host http://127.0.0.1:3000
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ each a subprocess on a loopback port, probed until it answers."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,11 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-import json
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -259,7 +260,7 @@ admin_token = "{os.urandom(16).hex()}"
 class MeterFlowServer:
     """`meterflow serve` in a subprocess, as a user runs it."""
 
-    auth = {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
+    auth: ClassVar[dict[str, str]] = {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
 
     def __init__(self, workdir: Path, env: Mapping[str, str]) -> None:
         self.port = free_port()
@@ -335,7 +336,7 @@ class Backend:
 
     def query_json(self, sql: str) -> list[dict[str, object]]:
         if self.clickhouse is not None:
-            url = f"{self.clickhouse.url}/?database={self.database}"
+            url = f"{self.clickhouse.url}/?database={self.database}&output_format_json_quote_64bit_integers=0"
             req = urllib.request.Request(url, data=(sql + " FORMAT JSONEachRow").encode(), method="POST")
             with urllib.request.urlopen(req, timeout=30) as r:
                 return [json.loads(line) for line in r.read().splitlines() if line]

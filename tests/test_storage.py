@@ -12,7 +12,6 @@ from meterflow.ingest.core import decode_batch
 from meterflow.storage import Storage, StorageError, open_storage
 from meterflow.storage.base import SCHEMA
 
-
 NOW = samples.now_ms()
 
 

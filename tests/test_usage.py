@@ -205,7 +205,7 @@ def datasets(draw: st.DrawFn) -> tuple[str, list[dict[str, Any]]]:
     customer = f"cu{next(_customers)}"
     n = draw(st.integers(0, 60))
     events = []
-    for i in range(n):
+    for _ in range(n):
         events.append({
             "transaction_id": f"{customer}_t{draw(st.integers(0, n))}",
             "customer_id": draw(st.sampled_from([customer, customer + "x"])),

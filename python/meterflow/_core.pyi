@@ -73,9 +73,7 @@ class Batch:
     def redis_reserve(self, prefix: str, flush_id: str, ttl_seconds: int) -> bytes:
         """RESP of one ``SET <prefix><id> <flush_id> NX EX <ttl> GET`` per event."""
 
-def decode_batch(
-    body: bytes, now_ms: int, limits: Limits | None = None, customer_id: str | None = None
-) -> Batch:
+def decode_batch(body: bytes, now_ms: int, limits: Limits | None = None, customer_id: str | None = None) -> Batch:
     """Decode, validate and encode a ``{"events": [...]}`` body, GIL released.
 
     With ``customer_id``, events of any other customer fail with

@@ -103,7 +103,7 @@ class Settings:
         for url_name in ("clickhouse_url", "redis_url", "s3_endpoint"):
             url = getattr(self, url_name)
             scheme = url.split("://", 1)[0]
-            if "://" not in url or scheme not in ("http", "https", "redis", "rediss", "unix"):  # noqa: SIM102
+            if "://" not in url or scheme not in ("http", "https", "redis", "rediss", "unix"):
                 raise ConfigError(f"MF_{url_name.upper()} is not a URL: {url!r}.")
 
     @property

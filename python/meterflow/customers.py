@@ -41,7 +41,9 @@ def validate(doc: Any, partial: bool = False) -> dict[str, Any]:
             if not isinstance(v, dict) or not all(
                 isinstance(k, str) and isinstance(x, str) and 0 < len(k) <= 100 and len(x) <= 1000 for k, x in v.items()
             ):
-                raise CustomerError("metadata", "`metadata` must map keys of 1 to 100 characters to strings of at most 1000.")
+                raise CustomerError(
+                    "metadata", "`metadata` must map keys of 1 to 100 characters to strings of at most 1000."
+                )
             if len(v) > 100:
                 raise CustomerError("metadata", "`metadata` holds more than 100 keys, the limit.")
         elif v is not None:

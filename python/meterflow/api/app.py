@@ -23,12 +23,12 @@ from meterflow.api.keys import create_key, list_keys, revoke_key
 from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
 from meterflow.api.openapi import openapi
 from meterflow.api.usage import get_usage
-from meterflow.ingest.archive import Spool, open_store
-from meterflow.ingest.dedup import open_dedup
-from meterflow.ingest.service import IngestService
 from meterflow.auth.keys import KeyStore
 from meterflow.auth.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from meterflow.customers import Customers
+from meterflow.ingest.archive import Spool, open_store
+from meterflow.ingest.dedup import open_dedup
+from meterflow.ingest.service import IngestService
 from meterflow.logs import setup_logging
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metrics import Metrics

@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
 from meterflow.auth.keys import KeyStore, Principal, Scope
-from meterflow.auth.ratelimit import RateLimitUnavailable, RateLimiter, Verdict
+from meterflow.auth.ratelimit import RateLimiter, RateLimitUnavailable, Verdict
 from meterflow.config import Settings
 from meterflow.storage import StorageError
 
@@ -62,7 +62,9 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
         if principal is None:
             raise ApiError(401, "invalid_api_key", "The API key is unknown or revoked.")
         if not principal.allows(scope):
-            raise ApiError(403, "insufficient_scope", f"This key has scope `{principal.scope}`; this route needs `{scope}`.")
+            raise ApiError(
+                403, "insufficient_scope", f"This key has scope `{principal.scope}`; this route needs `{scope}`."
+            )
         verdict = await check_rate(state.limiter, settings, principal, "requests", 1)
         request.state.principal = principal
         response = await endpoint(request)

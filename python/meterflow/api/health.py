@@ -41,7 +41,7 @@ async def ready(request: Request) -> Response:
     if spool is not None:
         # The archive never blocks ingestion: its state is reported, not a reason for 503.
         objects, size = spool.depth()
-        name, check = await _check(f"archive:{spool.store.name}", spool.store.ping())
+        _, check = await _check(f"archive:{spool.store.name}", spool.store.ping())
         body["archive"] = {**check, "spool_objects": objects, "spool_bytes": size,
                            "spool_max_bytes": spool.max_bytes, "last_error": spool.last_error}  # fmt: skip
         if size >= spool.max_bytes:

@@ -14,7 +14,9 @@ async def create_key(request: Request) -> Response:
     keys: KeyStore = request.app.state.keys
     doc = await json_body(request)
     if not isinstance(doc, dict) or set(doc) - {"scope", "name", "customer_id", "rate_limits"}:
-        raise ApiError(400, "invalid_key", "A key takes `scope`, and optionally `name`, `customer_id` and `rate_limits`.")
+        raise ApiError(
+            400, "invalid_key", "A key takes `scope`, and optionally `name`, `customer_id` and `rate_limits`."
+        )
     name = doc.get("name") or ""
     customer = doc.get("customer_id")
     if not isinstance(name, str) or (customer is not None and not isinstance(customer, str)):

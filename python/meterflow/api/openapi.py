@@ -22,6 +22,7 @@ def _error(description: str, retry: bool = False) -> dict[str, Any]:
 
 ID = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_-]+$"}
 
+
 def _op(summary: str, scope: str, ok: str = "200", body: str | None = None, params: list[str] | None = None,
         errors: tuple[str, ...] = ("400", "401", "403", "404")) -> dict[str, Any]:  # fmt: skip
     """One operation: its scope, body schema, query/path parameters and error answers."""
@@ -34,7 +35,10 @@ def _op(summary: str, scope: str, ok: str = "200", body: str | None = None, para
                                         "409": "Conflict."}[code])  # fmt: skip
     op["responses"]["429"] = _error("Rate limited.", retry=True)
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}}
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+        }
     if params:
         op["parameters"] = [
             {"name": p.strip("{}"), "in": "path" if p.startswith("{") else "query", "required": p.startswith("{"),
@@ -78,22 +82,48 @@ SPEC: dict[str, Any] = {
                 },
             }
         },
-        "/v1/usage": {"get": _op(
-            "Usage of one meter by one customer in [start, end)", "read",
-            params=["customer_id", "meter", "metric", "start", "end", "group_by", "window", "tz", "filter[<property>]"],
-            errors=("400", "401", "403"))},
+        "/v1/usage": {
+            "get": _op(
+                "Usage of one meter by one customer in [start, end)",
+                "read",
+                params=[
+                    "customer_id",
+                    "meter",
+                    "metric",
+                    "start",
+                    "end",
+                    "group_by",
+                    "window",
+                    "tz",
+                    "filter[<property>]",
+                ],
+                errors=("400", "401", "403"),
+            )
+        },
         "/v1/meters": {
             "get": _op("List meters (cursor pagination)", "read", params=PAGE, errors=("400", "401", "403")),
             "post": _op("Create a meter", "admin", "201", "Meter", errors=("400", "401", "403", "409")),
         },
         "/v1/meters/{code}": {
             "get": _op("Get a meter", "read", params=["{code}"]),
-            "put": _op("Create or replace a meter (not one defined in the config)", "admin", "200", "Meter",
-                       ["{code}"], ("400", "401", "403", "409")),
+            "put": _op(
+                "Create or replace a meter (not one defined in the config)",
+                "admin",
+                "200",
+                "Meter",
+                ["{code}"],
+                ("400", "401", "403", "409"),
+            ),
             "delete": _op("Delete a meter", "admin", "204", params=["{code}"], errors=("401", "403", "404", "409")),
         },
-        "/v1/customers": {"get": _op("List customers (cursor pagination, name/email filters)", "read",
-                                     params=[*PAGE, "name", "email"], errors=("400", "401", "403"))},
+        "/v1/customers": {
+            "get": _op(
+                "List customers (cursor pagination, name/email filters)",
+                "read",
+                params=[*PAGE, "name", "email"],
+                errors=("400", "401", "403"),
+            )
+        },
         "/v1/customers/{customer_id}": {
             "get": _op("Get a customer", "read", params=["{customer_id}"]),
             "put": _op("Create or replace a customer", "admin", "200", "Customer", ["{customer_id}"]),
@@ -102,11 +132,17 @@ SPEC: dict[str, Any] = {
         },
         "/v1/keys": {
             "get": _op("List API keys (never the secret)", "admin", params=PAGE, errors=("400", "401", "403")),
-            "post": _op("Create an API key; the secret is in this answer only", "admin", "201", "KeyRequest",
-                        errors=("400", "401", "403")),
+            "post": _op(
+                "Create an API key; the secret is in this answer only",
+                "admin",
+                "201",
+                "KeyRequest",
+                errors=("400", "401", "403"),
+            ),
         },
-        "/v1/keys/{key_id}": {"delete": _op("Revoke an API key", "admin", "204", params=["{key_id}"],
-                                            errors=("401", "403", "404"))},
+        "/v1/keys/{key_id}": {
+            "delete": _op("Revoke an API key", "admin", "204", params=["{key_id}"], errors=("401", "403", "404"))
+        },
         "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive"}}}},
         "/ready": {
             "get": {
@@ -161,8 +197,13 @@ SPEC: dict[str, Any] = {
                     "scope": {"enum": ["ingest", "read", "admin"]},
                     "name": {"type": "string"},
                     "customer_id": {"type": "string", "description": "Binds an ingest key to one customer."},
-                    "rate_limits": {"type": "object", "properties": {
-                        k: {"type": "integer"} for k in ("requests_per_s", "requests_burst", "events_per_s", "events_burst")}},
+                    "rate_limits": {
+                        "type": "object",
+                        "properties": {
+                            k: {"type": "integer"}
+                            for k in ("requests_per_s", "requests_burst", "events_per_s", "events_burst")
+                        },
+                    },
                 },
             },
             "Error": {
@@ -195,7 +236,12 @@ SPEC: dict[str, Any] = {
                 "type": "object",
                 "required": ["events"],
                 "properties": {
-                    "events": {"type": "array", "minItems": 1, "maxItems": 1000, "items": {"$ref": "#/components/schemas/Event"}}
+                    "events": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 1000,
+                        "items": {"$ref": "#/components/schemas/Event"},
+                    }
                 },
             },
             "IngestResult": {
@@ -212,14 +258,17 @@ SPEC: dict[str, Any] = {
                             "properties": {
                                 "index": {"type": "integer"},
                                 "transaction_id": {"type": ["string", "null"]},
-                                "reason": {"type": "string", "description": "Stable machine code, e.g. timestamp_too_old, in_flight."},
+                                "reason": {
+                                    "type": "string",
+                                    "description": "Stable machine code, e.g. timestamp_too_old, in_flight.",
+                                },
                                 "message": {"type": "string"},
                             },
                         },
                     },
                 },
             },
-        }
+        },
     },
 }
 

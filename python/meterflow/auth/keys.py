@@ -116,9 +116,11 @@ class KeyStore:
         if parts is None:
             return None
         key_id, secret = parts
-        if self._static is not None and hmac.compare_digest(
-            digest(secret), digest(self._static[1])
-        ) and key_id == self._static[0]:
+        if (
+            self._static is not None
+            and hmac.compare_digest(digest(secret), digest(self._static[1]))
+            and key_id == self._static[0]
+        ):
             return Principal(key_id=key_id, scope="admin")
         doc = await self._lookup(key_id)
         if doc is None or not hmac.compare_digest(str(doc["hash"]), digest(secret)):

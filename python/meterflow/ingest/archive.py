@@ -116,6 +116,7 @@ class S3Store:
         self._s = settings
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._bucket_ready = False
 
     async def start(self) -> None:
         from aiobotocore.config import AioConfig
@@ -129,11 +130,15 @@ class S3Store:
         )  # fmt: skip
         self._client = await self._stack.enter_async_context(
             get_session().create_client(
-                "s3", endpoint_url=s.s3_endpoint, region_name=s.s3_region, config=cfg,
-                aws_access_key_id=s.s3_access_key, aws_secret_access_key=s.s3_secret_key,
-            )  # fmt: skip
+                "s3",
+                endpoint_url=s.s3_endpoint,
+                region_name=s.s3_region,
+                config=cfg,
+                aws_access_key_id=s.s3_access_key,
+                aws_secret_access_key=s.s3_secret_key,
+            )
         )
-        with contextlib.suppress(Exception):  # the store may be down at start: the spool waits
+        with contextlib.suppress(Exception):  # the store may be down at start: put() tries again
             await self._ensure_bucket()
 
     async def _ensure_bucket(self) -> None:
@@ -143,6 +148,7 @@ class S3Store:
             await self._client.head_bucket(Bucket=self._s.s3_bucket)
         except ClientError:
             await self._client.create_bucket(Bucket=self._s.s3_bucket)
+        self._bucket_ready = True
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -155,6 +161,8 @@ class S3Store:
 
     async def put(self, key: str, data: bytes, rows: int) -> None:
         try:
+            if not self._bucket_ready:
+                await self._ensure_bucket()
             await self._client.put_object(
                 Bucket=self._s.s3_bucket, Key=key, Body=data, Metadata={"rows": str(rows)},
                 ContentType="application/x-ndjson", ContentEncoding="gzip",
@@ -254,8 +262,8 @@ class Spool:
             name = p.name
             if name.endswith(".gz"):
                 target = p.with_name(f"{name}.{me}")
-            elif ".gz." in name and not _alive(int(name.rsplit(".", 1)[1])):
-                target = p.with_name(f"{name.split('.gz.')[0]}.gz.{me}")  # its worker died
+            elif ".gz." in name and (int(name.rsplit(".", 1)[1]) == me or not _alive(int(name.rsplit(".", 1)[1]))):
+                target = p.with_name(f"{name.split('.gz.')[0]}.gz.{me}")  # ours, or its worker died
             else:
                 continue
             try:
@@ -266,22 +274,27 @@ class Spool:
         return claimed
 
     async def drain_once(self) -> int:
-        """Uploads what is waiting; returns how many objects landed. Raises on failure."""
+        """Uploads what is waiting; returns how many objects landed. Raises on failure,
+        after handing every object it had claimed but not uploaded back to the spool."""
         landed = 0
-        for path in await asyncio.to_thread(self._claim):
-            flush_id = path.name.split(".gz")[0]
-            meta_path = self.dir / f"{flush_id}.json"
-            meta = orjson.loads(meta_path.read_bytes())
-            try:
+        claimed = await asyncio.to_thread(self._claim)
+        try:
+            while claimed:
+                path = claimed[0]
+                flush_id = path.name.split(".gz")[0]
+                meta_path = self.dir / f"{flush_id}.json"
+                meta = orjson.loads(meta_path.read_bytes())
                 await self.store.put(meta["key"], path.read_bytes(), int(meta["rows"]))
-            except BaseException:
-                os.rename(path, self.dir / f"{flush_id}.gz")  # back in line
-                raise
-            path.unlink()
-            meta_path.unlink(missing_ok=True)
-            landed += 1
-            self.metrics.inc("meterflow_archive_uploaded_total")
-            self.metrics.inc("meterflow_archive_uploaded_rows_total", int(meta["rows"]))
+                path.unlink()
+                meta_path.unlink(missing_ok=True)
+                claimed.pop(0)
+                landed += 1
+                self.metrics.inc("meterflow_archive_uploaded_total")
+                self.metrics.inc("meterflow_archive_uploaded_rows_total", int(meta["rows"]))
+        finally:
+            for path in claimed:  # back in line, for this or another worker
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, self.dir / (path.name.split(".gz")[0] + ".gz"))
         return landed
 
     async def _run(self) -> None:

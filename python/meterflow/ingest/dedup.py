@@ -180,9 +180,7 @@ class RedisDedup:
         return self._redis
 
     async def start(self) -> None:
-        self._redis = aioredis.from_url(
-            self._url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=10
-        )
+        self._redis = aioredis.from_url(self._url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=10)
         self._takeover = self._redis.register_script(_TAKEOVER)
         self._release = self._redis.register_script(_RELEASE)
 
@@ -252,9 +250,7 @@ class RedisDedup:
         except (RedisError, OSError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
-    async def _resolve(
-        self, batch: Batch, flush_id: str, n: int, taken: list[tuple[int, bytes]]
-    ) -> Reservation:
+    async def _resolve(self, batch: Batch, flush_id: str, n: int, taken: list[tuple[int, bytes]]) -> Reservation:
         """Sorts ids already held by another flush into duplicates (its flush
         committed), take-overs (its flush died) and in-flight ones."""
         holders = sorted({old for _, old in taken})

@@ -70,9 +70,7 @@ class Flusher:
             raise Overloaded("MeterFlow is shutting down.")
         if self.queued_rows + n > self._queue_max:
             self._metrics.inc("meterflow_flush_queue_full_total")
-            raise Overloaded(
-                f"The flush queue holds {self.queued_rows} rows; the limit is {self._queue_max}."
-            )
+            raise Overloaded(f"The flush queue holds {self.queued_rows} rows; the limit is {self._queue_max}.")
         f = self._current
         if f is None or f.sealed:
             loop = asyncio.get_running_loop()

@@ -43,9 +43,7 @@ class IngestResult:
 
 LARGE_BODY = 256 * 1024
 
-IN_FLIGHT_MESSAGE = (
-    "Another request holding this transaction_id has not finished storing it; retry later."
-)
+IN_FLIGHT_MESSAGE = "Another request holding this transaction_id has not finished storing it; retry later."
 
 
 class IngestService:

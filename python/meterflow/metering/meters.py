@@ -104,7 +104,9 @@ def parse_meter(doc: Any, source: Literal["config", "api"] = "api", code: str | 
         try:
             texts = tuple(_text(x) for x in values)
         except TypeError:
-            raise MeterError(f"filters.{k}", f"`filters.{k}` must be a string, number, boolean or a list of them.") from None
+            raise MeterError(
+                f"filters.{k}", f"`filters.{k}` must be a string, number, boolean or a list of them."
+            ) from None
         if not k or not texts:
             raise MeterError(f"filters.{k}", f"`filters.{k}` needs a property name and at least one value.")
         filters[k] = texts

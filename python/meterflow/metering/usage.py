@@ -98,7 +98,9 @@ async def parse_request(
     extra = []
     for prop, values in filters.items():
         if prop not in meter.group_by:
-            raise UsageError(f"filter[{prop}]", f"`filter[{prop}]`: {prop!r} is not a group-by property of meter {code!r}.")
+            raise UsageError(
+                f"filter[{prop}]", f"`filter[{prop}]`: {prop!r} is not a group-by property of meter {code!r}."
+            )
         extra.append((prop, tuple(values)))
     return UsageRequest(customer, meter, start, end, group_by, window_raw, tz, tuple(extra))  # type: ignore[arg-type]
 

@@ -8,7 +8,7 @@ shows it twice); DAY and MONTH windows are the zone's local dates and months.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -66,10 +66,8 @@ def spans(window: Window, tz: ZoneInfo, shift_ms: int, start: int, end: int) -> 
             w_end = key + (MINUTE_MS if window == "MINUTE" else HOUR_MS)
         else:
             d = datetime.fromtimestamp(t / 1000, tz).replace(tzinfo=None)
-            if window == "DAY":
-                nxt = d + timedelta(days=1)
-            else:
-                nxt = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1)
+            month_after = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1)
+            nxt = d + timedelta(days=1) if window == "DAY" else month_after
             w_end = _local(nxt, tz)
         w_end = max(w_end, t + 1)
         out.append(Span(key=key, start=t, end=min(w_end, end)))
@@ -81,7 +79,3 @@ def count_spans(window: Window, start: int, end: int) -> int:
     """An upper bound on the number of windows, cheap, to refuse huge series early."""
     size = {"MINUTE": MINUTE_MS, "HOUR": HOUR_MS, "DAY": 23 * HOUR_MS, "MONTH": 28 * 24 * HOUR_MS}[window]
     return (end - start) // size + 2
-
-
-def utc_now_ms() -> int:
-    return int(datetime.now(UTC).timestamp() * 1000)

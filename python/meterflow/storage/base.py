@@ -46,8 +46,7 @@ ORDER BY (kind, id)
 SCHEMA = (EVENTS_DDL, DOCUMENTS_DDL)
 
 ROW_COLUMNS = (
-    "transaction_id, customer_id, event_type, timestamp_ms, ts, properties, "
-    "num_keys, num_values, str_keys, str_values"
+    "transaction_id, customer_id, event_type, timestamp_ms, ts, properties, num_keys, num_values, str_keys, str_values"
 )
 
 

@@ -13,6 +13,7 @@ import orjson
 
 from meterflow.storage.base import Storage, quote
 
+
 class Documents:
     def __init__(self, storage: Storage, kind: str) -> None:
         self._storage = storage
