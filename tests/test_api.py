@@ -168,3 +168,16 @@ def test_restart_keeps_dedup(kind: str, make_backend: object, start_server: obje
     s.stop()
     s2 = start_server(backend)  # type: ignore[operator]
     assert post(s2, {"events": events}).json() == {"accepted": 0, "duplicates": 50, "failed": []}
+
+
+async def test_flushes_sealed_by_size_are_written_once(backend: Backend, start_server: object) -> None:
+    """Concurrent batches that fill flushes to MF_FLUSH_MAX_ROWS: each flush is inserted once."""
+    server = start_server(backend, MF_FLUSH_MAX_ROWS="100")  # type: ignore[operator]
+    bodies = [samples.body(samples.batch(100, seed=500 + i, prefix=f"sz{i}")) for i in range(24)]
+    async with httpx.AsyncClient(timeout=60, headers={**JSON, **server.auth}) as c:
+        rs = await asyncio.gather(*(c.post(f"{server.url}/v1/events", content=b) for b in bodies))
+    assert [r.status_code for r in rs] == [200] * 24
+    assert sum(r.json()["accepted"] for r in rs) == 2400
+    server.stop()
+    assert backend.stored() == (2400, 2400)
+    assert "invalid state" not in server.logs() and "flush failed" not in server.logs()

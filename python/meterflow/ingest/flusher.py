@@ -37,6 +37,7 @@ class Flush:
     count: int = 0
     pending: int = 0
     sealed: bool = False
+    writing: bool = False
 
     def reserved_ids(self) -> list[str]:
         """The ids this flush holds (used only to release them after a failure)."""
@@ -95,13 +96,22 @@ class Flusher:
         f.pending -= 1
         if f.count >= self._max_rows:
             self._seal(f)
+        self._seal_if_idle(f)
         self._maybe_write(f)
 
     def leave(self, f: Flush, joined: int) -> None:
         """Leaves the flush without rows (nothing new, or reservation failed)."""
         f.pending -= 1
         self.queued_rows -= joined
+        self._seal_if_idle(f)
         self._maybe_write(f)
+
+    def _seal_if_idle(self, f: Flush) -> None:
+        """Adaptive group commit: with no insert in flight there is nothing to wait
+        for, so a flush whose requests have all added their rows goes at once.
+        While an insert runs, new requests gather into the next flush instead."""
+        if not f.sealed and f.pending == 0 and f.count and not self._writes:
+            self._seal(f)
 
     def _seal(self, f: Flush) -> None:
         if f.sealed:
@@ -112,8 +122,9 @@ class Flusher:
         self._maybe_write(f)
 
     def _maybe_write(self, f: Flush) -> None:
-        if not f.sealed or f.pending or f.done.done():
+        if not f.sealed or f.pending or f.writing or f.done.done():
             return
+        f.writing = True
         if f.count == 0:
             f.done.set_result(None)
             return
@@ -162,6 +173,14 @@ class Flusher:
             # over after the flush timeout and collapse in storage.
             log.warning("commit failed", extra={"flush_id": f.id, "error": str(e)})
         f.done.set_result(None)
+        nxt = self._current
+        if nxt is not None and not [t for t in self._writes if t is not asyncio.current_task()]:
+            self._seal_if_idle_after_write(nxt)
+
+    def _seal_if_idle_after_write(self, f: Flush) -> None:
+        # Called from the finishing write, which is still in `_writes`.
+        if not f.sealed and f.pending == 0 and f.count:
+            self._seal(f)
 
     async def drain(self) -> None:
         """Seals the open flush and waits for every write (SIGTERM)."""
