@@ -21,7 +21,9 @@ $(PY):
 # Dependencies and the Rust core (release build, editable install).
 $(VENV)/.built: $(PY) pyproject.toml $(RUST_SRC)
 	@echo "==> building MeterFlow (Rust core + Python deps)"
-	$(PY) -m pip install -q -e '.[dev]'
+	@mkdir -p $(CARGO_TARGET_DIR)
+	# Checkouts share the cached target dir: one build at a time.
+	flock $(CARGO_TARGET_DIR)/.meterflow-build.lock $(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
 build: $(VENV)/.built
@@ -50,7 +52,7 @@ $(GARAGE):
 garage: $(GARAGE)
 
 test-rust:
-	cd rust_core && cargo test --quiet
+	cd rust_core && flock $(CARGO_TARGET_DIR)/.meterflow-build.lock cargo test --quiet
 
 test-python: build services garage
 	$(PY) -m pytest

@@ -106,4 +106,4 @@ class Customers:
             match["name"] = name
         if email:
             match["email"] = email
-        return await self._docs.list(after, limit, match=match)
+        return await self._docs.page(after, limit, match=match)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -18,9 +20,9 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
-async def _check(name: str, probe: object) -> tuple[str, dict[str, str]]:
+async def _check(name: str, probe: Awaitable[None]) -> tuple[str, dict[str, str]]:
     try:
-        await asyncio.wait_for(probe, 2)  # type: ignore[arg-type]
+        await asyncio.wait_for(probe, 2)
     except (StorageError, DedupUnavailable, ArchiveError, TimeoutError, OSError) as e:
         return name, {"status": "down", "error": str(e) or type(e).__name__}
     return name, {"status": "ok"}
@@ -35,7 +37,7 @@ async def ready(request: Request) -> Response:
         )
     )
     ok = all(c["status"] == "ok" for c in checks.values())
-    body = {"status": "ready" if ok else "unavailable", "checks": checks,
+    body: dict[str, Any] = {"status": "ready" if ok else "unavailable", "checks": checks,
             "flush_queue_rows": service.flusher.queued_rows}  # fmt: skip
     spool = service.spool
     if spool is not None:

@@ -96,10 +96,10 @@ class KeyStore:
         return public(doc), full
 
     async def list(self, after: str = "", limit: int = 100) -> list[dict[str, Any]]:
-        return [public(d) for d in await self._docs.list(after, limit)]
+        return [public(d) for d in await self._docs.page(after, limit)]
 
     async def any_exist(self) -> bool:
-        return bool(await self._docs.list("", 1, include_deleted=True))
+        return bool(await self._docs.page("", 1, include_deleted=True))
 
     async def revoke(self, key_id: str) -> bool:
         doc = await self._docs.get(key_id)

@@ -100,7 +100,7 @@ class DirectoryStore:
     async def get(self, key: str) -> bytes:
         return await asyncio.to_thread((self.root / key).read_bytes)
 
-    async def list(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+    async def list(self, prefix: str) -> AsyncIterator[str]:
         base = self.root / prefix
         paths = sorted(base.rglob("*.ndjson.gz")) if base.exists() else []
         for p in paths:
@@ -175,7 +175,7 @@ class S3Store:
         async with r["Body"] as body:
             return bytes(await body.read())
 
-    async def list(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+    async def list(self, prefix: str) -> AsyncIterator[str]:
         paginator = self._client.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=self._s.s3_bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
@@ -254,7 +254,7 @@ class Spool:
 
     def _claim(self) -> list[Path]:
         """Claims waiting objects by renaming them (atomic: one worker wins each)."""
-        claimed = []
+        claimed: list[Path] = []
         if not self.dir.exists():
             return claimed
         me = os.getpid()

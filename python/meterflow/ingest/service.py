@@ -88,7 +88,7 @@ class IngestService:
             batch = await asyncio.to_thread(decode_batch, body, now, self.limits, customer_id)
         else:
             batch = decode_batch(body, now, self.limits, customer_id)
-        failed = [
+        failed: list[dict[str, Any]] = [
             {"index": i, "transaction_id": t, "reason": r, "message": m}
             for (i, t, r), m in zip(batch.failed, batch.failure_messages, strict=True)
         ]

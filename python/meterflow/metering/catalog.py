@@ -25,7 +25,7 @@ class MeterCatalog:
 
     async def list(self, after: str = "", limit: int = 100) -> list[Meter]:
         config = [m for code, m in sorted(self._config.items()) if code > after]
-        stored = [parse_meter(d, "api") for d in await self._docs.list(after, limit)]
+        stored = [parse_meter(d, "api") for d in await self._docs.page(after, limit)]
         merged = sorted({m.code: m for m in stored + config}.values(), key=lambda m: m.code)
         return merged[:limit]
 

@@ -119,7 +119,7 @@ def parse_meter(doc: Any, source: Literal["config", "api"] = "api", code: str | 
         code=c,
         name=_string(doc, "name", required=False) or c,
         event_type=_string(doc, "event_type", required=True, max_len=100),
-        aggregation=agg,  # type: ignore[arg-type]
+        aggregation=agg,
         property=prop,
         unit=_string(doc, "unit", required=False),
         filters=filters,

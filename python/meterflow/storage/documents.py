@@ -34,7 +34,7 @@ class Documents:
         rows = await self._latest(f"AND id = {quote(doc_id)}", include_deleted, 1)
         return rows[0] if rows else None
 
-    async def list(
+    async def page(
         self, after: str = "", limit: int = 100, include_deleted: bool = False, match: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
         """In id order after the cursor `after`; `match` keeps documents whose
