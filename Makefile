@@ -18,11 +18,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Dependencies and the Rust core (release build, editable install).
+# Dependencies and the Rust core (release build, editable install). Checkouts
+# share the cached target dir, so builds take a lock: one at a time.
 $(VENV)/.built: $(PY) pyproject.toml $(RUST_SRC)
 	@echo "==> building MeterFlow (Rust core + Python deps)"
 	@mkdir -p $(CARGO_TARGET_DIR)
-	# Checkouts share the cached target dir: one build at a time.
 	flock $(CARGO_TARGET_DIR)/.meterflow-build.lock $(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 

@@ -2,6 +2,16 @@
 
 from typing import final
 
+__all__ = [
+    "Batch",
+    "DecodeError",
+    "DedupIndex",
+    "Limits",
+    "ReplyError",
+    "decode_batch",
+    "parse_reserve_replies",
+]
+
 class DecodeError(ValueError):
     """The request as a whole is rejected; ``args`` is ``(code, message)``.
 

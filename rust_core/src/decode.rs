@@ -69,10 +69,16 @@ impl EnvelopeError {
                 format!("The body is not valid UTF-8 (byte {offset}).")
             }
             EnvelopeError::InvalidJson(e) => {
-                format!("The body is not valid JSON: {} at byte {}.", e.what, e.offset)
+                format!(
+                    "The body is not valid JSON: {} at byte {}.",
+                    e.what, e.offset
+                )
             }
             EnvelopeError::NotAnObject(k) => {
-                format!("The body must be a JSON object with an `events` array, not {}.", k.name())
+                format!(
+                    "The body must be a JSON object with an `events` array, not {}.",
+                    k.name()
+                )
             }
             EnvelopeError::EventsMissing => "The body has no `events` array.".to_string(),
             EnvelopeError::EventsNotArray(k) => {
@@ -150,7 +156,9 @@ fn id_hash(s: &[u8]) -> u64 {
 
 impl IdSet {
     fn new() -> Self {
-        IdSet { slots: vec![0; 2048] }
+        IdSet {
+            slots: vec![0; 2048],
+        }
     }
 
     /// Inserts valid event `n` (already pushed to `d.ids`) unless an equal id
@@ -187,12 +195,19 @@ impl IdSet {
     }
 }
 
-const FIELDS: [&str; 5] = ["transaction_id", "customer_id", "event_type", "timestamp", "properties"];
+const FIELDS: [&str; 5] = [
+    "transaction_id",
+    "customer_id",
+    "event_type",
+    "timestamp",
+    "properties",
+];
 
 fn is_id(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Length in characters (code points), cheap when the byte length decides.
@@ -262,7 +277,7 @@ pub fn decimal9(text: &str) -> Option<i128> {
         let v = value_of(&digits[..k]);
         let (r, tail) = (digits[k], &digits[k + 1..]);
         let above_half = r > 5 || (r == 5 && tail.iter().any(|&d| d != 0));
-        if above_half || (r == 5 && !above_half && v % 2 == 1) {
+        if above_half || (r == 5 && v % 2 == 1) {
             v + 1
         } else {
             v
@@ -341,8 +356,9 @@ pub fn decode_for(
     limits: &Limits,
     allowed_customer: Option<&str>,
 ) -> Result<Decoded, EnvelopeError> {
-    let text = std::str::from_utf8(body)
-        .map_err(|e| EnvelopeError::InvalidUtf8 { offset: e.valid_up_to() })?;
+    let text = std::str::from_utf8(body).map_err(|e| EnvelopeError::InvalidUtf8 {
+        offset: e.valid_up_to(),
+    })?;
     let mut sc = Scanner::new(text, limits.max_depth);
     let mut out = Decoded::default();
     // Outputs are about the size of the input; reserve once, not per event.
@@ -350,7 +366,12 @@ pub fn decode_for(
     out.rows.reserve(body.len());
     out.archive.reserve(body.len() + body.len() / 8);
     out.ids.reserve(guess * 24);
-    for v in [&mut out.id_offsets, &mut out.row_offsets, &mut out.archive_offsets, &mut out.request_index] {
+    for v in [
+        &mut out.id_offsets,
+        &mut out.row_offsets,
+        &mut out.archive_offsets,
+        &mut out.request_index,
+    ] {
         v.reserve(guess + 1);
     }
     out.timestamps.reserve(guess);
@@ -368,7 +389,12 @@ pub fn decode_for(
     let syntax = EnvelopeError::InvalidJson;
     match sc.peek() {
         Some(b'{') => {}
-        None => return Err(syntax(SyntaxError { offset: 0, what: "empty body" })),
+        None => {
+            return Err(syntax(SyntaxError {
+                offset: 0,
+                what: "empty body",
+            }))
+        }
         Some(_) => {
             let v = sc.value().map_err(syntax)?;
             return Err(EnvelopeError::NotAnObject(v.kind()));
@@ -400,7 +426,10 @@ pub fn decode_for(
         }
     }
     if !sc.at_end() {
-        return Err(syntax(SyntaxError { offset: sc.pos, what: "trailing characters" }));
+        return Err(syntax(SyntaxError {
+            offset: sc.pos,
+            what: "trailing characters",
+        }));
     }
     if !seen_events {
         return Err(EnvelopeError::EventsMissing);
@@ -427,7 +456,9 @@ impl<'l> Decoder<'l> {
         let mut index = 0usize;
         loop {
             if index >= self.limits.max_events {
-                return Err(EnvelopeError::TooManyEvents { limit: self.limits.max_events });
+                return Err(EnvelopeError::TooManyEvents {
+                    limit: self.limits.max_events,
+                });
             }
             self.event(sc, index, &mut seen)?;
             index += 1;
@@ -451,7 +482,10 @@ impl<'l> Decoder<'l> {
                 index,
                 transaction_id: None,
                 reason: "wrong_type:event".into(),
-                message: format!("events[{index}] is {}; each event must be an object.", v.kind().name()),
+                message: format!(
+                    "events[{index}] is {}; each event must be an object.",
+                    v.kind().name()
+                ),
             });
             return Ok(());
         }
@@ -526,7 +560,10 @@ impl<'l> Decoder<'l> {
             let v = sc.value().map_err(syntax)?;
             f.fail(
                 "wrong_type:properties".into(),
-                format!("events[{index}].properties is {}; it must be an object.", v.kind().name()),
+                format!(
+                    "events[{index}].properties is {}; it must be an object.",
+                    v.kind().name()
+                ),
             );
             return Ok(());
         }
@@ -553,6 +590,8 @@ impl<'l> Decoder<'l> {
     }
 
     /// Checks one property and appends it to `self.props`.
+    // The Cow's variant matters: a borrowed key needs no escaping.
+    #[allow(clippy::ptr_arg)]
     fn property(&mut self, index: usize, k: &Cow<'_, str>, v: &Value<'_>, f: &mut EventFields<'_>) {
         let lim = self.limits;
         let shown = || k.chars().take(64).collect::<String>();
@@ -582,7 +621,11 @@ impl<'l> Decoder<'l> {
         let k0 = self.props.len();
         write_scanned_string(&mut self.props, k);
         let key = &self.props[k0..];
-        if self.keys.iter().any(|&(a, b)| &self.props[a as usize..b as usize] == key) {
+        if self
+            .keys
+            .iter()
+            .any(|&(a, b)| &self.props[a as usize..b as usize] == key)
+        {
             self.props.truncate(mark);
             let name = shown();
             return f.fail(
@@ -654,7 +697,10 @@ impl<'l> Decoder<'l> {
         let lim = self.limits;
         let check_id = |f: &mut EventFields<'_>, name: &str, v: &Option<Value<'_>>, max: usize| {
             match v {
-                None => f.fail(format!("missing_field:{name}"), format!("events[{index}] has no `{name}`.")),
+                None => f.fail(
+                    format!("missing_field:{name}"),
+                    format!("events[{index}] has no `{name}`."),
+                ),
                 Some(Value::Str(s)) => {
                     if !is_id(s, max) {
                         f.fail(
@@ -667,7 +713,10 @@ impl<'l> Decoder<'l> {
                 }
                 Some(v) => f.fail(
                     format!("wrong_type:{name}"),
-                    format!("events[{index}].{name} is {}; it must be a string.", v.kind().name()),
+                    format!(
+                        "events[{index}].{name} is {}; it must be a string.",
+                        v.kind().name()
+                    ),
                 ),
             }
         };
@@ -681,12 +730,17 @@ impl<'l> Decoder<'l> {
             if c != allowed && is_id(c, lim.max_id_len) {
                 f.fail(
                     "customer_not_allowed".into(),
-                    format!("events[{index}].customer_id is not the customer this API key is bound to."),
+                    format!(
+                        "events[{index}].customer_id is not the customer this API key is bound to."
+                    ),
                 );
             }
         }
         match &f.event_type {
-            None => f.fail("missing_field:event_type".into(), format!("events[{index}] has no `event_type`.")),
+            None => f.fail(
+                "missing_field:event_type".into(),
+                format!("events[{index}] has no `event_type`."),
+            ),
             Some(Value::Str(s)) => {
                 if s.is_empty() || char_len_over(s, lim.max_event_type_len) {
                     f.fail(
@@ -699,13 +753,19 @@ impl<'l> Decoder<'l> {
                 }
             }
             Some(v) => {
-                let m = format!("events[{index}].event_type is {}; it must be a string.", v.kind().name());
+                let m = format!(
+                    "events[{index}].event_type is {}; it must be a string.",
+                    v.kind().name()
+                );
                 f.fail("wrong_type:event_type".into(), m);
             }
         }
         let mut ts = 0i64;
         match &f.timestamp {
-            None => f.fail("missing_field:timestamp".into(), format!("events[{index}] has no `timestamp`.")),
+            None => f.fail(
+                "missing_field:timestamp".into(),
+                format!("events[{index}] has no `timestamp`."),
+            ),
             Some(Value::Num(t, true)) => match t.parse::<i64>() {
                 Ok(v) => {
                     ts = v;
@@ -734,13 +794,15 @@ impl<'l> Decoder<'l> {
                     format!("events[{index}].timestamp is out of range for epoch milliseconds."),
                 ),
             },
-            Some(v) => f.fail(
-                "wrong_type:timestamp".into(),
-                format!(
+            Some(v) => {
+                f.fail(
+                    "wrong_type:timestamp".into(),
+                    format!(
                     "events[{index}].timestamp is {}; it must be an integer of epoch milliseconds.",
                     if matches!(v, Value::Num(..)) { "not an integer" } else { v.kind().name() }
                 ),
-            ),
+                )
+            }
         }
         if let Some((reason, message)) = f.problem.take() {
             // The id is reported with a failure whenever it is a readable string.
@@ -748,7 +810,12 @@ impl<'l> Decoder<'l> {
                 Some(Value::Str(s)) => Some(s.chars().take(lim.max_id_len).collect()),
                 _ => None,
             };
-            self.out.failed.push(Failure { index, transaction_id, reason, message });
+            self.out.failed.push(Failure {
+                index,
+                transaction_id,
+                reason,
+                message,
+            });
             return;
         }
         let (Some(Value::Str(tid)), Some(Value::Str(cid)), Some(Value::Str(et))) =
@@ -760,7 +827,8 @@ impl<'l> Decoder<'l> {
         o.ids.push_str(tid);
         o.id_offsets.push(o.ids.len() as u32);
         if !seen.insert(o, o.request_index.len()) {
-            o.ids.truncate(o.id_offsets[o.id_offsets.len() - 2] as usize);
+            o.ids
+                .truncate(o.id_offsets[o.id_offsets.len() - 2] as usize);
             o.id_offsets.pop();
             o.in_batch_duplicates += 1;
             return;
@@ -776,7 +844,9 @@ impl<'l> Decoder<'l> {
         push_string_rb(&mut o.rows, cid.as_bytes());
         push_string_rb(&mut o.rows, et.as_bytes());
         o.rows.extend_from_slice(&ts.to_le_bytes());
-        o.rows.extend_from_slice(&((ts.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32).to_le_bytes());
+        o.rows.extend_from_slice(
+            &((ts.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32).to_le_bytes(),
+        );
         push_string_rb(&mut o.rows, &self.props);
         // num_keys Array(String), num_values Array(Decimal128(9)),
         // str_keys Array(String), str_values Array(String).
@@ -857,25 +927,82 @@ mod tests {
     #[test]
     fn each_rule_is_enforced() {
         let cases = [
-            (r#"{"customer_id":"c","event_type":"e","timestamp":1700000000000}"#, "missing_field:transaction_id"),
-            (r#"{"transaction_id":"a b","customer_id":"c","event_type":"e","timestamp":1700000000000}"#, "invalid_transaction_id"),
-            (r#"{"transaction_id":5,"customer_id":"c","event_type":"e","timestamp":1700000000000}"#, "wrong_type:transaction_id"),
-            (r#"{"transaction_id":"t","event_type":"e","timestamp":1700000000000}"#, "missing_field:customer_id"),
-            (r#"{"transaction_id":"t","customer_id":"","event_type":"e","timestamp":1700000000000}"#, "invalid_customer_id"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"","timestamp":1700000000000}"#, "invalid_event_type"),
-            (r#"{"transaction_id":"t","customer_id":"c","timestamp":1700000000000}"#, "missing_field:event_type"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e"}"#, "missing_field:timestamp"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":"1700000000000"}"#, "wrong_type:timestamp"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000.0}"#, "wrong_type:timestamp"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":99999999999999999999}"#, "invalid_timestamp"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000301000}"#, "timestamp_in_future"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1697400000000}"#, "timestamp_too_old"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"properties":[]}"#, "wrong_type:properties"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"properties":{"a":null}}"#, "wrong_type:properties.a"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"properties":{"a":{"b":1}}}"#, "wrong_type:properties.a"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"properties":{"a":1,"a":2}}"#, "duplicate_field:properties.a"),
-            (r#"{"transaction_id":"t","transaction_id":"u","customer_id":"c","event_type":"e","timestamp":1700000000000}"#, "duplicate_field:transaction_id"),
-            (r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"extra":1}"#, "unknown_field:extra"),
+            (
+                r#"{"customer_id":"c","event_type":"e","timestamp":1700000000000}"#,
+                "missing_field:transaction_id",
+            ),
+            (
+                r#"{"transaction_id":"a b","customer_id":"c","event_type":"e","timestamp":1700000000000}"#,
+                "invalid_transaction_id",
+            ),
+            (
+                r#"{"transaction_id":5,"customer_id":"c","event_type":"e","timestamp":1700000000000}"#,
+                "wrong_type:transaction_id",
+            ),
+            (
+                r#"{"transaction_id":"t","event_type":"e","timestamp":1700000000000}"#,
+                "missing_field:customer_id",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"","event_type":"e","timestamp":1700000000000}"#,
+                "invalid_customer_id",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"","timestamp":1700000000000}"#,
+                "invalid_event_type",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","timestamp":1700000000000}"#,
+                "missing_field:event_type",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e"}"#,
+                "missing_field:timestamp",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":"1700000000000"}"#,
+                "wrong_type:timestamp",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000.0}"#,
+                "wrong_type:timestamp",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":99999999999999999999}"#,
+                "invalid_timestamp",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000301000}"#,
+                "timestamp_in_future",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1697400000000}"#,
+                "timestamp_too_old",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"properties":[]}"#,
+                "wrong_type:properties",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"properties":{"a":null}}"#,
+                "wrong_type:properties.a",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"properties":{"a":{"b":1}}}"#,
+                "wrong_type:properties.a",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"properties":{"a":1,"a":2}}"#,
+                "duplicate_field:properties.a",
+            ),
+            (
+                r#"{"transaction_id":"t","transaction_id":"u","customer_id":"c","event_type":"e","timestamp":1700000000000}"#,
+                "duplicate_field:transaction_id",
+            ),
+            (
+                r#"{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":1700000000000,"extra":1}"#,
+                "unknown_field:extra",
+            ),
             (r#""not an object""#, "wrong_type:event"),
         ];
         for (event, reason) in cases {
@@ -891,7 +1018,12 @@ mod tests {
         let body = ev(&format!(
             r#"{{"transaction_id":"t","customer_id":"c","event_type":"e","timestamp":{NOW},"properties":{{"s":"{wide}"}}}}"#
         ));
-        assert_eq!(decode(body.as_bytes(), NOW, &Limits::default()).unwrap().len(), 1);
+        assert_eq!(
+            decode(body.as_bytes(), NOW, &Limits::default())
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -921,7 +1053,10 @@ mod tests {
         assert_eq!(decimal9("1e-400"), Some(0));
         assert_eq!(decimal9("0"), Some(0));
         assert_eq!(decimal9("0e999"), Some(0));
-        assert_eq!(decimal9("999999999999999999999999"), Some(999_999_999_999_999_999_999_999 * e9));
+        assert_eq!(
+            decimal9("999999999999999999999999"),
+            Some(999_999_999_999_999_999_999_999 * e9)
+        );
         assert_eq!(decimal9("1e24"), None);
         assert_eq!(decimal9("1e400"), None);
         assert_eq!(decimal9("0.30000000000000004"), Some(300_000_000));
@@ -961,9 +1096,15 @@ mod tests {
         assert_eq!(code(br#"{"events":[1]} x"#), "invalid_json");
         let many = ev(&vec![good("a"); 1001].join(","));
         assert_eq!(code(many.as_bytes()), "too_many_events");
-        let small = Limits { max_events: 2, ..Limits::default() };
+        let small = Limits {
+            max_events: 2,
+            ..Limits::default()
+        };
         let three = ev(&[good("a"), good("b"), good("c")].join(","));
-        assert_eq!(decode(three.as_bytes(), NOW, &small).unwrap_err().code(), "too_many_events");
+        assert_eq!(
+            decode(three.as_bytes(), NOW, &small).unwrap_err().code(),
+            "too_many_events"
+        );
     }
 
     #[test]

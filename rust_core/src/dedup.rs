@@ -77,7 +77,8 @@ impl Index {
     /// Forgets committed ids older than `before_s`; returns how many.
     pub fn expire(&mut self, before_s: u32) -> usize {
         let n = self.slots.len();
-        self.slots.retain(|_, s| !matches!(s, Slot::Committed(t) if *t < before_s));
+        self.slots
+            .retain(|_, s| !matches!(s, Slot::Committed(t) if *t < before_s));
         n - self.slots.len()
     }
 }
@@ -92,7 +93,12 @@ mod tests {
             .iter()
             .map(|i| format!(r#"{{"transaction_id":"{i}","customer_id":"c","event_type":"e","timestamp":1700000000000}}"#))
             .collect();
-        decode(format!("{{\"events\":[{}]}}", evs.join(",")).as_bytes(), 1_700_000_000_000, &Limits::default()).unwrap()
+        decode(
+            format!("{{\"events\":[{}]}}", evs.join(",")).as_bytes(),
+            1_700_000_000_000,
+            &Limits::default(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -102,7 +108,10 @@ mod tests {
         assert_eq!(ix.reserve(&batch(&["b", "c"]), 2), vec![IN_FLIGHT, NEW]);
         ix.commit(1, 100);
         ix.release(2);
-        assert_eq!(ix.reserve(&batch(&["a", "b", "c"]), 3), vec![DUPLICATE, DUPLICATE, NEW]);
+        assert_eq!(
+            ix.reserve(&batch(&["a", "b", "c"]), 3),
+            vec![DUPLICATE, DUPLICATE, NEW]
+        );
         assert_eq!(ix.expire(101), 2);
         assert_eq!(ix.len(), 1);
     }

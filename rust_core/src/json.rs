@@ -79,7 +79,9 @@ fn find_special(b: &[u8], mut i: usize) -> usize {
         let q = w ^ (LO * u64::from(b'"'));
         let s = w ^ (LO * u64::from(b'\\'));
         // The lowest flagged byte is always a true match (borrows run upwards).
-        let m = (q.wrapping_sub(LO) & !q | s.wrapping_sub(LO) & !s | w.wrapping_sub(LO * 0x20) & !w) & HI;
+        let m =
+            (q.wrapping_sub(LO) & !q | s.wrapping_sub(LO) & !s | w.wrapping_sub(LO * 0x20) & !w)
+                & HI;
         if m != 0 {
             return i + (m.trailing_zeros() / 8) as usize;
         }
@@ -105,12 +107,21 @@ pub struct Scanner<'a> {
 
 impl<'a> Scanner<'a> {
     pub fn new(text: &'a str, max_depth: usize) -> Self {
-        Scanner { buf: text.as_bytes(), text, pos: 0, depth: 0, max_depth }
+        Scanner {
+            buf: text.as_bytes(),
+            text,
+            pos: 0,
+            depth: 0,
+            max_depth,
+        }
     }
 
     #[inline]
     fn err<T>(&self, what: &'static str) -> Result<T> {
-        Err(SyntaxError { offset: self.pos, what })
+        Err(SyntaxError {
+            offset: self.pos,
+            what,
+        })
     }
 
     #[inline]
@@ -174,7 +185,11 @@ impl<'a> Scanner<'a> {
                 self.leave();
                 Ok(false)
             }
-            _ => self.err(if close == b'}' { "expected ',' or '}'" } else { "expected ',' or ']'" }),
+            _ => self.err(if close == b'}' {
+                "expected ',' or '}'"
+            } else {
+                "expected ',' or ']'"
+            }),
         }
     }
 
@@ -417,6 +432,7 @@ impl<'a> Scanner<'a> {
 /// string came from the input without escapes, so it holds nothing that
 /// needs one and is copied as it is.
 #[inline]
+#[allow(clippy::ptr_arg)] // the variant is the information: Borrowed means no escapes
 pub fn write_scanned_string(out: &mut Vec<u8>, s: &Cow<'_, str>) {
     match s {
         Cow::Borrowed(b) => {
@@ -468,16 +484,28 @@ mod tests {
         let mut sc = Scanner::new(s, 64);
         let v = sc.value()?;
         if !sc.at_end() {
-            return Err(SyntaxError { offset: sc.pos, what: "trailing" });
+            return Err(SyntaxError {
+                offset: sc.pos,
+                what: "trailing",
+            });
         }
         Ok(v)
     }
 
     #[test]
     fn strings_borrow_unless_escaped() {
-        assert!(matches!(val("\"abc\"").unwrap(), Value::Str(Cow::Borrowed("abc"))));
-        assert_eq!(val(r#""a\nb\u00e9\"""#).unwrap(), Value::Str(Cow::Owned("a\nbé\"".into())));
-        assert_eq!(val(r#""\ud83d\ude00""#).unwrap(), Value::Str(Cow::Owned("😀".into())));
+        assert!(matches!(
+            val("\"abc\"").unwrap(),
+            Value::Str(Cow::Borrowed("abc"))
+        ));
+        assert_eq!(
+            val(r#""a\nb\u00e9\"""#).unwrap(),
+            Value::Str(Cow::Owned("a\nbé\"".into()))
+        );
+        assert_eq!(
+            val(r#""\ud83d\ude00""#).unwrap(),
+            Value::Str(Cow::Owned("😀".into()))
+        );
     }
 
     #[test]
@@ -516,7 +544,10 @@ mod tests {
 
     #[test]
     fn containers_are_skipped_with_depth_limit() {
-        assert_eq!(val(r#"{"a":[1,{"b":null}],"c":{}}"#).unwrap(), Value::Container(Kind::Object));
+        assert_eq!(
+            val(r#"{"a":[1,{"b":null}],"c":{}}"#).unwrap(),
+            Value::Container(Kind::Object)
+        );
         let deep = "[".repeat(100) + &"]".repeat(100);
         assert!(val(&deep).is_err());
         assert!(val("[1,]").is_err());

@@ -66,7 +66,9 @@ impl PyLimits {
             ));
         }
         if max_future_ms < 0 || max_age_ms < 0 {
-            return Err(PyValueError::new_err("max_future_ms and max_age_ms must not be negative"));
+            return Err(PyValueError::new_err(
+                "max_future_ms and max_age_ms must not be negative",
+            ));
         }
         Ok(PyLimits {
             inner: Limits {
@@ -126,7 +128,12 @@ fn select_bytes<'py>(
     let Some(mask) = keep else {
         return Ok(PyBytes::new(py, buf));
     };
-    let spans = || mask.iter().enumerate().filter(|(_, &k)| k != 0).map(|(i, _)| offsets[i] as usize..offsets[i + 1] as usize);
+    let spans = || {
+        mask.iter()
+            .enumerate()
+            .filter(|(_, &k)| k != 0)
+            .map(|(i, _)| offsets[i] as usize..offsets[i + 1] as usize)
+    };
     let len = spans().map(|r| r.len()).sum();
     PyBytes::new_with(py, len, |out| {
         let mut at = 0;
@@ -204,14 +211,32 @@ impl Batch {
     /// customer_id, event_type, timestamp_ms, ts, properties, num_keys,
     /// num_values, str_keys, str_values).
     #[pyo3(signature = (keep=None))]
-    fn storage_rows<'py>(&self, py: Python<'py>, keep: Option<&[u8]>) -> PyResult<Bound<'py, PyBytes>> {
-        select_bytes(py, &self.d.rows, &self.d.row_offsets, keep_mask(&self.d, keep)?)
+    fn storage_rows<'py>(
+        &self,
+        py: Python<'py>,
+        keep: Option<&[u8]>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        select_bytes(
+            py,
+            &self.d.rows,
+            &self.d.row_offsets,
+            keep_mask(&self.d, keep)?,
+        )
     }
 
     /// The kept events as NDJSON, one canonical JSON event per line.
     #[pyo3(signature = (keep=None))]
-    fn archive_lines<'py>(&self, py: Python<'py>, keep: Option<&[u8]>) -> PyResult<Bound<'py, PyBytes>> {
-        select_bytes(py, &self.d.archive, &self.d.archive_offsets, keep_mask(&self.d, keep)?)
+    fn archive_lines<'py>(
+        &self,
+        py: Python<'py>,
+        keep: Option<&[u8]>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        select_bytes(
+            py,
+            &self.d.archive,
+            &self.d.archive_offsets,
+            keep_mask(&self.d, keep)?,
+        )
     }
 
     /// RESP bytes of one `SET <prefix><id> <flush_id> NX EX <ttl> GET` per event.
@@ -245,6 +270,8 @@ fn decode_batch(
     }
 }
 
+type PyTaken<'py> = Vec<(usize, Bound<'py, PyBytes>)>;
+
 /// Parses the replies to `Batch.redis_reserve`: None until all `count` are in
 /// `data`, then the (event index, flush id) of every id that was taken.
 #[pyfunction]
@@ -252,10 +279,14 @@ fn parse_reserve_replies<'py>(
     py: Python<'py>,
     data: &[u8],
     count: usize,
-) -> PyResult<Option<Vec<(usize, Bound<'py, PyBytes>)>>> {
+) -> PyResult<Option<PyTaken<'py>>> {
     match resp::parse_set_get_replies(data, count) {
         Ok(None) => Ok(None),
-        Ok(Some(v)) => Ok(Some(v.into_iter().map(|(i, b)| (i, PyBytes::new(py, &b))).collect())),
+        Ok(Some(v)) => Ok(Some(
+            v.into_iter()
+                .map(|(i, b)| (i, PyBytes::new(py, &b)))
+                .collect(),
+        )),
         Err(resp::ReplyError::Server(m)) => Err(ReplyError::new_err(format!("Redis error: {m}"))),
         Err(resp::ReplyError::Protocol(m)) => Err(ReplyError::new_err(m)),
     }
@@ -271,7 +302,9 @@ struct DedupIndex {
 impl DedupIndex {
     #[new]
     fn new() -> Self {
-        DedupIndex { ix: dedup::Index::default() }
+        DedupIndex {
+            ix: dedup::Index::default(),
+        }
     }
 
     fn __len__(&self) -> usize {

@@ -47,17 +47,21 @@ fn line(buf: &[u8], pos: usize) -> Option<(&[u8], usize)> {
     Some((&rest[..end], pos + end + 2))
 }
 
+/// (event index, the flush id that already held it) per taken id.
+pub type Taken = Vec<(usize, Vec<u8>)>;
+
 /// Parses `count` replies of `SET ... NX GET`. Returns `Ok(None)` when the
 /// buffer does not hold them all yet, else the (event index, old value) of
 /// every key that was already taken.
-pub fn parse_set_get_replies(
-    buf: &[u8],
-    count: usize,
-) -> Result<Option<Vec<(usize, Vec<u8>)>>, ReplyError> {
+pub fn parse_set_get_replies(buf: &[u8], count: usize) -> Result<Option<Taken>, ReplyError> {
     let mut taken = Vec::new();
     let mut pos = 0;
     for i in 0..count {
-        let Some((head, next)) = (if pos < buf.len() { line(buf, pos) } else { None }) else {
+        let Some((head, next)) = (if pos < buf.len() {
+            line(buf, pos)
+        } else {
+            None
+        }) else {
             return Ok(None);
         };
         match head.first() {
@@ -79,7 +83,9 @@ pub fn parse_set_get_replies(
             }
             Some(b'_') => pos = next,
             Some(b'-') => {
-                return Err(ReplyError::Server(String::from_utf8_lossy(&head[1..]).into_owned()))
+                return Err(ReplyError::Server(
+                    String::from_utf8_lossy(&head[1..]).into_owned(),
+                ))
             }
             _ => return Err(ReplyError::Protocol("unexpected reply type to SET NX GET")),
         }
@@ -107,11 +113,16 @@ mod tests {
 
     #[test]
     fn parses_nil_and_taken_replies() {
-        let r = parse_set_get_replies(b"$-1\r\n$2\r\nf0\r\n$-1\r\n", 3).unwrap().unwrap();
+        let r = parse_set_get_replies(b"$-1\r\n$2\r\nf0\r\n$-1\r\n", 3)
+            .unwrap()
+            .unwrap();
         assert_eq!(r, vec![(1, b"f0".to_vec())]);
         assert_eq!(parse_set_get_replies(b"$-1\r\n$2\r\nf", 2).unwrap(), None);
         assert_eq!(parse_set_get_replies(b"$-1\r", 1).unwrap(), None);
-        assert!(matches!(parse_set_get_replies(b"-ERR x\r\n", 1), Err(ReplyError::Server(_))));
+        assert!(matches!(
+            parse_set_get_replies(b"-ERR x\r\n", 1),
+            Err(ReplyError::Server(_))
+        ));
         assert!(parse_set_get_replies(b"$-1\r\n$-1\r\n", 1).is_err());
     }
 }
