@@ -1,7 +1,9 @@
 """The best pure-Python pipelines we could write for the Rust core's job.
 
 Each takes the request body and produces what the core produces: the valid
-events' storage rows (JSONEachRow, the cheapest format to make in Python),
+events' storage rows (JSONEachRow, the cheapest format to make in Python,
+with the same typed property columns: every value as text, numbers also as
+exact decimals, left for ClickHouse to parse from the number's JSON text),
 the archive lines (NDJSON), the per-event failures (index, transaction_id,
 reason) and the number of in-batch duplicates, applying every rule of
 DESIGN §4. The benches compare the core against them; `test_pipelines_agree`
@@ -33,6 +35,7 @@ def _finish(
     failed: list[tuple[int, str | None, str]],
     now_ms: int,
     dumps: Callable[[Any], bytes],
+    raw: Callable[[bytes], Any],
 ) -> Result:
     """Business rules shared by the three pipelines, then the two encodings."""
     seen: set[str] = set()
@@ -50,8 +53,26 @@ def _finish(
         if tid in seen:
             dups += 1
             continue
-        seen.add(tid)
         pjson = dumps(props)
+        num_keys: list[str] = []
+        num_values: list[Any] = []
+        str_keys: list[str] = []
+        str_values: list[str] = []
+        for k, v in props.items():
+            str_keys.append(k)
+            if v is True or v is False:
+                str_values.append("true" if v else "false")
+            elif isinstance(v, str):
+                str_values.append(v)
+            else:
+                text = dumps(v)
+                str_values.append(text.decode())
+                num_keys.append(k)
+                num_values.append(raw(text))  # the exact text, for Decimal128(9)
+        if any(abs(v) >= 10**24 for v in props.values() if not isinstance(v, str | bool)):
+            failed.append((index, tid, "property_out_of_range"))
+            continue
+        seen.add(tid)
         rows.append(
             dumps(
                 {
@@ -61,6 +82,10 @@ def _finish(
                     "timestamp_ms": ts,
                     "ts": ts // 1000,
                     "properties": pjson.decode(),
+                    "num_keys": num_keys,
+                    "num_values": num_values,
+                    "str_keys": str_keys,
+                    "str_values": str_values,
                 }
             )
         )
@@ -146,7 +171,7 @@ def orjson_pipeline(body: bytes, now_ms: int) -> Result:
             failed.append((i, tid_s, reason))
             continue
         valid.append((i, tid, e["customer_id"], e["event_type"], e["timestamp"], e.get("properties", {})))
-    return _finish(valid, failed, now_ms, orjson.dumps)
+    return _finish(valid, failed, now_ms, orjson.dumps, orjson.Fragment)
 
 
 # --- msgspec Structs with constraints ------------------------------------------
@@ -221,7 +246,7 @@ def msgspec_pipeline(body: bytes, now_ms: int) -> Result:
     valid = [
         (i, e.transaction_id, e.customer_id, e.event_type, e.timestamp, e.properties) for i, e in events
     ]
-    return _finish(valid, failed, now_ms, _ms_enc.encode)
+    return _finish(valid, failed, now_ms, _ms_enc.encode, msgspec.Raw)
 
 
 # --- pydantic v2 -----------------------------------------------------------------
@@ -273,7 +298,7 @@ def pydantic_pipeline(body: bytes, now_ms: int) -> Result:
     valid = [
         (i, e.transaction_id, e.customer_id, e.event_type, e.timestamp, e.properties) for i, e in events
     ]
-    return _finish(valid, failed, now_ms, orjson.dumps)
+    return _finish(valid, failed, now_ms, orjson.dumps, orjson.Fragment)
 
 
 # --- the Rust core ------------------------------------------------------------------

@@ -246,6 +246,50 @@ const MAX_SCALED_DIGITS: i64 = 24 + 9;
 /// A JSON number's exact value times 10^9 (Decimal128(9)), rounded half to
 /// even past nine decimals; None when its magnitude is 1e24 or more.
 pub fn decimal9(text: &str) -> Option<i128> {
+    decimal9_fast(text).or_else(|| decimal9_general(text))
+}
+
+/// The common shapes without allocating: `-?digits(.digits)?` with at most
+/// 24 integer and 9 fraction digits. None means "take the general path".
+#[inline]
+fn decimal9_fast(text: &str) -> Option<i128> {
+    let b = text.as_bytes();
+    let (neg, b) = match b.first() {
+        Some(b'-') => (true, &b[1..]),
+        _ => (false, b),
+    };
+    let mut v: i128 = 0;
+    let mut i = 0;
+    while i < b.len() && b[i].is_ascii_digit() {
+        v = v * 10 + i128::from(b[i] - b'0');
+        i += 1;
+    }
+    if i == 0 || i > 24 {
+        return None;
+    }
+    let mut frac_digits = 0u32;
+    if i < b.len() {
+        if b[i] != b'.' {
+            return None; // an exponent
+        }
+        i += 1;
+        while i < b.len() && b[i].is_ascii_digit() {
+            if frac_digits == 9 {
+                return None; // rounding needed
+            }
+            v = v * 10 + i128::from(b[i] - b'0');
+            frac_digits += 1;
+            i += 1;
+        }
+        if i < b.len() {
+            return None;
+        }
+    }
+    let v = v * 10i128.pow(9 - frac_digits);
+    Some(if neg { -v } else { v })
+}
+
+fn decimal9_general(text: &str) -> Option<i128> {
     let (neg, body) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text),
@@ -1060,6 +1104,39 @@ mod tests {
         assert_eq!(decimal9("1e24"), None);
         assert_eq!(decimal9("1e400"), None);
         assert_eq!(decimal9("0.30000000000000004"), Some(300_000_000));
+    }
+
+    #[test]
+    fn decimal9_fast_path_agrees_with_the_general_one() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let int_len = (next() % 26) as usize + 1;
+            let frac_len = (next() % 12) as usize;
+            let mut t = String::new();
+            if next() % 2 == 0 {
+                t.push('-');
+            }
+            for k in 0..int_len {
+                let d = (next() % 10) as u8;
+                t.push(char::from(b'0' + if k == 0 && int_len > 1 { d.max(1) } else { d }));
+            }
+            if frac_len > 0 {
+                t.push('.');
+                for _ in 0..frac_len {
+                    t.push(char::from(b'0' + (next() % 10) as u8));
+                }
+            }
+            if let Some(fast) = decimal9_fast(&t) {
+                assert_eq!(Some(fast), decimal9_general(&t), "{t}");
+            }
+            assert_eq!(decimal9(&t), decimal9_general(&t), "{t}");
+        }
     }
 
     #[test]
