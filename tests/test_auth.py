@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -249,3 +253,36 @@ async def test_customers_paginate_2500_without_loss_or_repetition(
 def test_bad_page_limit(server: MeterFlowServer, limit: str) -> None:
     r = httpx.get(f"{server.url}/v1/customers", params={"limit": limit}, headers=server.auth)
     assert r.status_code == 400 and "limit" in r.json()["message"]
+
+
+def test_first_start_prints_an_admin_key_that_works(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> None:
+    backend = make_backend("embedded")
+    server = start_server(backend, MF_ADMIN_KEY="")  # no fixed key: the embedded first start makes one
+    saved = (Path(backend.env["MF_DATA_DIR"]) / "admin.key").read_text().strip()
+    assert f"admin API key {saved}" in server.logs()
+    assert oct((Path(backend.env["MF_DATA_DIR"]) / "admin.key").stat().st_mode)[-3:] == "600"
+    r = httpx.get(f"{server.url}/v1/keys", headers={"Authorization": f"Bearer {saved}"})
+    assert r.status_code == 200 and [k["scope"] for k in r.json()["data"]] == ["admin"]
+    server.stop()
+    again = start_server(backend, MF_ADMIN_KEY="")  # not on later starts
+    assert "admin API key" not in again.logs()
+
+
+def test_keys_create_command_bootstraps_a_key(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> None:
+    backend = make_backend("full")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MF_")} | backend.env
+    out = subprocess.run([sys.executable, "-m", "meterflow.cli", "keys", "create", "--scope", "admin", "--name", "ops"],
+                         env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    assert key.startswith("mf_") and len(key) == 47
+    server = start_server(backend)
+    listed = httpx.get(f"{server.url}/v1/keys", headers={"X-API-Key": key})
+    assert listed.status_code == 200 and listed.json()["data"][0]["name"] == "ops"
+    bad = subprocess.run([sys.executable, "-m", "meterflow.cli", "keys", "create", "--scope", "root"],
+                         env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode != 0
