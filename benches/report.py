@@ -13,6 +13,8 @@ def main(path: str) -> None:
     extra: dict[str, dict[str, float]] = {}
     for b in doc["benchmarks"]:
         name = b["param"] or b["name"].removeprefix("test_")
+        if (b["group"] or "").startswith("usage_"):
+            name = b["name"].split("[")[-1].rstrip("]")
         by_group.setdefault(b["group"] or "", {})[name] = b["stats"]
         extra[name] = b.get("extra_info", {})
     decode = by_group.get("decode_1000", {})
@@ -31,6 +33,12 @@ def main(path: str) -> None:
         for name, rate in sorted(rates.items(), key=lambda kv: -kv[1]):
             share = f"   {rate / ceiling:6.1%} of redis-benchmark" if ceiling else ""
             print(f"  {name:24s} {rate:11,.0f} keys/s{share}")
+    usage = {g: v for g, v in by_group.items() if g.startswith("usage_")}
+    if usage:
+        print("usage over 10M events (median per query):")
+        for group, backends in sorted(usage.items()):
+            cells = "   ".join(f"{b} {st['median'] * 1e3:7.1f} ms" for b, st in sorted(backends.items()))
+            print(f"  {group.removeprefix('usage_'):13s} {cells}")
 
 
 if __name__ == "__main__":
