@@ -322,8 +322,8 @@ async def test_bad_parameters_are_named(params: dict[str, str], param: str, chdb
     catalog = MeterCatalog(chdb_storage, tuple(METERS.values()))
     with pytest.raises(UsageError) as e:
         await parse_request(params, {}, catalog, Settings())
-    assert e.value.param == param
-    assert param.split("[")[0] in e.value.message or e.value.param == "meter"
+    assert e.value.field == param
+    assert param.split("[")[0] in e.value.message or e.value.field == "meter"
 
 
 async def test_filter_on_an_undeclared_property_is_refused(chdb_storage: EmbeddedStorage) -> None:
@@ -331,7 +331,7 @@ async def test_filter_on_an_undeclared_property_is_refused(chdb_storage: Embedde
     params = {"customer_id": "c", "meter": "m_sum", "start": "1", "end": "2"}
     with pytest.raises(UsageError) as e:
         await parse_request(params, {"secret'; DROP TABLE events; --": ["x"]}, catalog, Settings())
-    assert e.value.param.startswith("filter[")
+    assert e.value.field.startswith("filter[")
 
 
 @pytest.mark.parametrize(

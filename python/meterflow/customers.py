@@ -7,6 +7,7 @@ import time
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from meterflow.errors import FieldError
 from meterflow.storage.base import Storage
 from meterflow.storage.documents import Documents
 
@@ -16,11 +17,8 @@ CURRENCY_RE = re.compile(r"[A-Z]{3}")
 FIELDS = ("name", "email", "currency", "timezone", "metadata")
 
 
-class CustomerError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
+class CustomerError(FieldError):
+    """A customer document is invalid."""
 
 
 def validate(doc: Any, partial: bool = False) -> dict[str, Any]:

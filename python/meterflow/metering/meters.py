@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from meterflow.errors import FieldError
+
 AGGREGATIONS = ("COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST")
 Aggregation = Literal["COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST"]
 # Aggregations over the property's numeric value (exact Decimal128(9)).
@@ -14,13 +16,8 @@ CODE_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 FIELDS = ("code", "name", "event_type", "aggregation", "property", "unit", "filters", "group_by", "description")
 
 
-class MeterError(ValueError):
-    """A meter definition is invalid; `field` names the culprit."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
+class MeterError(FieldError):
+    """A meter definition is invalid."""
 
 
 @dataclass(frozen=True)

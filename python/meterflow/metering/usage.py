@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from meterflow.config import Settings
+from meterflow.errors import FieldError
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import NUMERIC, Meter
 from meterflow.metering.windows import WINDOWS, Window, bucket_sql, count_spans, hour_shift_ms, spans
@@ -27,13 +28,8 @@ NINE_PLACES = Decimal("0.000000001")
 DAY_MS = 86_400_000
 
 
-class UsageError(ValueError):
-    """A query parameter is wrong; the message names it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
+class UsageError(FieldError):
+    """A query parameter is wrong; `field` is the parameter."""
 
 
 @dataclass(frozen=True)
