@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
@@ -14,6 +15,7 @@ from meterflow.config import Settings
 from meterflow.storage import StorageError
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+log = logging.getLogger("meterflow.auth")
 
 
 def presented_key(request: Request) -> str | None:
@@ -37,8 +39,10 @@ async def check_rate(limiter: RateLimiter, settings: Settings, p: Principal, kin
     try:
         verdict = await limiter.check(f"{kind}:{p.key_id}", int(rate), int(burst), cost)
     except RateLimitUnavailable as e:
-        raise ApiError(503, "rate_limiter_unavailable", f"The rate limiter is unavailable: {e}",
-                       {"Retry-After": str(settings.retry_after_s)}) from None  # fmt: skip
+        # Fail open: limits protect, they do not make answers right. Reads go on
+        # while Redis is down; ingestion stops anyway, at dedup, with a 503.
+        log.warning("rate limiter unavailable; request let through", extra={"error": str(e)[:200]})
+        return Verdict(True, int(burst), int(burst), 0.0, 0.0)
     if not verdict.allowed:
         raise rate_limited(verdict, f"{burst} {kind} at once and {rate} {kind}/s")
     return verdict

@@ -77,6 +77,9 @@ def check_rate_limits(raw: Any) -> dict[str, int]:
 class KeyStore:
     def __init__(self, storage: Storage, static_admin_key: str = "") -> None:
         self._docs = Documents(storage, "api_key")
+        # last_used_at lives apart: rewriting the key's own document could undo a
+        # revocation that landed between the read and the write.
+        self._used = Documents(storage, "api_key_used")
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._last_used_written: dict[str, float] = {}
         self._static = split_key(static_admin_key) if static_admin_key else None
@@ -96,7 +99,9 @@ class KeyStore:
         return public(doc), full
 
     async def list(self, after: str = "", limit: int = 100) -> list[dict[str, Any]]:
-        return [public(d) for d in await self._docs.page(after, limit)]
+        keys = await self._docs.page(after, limit)
+        used = await self._used.get_many([k["id"] for k in keys])
+        return [public({**k, "last_used_at": used.get(k["id"], {}).get("last_used_at")}) for k in keys]
 
     async def any_exist(self) -> bool:
         return bool(await self._docs.page("", 1, include_deleted=True))
@@ -144,10 +149,7 @@ class KeyStore:
         if now - self._last_used_written.get(doc["id"], -LAST_USED_EVERY_S) < LAST_USED_EVERY_S:
             return
         self._last_used_written[doc["id"]] = now
-        fresh = await self._docs.get(doc["id"])
-        if fresh is not None:
-            fresh["last_used_at"] = int(time.time() * 1000)
-            await self._docs.put(doc["id"], fresh)
+        await self._used.put(doc["id"], {"id": doc["id"], "last_used_at": int(time.time() * 1000)})
 
 
 def public(doc: dict[str, Any]) -> dict[str, Any]:

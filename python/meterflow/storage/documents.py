@@ -34,6 +34,12 @@ class Documents:
         rows = await self._latest(f"AND id = {quote(doc_id)}", include_deleted, 1)
         return rows[0] if rows else None
 
+    async def get_many(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not ids:
+            return {}
+        rows = await self._latest(f"AND id IN ({', '.join(quote(i) for i in ids)})", False, len(ids))
+        return {str(r["id"]): r for r in rows}
+
     async def page(
         self, after: str = "", limit: int = 100, include_deleted: bool = False, match: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
