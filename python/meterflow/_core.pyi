@@ -68,9 +68,6 @@ class Batch:
     @property
     def failure_messages(self) -> list[str]:
         """One sentence per entry of ``failed``, same order."""
-    @property
-    def time_range(self) -> tuple[int, int] | None:
-        """(min, max) timestamp of the valid events."""
     def transaction_id(self, i: int) -> str: ...
     def request_index(self, i: int) -> int:
         """Position in the request's ``events`` array of valid event ``i``."""

@@ -35,9 +35,6 @@ class Metrics:
     def inc(self, name: str, n: float = 1, **labels: str) -> None:
         self._counters[(name, tuple(sorted(labels.items())))] += n
 
-    def get(self, name: str, **labels: str) -> float:
-        return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
-
     def observe(self, name: str, value: float) -> None:
         s = self._sums[name]
         s[0] += value

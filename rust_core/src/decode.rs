@@ -110,7 +110,6 @@ pub struct Decoded {
     pub request_index: Vec<u32>,
     pub ids: String,
     pub id_offsets: Vec<u32>,
-    pub timestamps: Vec<i64>,
     pub rows: Vec<u8>,
     pub row_offsets: Vec<u32>,
     pub archive: Vec<u8>,
@@ -418,7 +417,6 @@ pub fn decode_for(
     ] {
         v.reserve(guess + 1);
     }
-    out.timestamps.reserve(guess);
     let mut dec = Decoder {
         limits,
         allowed_customer,
@@ -881,7 +879,6 @@ impl<'l> Decoder<'l> {
             self.props.extend_from_slice(b"{}");
         }
         o.request_index.push(index as u32);
-        o.timestamps.push(ts);
         // Storage row: transaction_id, customer_id, event_type, timestamp_ms Int64,
         // ts DateTime (seconds), properties String (canonical JSON).
         push_string_rb(&mut o.rows, tid.as_bytes());

@@ -200,13 +200,6 @@ impl Batch {
             .ok_or_else(|| PyValueError::new_err("event index out of range"))
     }
 
-    /// (min, max) event timestamp of the valid events, or None when empty.
-    #[getter]
-    fn time_range(&self) -> Option<(i64, i64)> {
-        let ts = &self.d.timestamps;
-        Some((*ts.iter().min()?, *ts.iter().max()?))
-    }
-
     /// The kept events as ClickHouse RowBinary rows of (transaction_id,
     /// customer_id, event_type, timestamp_ms, ts, properties, num_keys,
     /// num_values, str_keys, str_values).

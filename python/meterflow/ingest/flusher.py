@@ -173,14 +173,10 @@ class Flusher:
             # over after the flush timeout and collapse in storage.
             log.warning("commit failed", extra={"flush_id": f.id, "error": str(e)})
         f.done.set_result(None)
-        nxt = self._current
-        if nxt is not None and not [t for t in self._writes if t is not asyncio.current_task()]:
-            self._seal_if_idle_after_write(nxt)
-
-    def _seal_if_idle_after_write(self, f: Flush) -> None:
-        # Called from the finishing write, which is still in `_writes`.
-        if not f.sealed and f.pending == 0 and f.count:
-            self._seal(f)
+        # This write is over: the flush gathered meanwhile may go now.
+        self._writes.discard(asyncio.current_task())
+        if self._current is not None:
+            self._seal_if_idle(self._current)
 
     async def drain(self) -> None:
         """Seals the open flush and waits for every write (SIGTERM)."""

@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-import orjson
-
 from meterflow.ingest.archive import PREFIX, Store, key_hour_ms
 from meterflow.ingest.core import Limits, decode_batch
 from meterflow.storage import Storage
@@ -82,6 +80,3 @@ def parse_time(text: str) -> int:
         dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
 
-
-def summary_json(r: ReplayReport) -> bytes:
-    return orjson.dumps({"objects": r.objects, "events": r.events, "inserted": r.inserted})

@@ -8,7 +8,6 @@ checked against the meter and values escaped by `quote`.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -16,13 +15,13 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from meterflow.config import Settings
+from meterflow.customers import ID_RE
 from meterflow.errors import FieldError
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import NUMERIC, Meter
 from meterflow.metering.windows import WINDOWS, Window, bucket_sql, count_spans, hour_shift_ms, spans
 from meterflow.storage.base import Storage, quote
 
-ID_RE = re.compile(r"[A-Za-z0-9_-]{1,255}")
 GROUP_SEPARATOR = "|"
 NINE_PLACES = Decimal("0.000000001")
 DAY_MS = 86_400_000
@@ -101,8 +100,9 @@ async def parse_request(
     return UsageRequest(customer, meter, start, end, group_by, window_raw, tz, tuple(extra))  # type: ignore[arg-type]
 
 
-def _prop_text(p: str) -> str:
-    return f"str_values[indexOf(str_keys, {quote(p)})]"
+def _prop_text(p: str, keys: str = "str_keys", values: str = "str_values") -> str:
+    """A property's value as text ('' when the event lacks it)."""
+    return f"{values}[indexOf({keys}, {quote(p)})]"
 
 
 def _inner_sql(r: UsageRequest) -> str:
@@ -157,7 +157,7 @@ async def run_usage(storage: Storage, r: UsageRequest) -> dict[str, Any]:
     aggs = _agg_sql(m)
     jobs: dict[str, Any] = {"total": storage.query(f"SELECT {aggs} FROM ({inner})")}
     if r.group_by:
-        keys = ", ".join(f"{_prop_text_inner(g)} AS g{i}" for i, g in enumerate(r.group_by))
+        keys = ", ".join(f"{_prop_text(g, 'sk', 'sv')} AS g{i}" for i, g in enumerate(r.group_by))
         names = ", ".join(f"g{i}" for i in range(len(r.group_by)))
         jobs["breakdown"] = storage.query(f"SELECT {keys}, {aggs} FROM ({inner}) GROUP BY {names}")
     shift = hour_shift_ms(r.tz, r.start)
@@ -191,6 +191,3 @@ async def run_usage(storage: Storage, r: UsageRequest) -> dict[str, Any]:
         ]
     return out
 
-
-def _prop_text_inner(p: str) -> str:
-    return f"sv[indexOf(sk, {quote(p)})]"
