@@ -109,7 +109,7 @@ def test_mixed_batch_counts_exactly(server: MeterFlowServer, backend: Backend) -
         events[i][field] = value
     repeated = [500, 501, 502, 503, 504]
     for k, i in enumerate(repeated):
-        events[i]["transaction_id"] = events[k]["transaction_id"]
+        events[i] = {**events[k]}  # the same event again: a duplicate
     r = post(server, {"events": events})
     assert r.status_code == 200
     body = r.json()

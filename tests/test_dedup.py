@@ -13,6 +13,7 @@ from meterflow import samples
 from meterflow.config import Settings
 from meterflow.ingest.core import Batch, decode_batch
 from meterflow.ingest.dedup import Dedup, DedupUnavailable, RedisDedup, new_flush_id, open_dedup
+from meterflow.ingest.service import hour_runs
 
 NOW = samples.now_ms()
 _seq = itertools.count(1)
@@ -181,3 +182,12 @@ async def test_redis_down_is_dedup_unavailable() -> None:
     with pytest.raises(DedupUnavailable):
         await d.ping()
     await d.close()
+
+
+def test_warm_up_reads_bounded_runs_of_hours() -> None:
+    counts = [{"h": 10, "n": 30}, {"h": 11, "n": 30}, {"h": 13, "n": 50}, {"h": 14, "n": 1}, {"h": 20, "n": 5}]
+    runs = list(hour_runs(counts, 60))
+    hour = 3_600_000
+    assert runs == [(10 * hour, 12 * hour), (13 * hour, 21 * hour)]
+    assert list(hour_runs([{"h": 1, "n": 500}], 60)) == [(hour, 2 * hour)]  # one hour may hold more
+    assert list(hour_runs([], 60)) == []

@@ -4,7 +4,9 @@ Objects are chosen by their partition hour (when MeterFlow accepted the
 events). Rows go straight to storage, not through dedup: a disaster restore
 must refill an empty database even while Redis still remembers the ids.
 Replay is idempotent all the same: the events table collapses a re-inserted
-transaction and every count is per transaction.
+transaction and every count is per (customer_id, transaction_id), the key of
+idempotency, as is the in-batch check of the core (the same id of two
+customers is two events).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def conflict_message(index: int, differs: int) -> str:
     )
 
 
-def _hour_runs(counts: list[dict[str, Any]], limit: int) -> Iterator[tuple[int, int]]:
+def hour_runs(counts: list[dict[str, Any]], limit: int) -> Iterator[tuple[int, int]]:
     """[start, end) in epoch ms of consecutive hours holding at most `limit` rows together."""
     start = end = None
     rows = 0
@@ -120,7 +120,7 @@ class IngestService:
             f"SELECT intDiv(timestamp_ms, {HOUR_MS}) AS h, count() AS n FROM events WHERE {where} GROUP BY h ORDER BY h"
         )
         loaded = skipped = 0
-        for start, end in _hour_runs(counts, WARM_CHUNK_ROWS):
+        for start, end in hour_runs(counts, WARM_CHUNK_ROWS):
             rows = await self.storage.query(
                 "SELECT transaction_id, customer_id, event_type, timestamp_ms, properties FROM events "
                 f"WHERE {where} AND timestamp_ms >= {start} AND timestamp_ms < {end} "
