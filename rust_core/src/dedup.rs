@@ -4,7 +4,10 @@
 //! the data path, so this index is authoritative once warmed from storage.
 //!
 //! Keys and fingerprints are fixed-size hashes (`identity`), never the id
-//! strings: an entry is 32 bytes, whatever the length of the ids.
+//! strings: an entry is 32 bytes, whatever the length of the ids. The table
+//! is split in shards by the key's top byte, so growing it rehashes one small
+//! shard at a time: a request never waits for a table of millions of entries
+//! to double.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -50,19 +53,39 @@ fn committed_at(e: Entry) -> u32 {
     e as u32
 }
 
-#[derive(Default)]
+type Shard = HashMap<u128, Entry, BuildHasherDefault<KeyHasher>>;
+
+const SHARDS: usize = 256;
+
 pub struct Index {
-    slots: HashMap<u128, Entry, BuildHasherDefault<KeyHasher>>,
+    shards: Vec<Shard>,
     flushes: HashMap<u64, Vec<u128>>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            flushes: HashMap::new(),
+        }
+    }
+}
+
+fn shard_of(key: u128) -> usize {
+    (key >> 120) as usize % SHARDS
 }
 
 impl Index {
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.shards.iter().map(HashMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.shards.iter().all(HashMap::is_empty)
+    }
+
+    fn slots(&mut self, key: u128) -> &mut Shard {
+        &mut self.shards[shard_of(key)]
     }
 
     /// Reserves every free key of the batch for `flush`; returns one code per
@@ -72,14 +95,14 @@ impl Index {
         let mut codes = Vec::with_capacity(d.len());
         let mut mine = Vec::new();
         for (&key, &fp) in d.keys.iter().zip(&d.fingerprints) {
-            match self.slots.get(&key) {
+            match self.slots(key).get(&key) {
                 Some(&e) if committed_at(e) == 0 => codes.push(IN_FLIGHT),
                 Some(&e) => match identity::differing(e >> 32, fp) {
                     0 => codes.push(DUPLICATE),
                     fields => codes.push(CONFLICT | fields),
                 },
                 None => {
-                    self.slots.insert(key, entry(fp, 0));
+                    self.slots(key).insert(key, entry(fp, 0));
                     mine.push(key);
                     codes.push(NEW);
                 }
@@ -93,7 +116,7 @@ impl Index {
 
     pub fn commit(&mut self, flush: u64, now_s: u32) {
         for key in self.flushes.remove(&flush).unwrap_or_default() {
-            if let Some(e) = self.slots.get_mut(&key) {
+            if let Some(e) = self.slots(key).get_mut(&key) {
                 *e = entry(*e >> 32, now_s.max(1));
             }
         }
@@ -101,26 +124,27 @@ impl Index {
 
     pub fn release(&mut self, flush: u64) {
         for key in self.flushes.remove(&flush).unwrap_or_default() {
-            self.slots.remove(&key);
+            self.slots(key).remove(&key);
         }
     }
 
     /// Marks the batch's events as committed (warming from storage at start).
     pub fn load(&mut self, d: &Decoded, now_s: u32) {
-        self.slots.reserve(d.len());
         for (&key, &fp) in d.keys.iter().zip(&d.fingerprints) {
-            self.slots.insert(key, entry(fp, now_s.max(1)));
+            self.slots(key).insert(key, entry(fp, now_s.max(1)));
         }
     }
 
     /// Forgets committed keys older than `before_s`; returns how many.
     pub fn expire(&mut self, before_s: u32) -> usize {
-        let n = self.slots.len();
-        self.slots.retain(|_, e| {
-            let t = committed_at(*e);
-            t == 0 || t >= before_s
-        });
-        n - self.slots.len()
+        let n = self.len();
+        for shard in &mut self.shards {
+            shard.retain(|_, e| {
+                let t = committed_at(*e);
+                t == 0 || t >= before_s
+            });
+        }
+        n - self.len()
     }
 }
 
@@ -191,6 +215,24 @@ mod tests {
             1,
         );
         assert_eq!(codes, vec![DUPLICATE, CONFLICT | identity::TIMESTAMP, NEW]);
+    }
+
+    #[test]
+    fn many_keys_across_shards() {
+        let ids: Vec<String> = (0..3000).map(|i| format!("id{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut ix = Index::default();
+        for chunk in refs.chunks(1000) {
+            assert!(ix.reserve(&batch(chunk), 7).iter().all(|&c| c == NEW));
+        }
+        assert_eq!(ix.len(), 3000);
+        ix.commit(7, 50);
+        for chunk in refs.chunks(1000) {
+            assert!(ix.reserve(&batch(chunk), 8).iter().all(|&c| c == DUPLICATE));
+        }
+        assert!(ix.shards.iter().all(|s| !s.is_empty()));
+        assert_eq!(ix.expire(51), 3000);
+        assert!(ix.is_empty());
     }
 
     #[test]
