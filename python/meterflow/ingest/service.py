@@ -63,19 +63,19 @@ def conflict_message(index: int, differs: int) -> str:
 
 def hour_runs(counts: list[dict[str, Any]], limit: int) -> Iterator[tuple[int, int]]:
     """[start, end) in epoch ms of consecutive hours holding at most `limit` rows together."""
-    start = end = None
-    rows = 0
+    start: int | None = None
+    end = rows = 0
     for c in counts:
         h, n = int(c["h"]), int(c["n"])
         if start is not None and rows + n > limit:
-            yield start, end  # type: ignore[misc]
+            yield start, end
             start = None
         if start is None:
             start, rows = h * HOUR_MS, 0
         end = (h + 1) * HOUR_MS
         rows += n
     if start is not None:
-        yield start, end  # type: ignore[misc]
+        yield start, end
 
 
 def _stored_event(r: dict[str, Any]) -> bytes:
