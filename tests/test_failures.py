@@ -35,6 +35,14 @@ def test_clickhouse_down_answers_503_and_marks_nothing(
         assert r.status_code == 503
         assert r.headers["Retry-After"] == "1"
         assert r.json()["error"] == "storage_unavailable"
+        usage = httpx.get(f"{server.url}/v1/usage", params={"customer_id": "c", "meter": "api_calls", "start": 1,
+                                                           "end": 2}, headers=server.auth)  # fmt: skip
+        assert usage.status_code == 503 and usage.headers["Retry-After"] == "1"
+        # The store's own text (hosts, ports, SQL) goes to the log, never to the client.
+        for answer in (r, usage):
+            assert answer.json()["error"] == "storage_unavailable"
+            assert str(clickhouse.http_port) not in answer.text and "ClickHouse" not in answer.text
+        assert str(clickhouse.http_port) in server.logs()
         ready = httpx.get(f"{server.url}/ready")
         assert ready.status_code == 503
         assert ready.json()["checks"]["storage:clickhouse"]["status"] == "down"

@@ -191,3 +191,19 @@ def load(
         if raw is not None:
             values[name] = _convert(name, raw, hints[name])
     return Settings(**values)
+
+
+
+def data_dir(settings: Settings) -> Path:
+    """The data directory, created private: it holds the admin key, raw events and the database."""
+    return private_dir(Path(settings.data_dir))
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, created 0700 if it is missing (never wider, whatever the umask); an existing one is kept as is."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        return path
+    path.chmod(0o700)
+    return path

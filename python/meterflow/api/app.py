@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,7 +32,7 @@ from meterflow.ingest.service import IngestService
 from meterflow.logs import setup_logging
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metrics import Metrics
-from meterflow.storage import open_storage
+from meterflow.storage import StorageError, open_storage
 
 log = logging.getLogger("meterflow.app")
 
@@ -42,6 +42,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        config.data_dir(settings)
         storage = open_storage(settings)
         dedup = open_dedup(settings)
         await storage.start()
@@ -112,6 +113,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         exception_handlers={
             errors.ApiError: errors.api_error,
             HTTPException: errors.http_error,
+            StorageError: errors.storage_error,
             Exception: errors.internal_error,
         },
     )
@@ -122,9 +124,12 @@ async def bootstrap_admin_key(settings: config.Settings, keys: KeyStore) -> None
     if not settings.embedded or settings.admin_key or await keys.any_exist():
         return
     _, secret = await keys.create("admin", "bootstrap")
-    path = Path(settings.data_dir) / "admin.key"
-    path.write_text(secret + "\n")
-    path.chmod(0o600)
+    path = config.data_dir(settings) / "admin.key"
+    path.unlink(missing_ok=True)  # a key file from a wiped store names no key
+    # Created 0600 in one call: the secret is never readable by others, not even for a moment.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
     # Shown once on the console (never through the logs), as a new key is.
     print(f"meterflow: first start: admin API key {secret} (also saved to {path})", file=sys.stderr, flush=True)
 

@@ -12,7 +12,6 @@ from meterflow.api.errors import ApiError
 from meterflow.auth.keys import KeyStore, Principal, Scope
 from meterflow.auth.ratelimit import RateLimiter, RateLimitUnavailable, Verdict
 from meterflow.config import Settings
-from meterflow.storage import StorageError
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("meterflow.auth")
@@ -58,11 +57,7 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
         if not raw:
             raise ApiError(401, "missing_api_key", "Send an API key as `Authorization: Bearer <key>` or `X-API-Key`.")
         keys: KeyStore = state.keys
-        try:
-            principal = await keys.authenticate(raw)
-        except StorageError as e:
-            raise ApiError(503, "storage_unavailable", f"Storage is unavailable: {e}",
-                           {"Retry-After": str(settings.retry_after_s)}) from None  # fmt: skip
+        principal = await keys.authenticate(raw)  # a StorageError answers 503 (errors.storage_error)
         if principal is None:
             raise ApiError(401, "invalid_api_key", "The API key is unknown or revoked.")
         if not principal.allows(scope):

@@ -9,6 +9,8 @@ from meterflow.api.errors import ApiError
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.customers import ID_RE, CustomerError, Customers, validate
 
+FILTER_MAX = 500  # the longest name a customer may have
+
 
 def _store(request: Request) -> Customers:
     customers: Customers = request.app.state.customers
@@ -64,6 +66,9 @@ async def delete_customer(request: Request) -> Response:
 async def list_customers(request: Request) -> Response:
     limit, cursor = page_params(request)
     q = request.query_params
+    for name in ("name", "email"):
+        if len(q.get(name, "")) > FILTER_MAX:
+            raise ApiError(400, "invalid_parameter", f"`{name}` is longer than {FILTER_MAX} characters, the limit.")
     rows = await _store(request).list(cursor, limit + 1, q.get("name", ""), q.get("email", ""))
     more = len(rows) > limit
     rows = rows[:limit]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -10,6 +11,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
+from meterflow.errors import FieldError
+from meterflow.params import integer
+
+# Every listed id (customer, meter code, key id) is of this alphabet and length.
+CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{0,255}")
 
 
 def _default(obj: Any) -> Any:
@@ -25,14 +31,35 @@ def json_response(data: object, status: int = 200, headers: dict[str, str] | Non
     )
 
 
-async def json_body(request: Request, limit: int = 1 << 20) -> Any:
-    """A small JSON request body (not events), or a 400/413/415 ApiError."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise ApiError(400, "invalid_content_length", "Content-Length is not a number.")
+        if int(declared) > limit:
+            raise ApiError(413, "body_too_large", f"The body is {declared} bytes; the limit is {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"The body is over the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_json(request: Request) -> None:
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, not {ctype or 'none'}.")
-    body = await request.body()
-    if len(body) > limit:
-        raise ApiError(413, "body_too_large", f"The body is over the limit of {limit} bytes.")
+        shown = ctype or "none"
+        raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, not {shown}.")
+
+
+async def json_body(request: Request, limit: int = 1 << 20) -> Any:
+    """A small JSON request body (not events), read only up to `limit` bytes, or a 400/413/415 ApiError."""
+    check_json(request)
+    body = await read_body(request, limit)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -40,7 +67,12 @@ async def json_body(request: Request, limit: int = 1 << 20) -> Any:
 
 
 def page_params(request: Request, max_limit: int = 500) -> tuple[int, str]:
-    raw = request.query_params.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= max_limit:
-        raise ApiError(400, "invalid_parameter", f"`limit` must be an integer from 1 to {max_limit}.")
-    return int(raw), request.query_params.get("cursor", "")
+    """`limit` (1 to max_limit, default 100) and `cursor` of a list route, or a 400 naming the parameter."""
+    try:
+        limit = integer(request.query_params, "limit", 1, max_limit, default=100)
+    except FieldError as e:
+        raise ApiError(400, "invalid_parameter", e.message) from None
+    cursor = request.query_params.get("cursor", "")
+    if not CURSOR_RE.fullmatch(cursor):
+        raise ApiError(400, "invalid_parameter", "`cursor` must be the `next_cursor` of a previous page (an id).")
+    return limit, cursor

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from meterflow.customers import ID_RE
 from meterflow.storage.base import Storage
 from meterflow.storage.documents import Documents
 
@@ -90,6 +91,8 @@ class KeyStore:
             raise KeyError_(f"`scope` must be one of {', '.join(SCOPES)}, got {scope!r}.")
         if customer_id is not None and scope != "ingest":
             raise KeyError_("`customer_id` binds an ingest key to one customer; only `ingest` keys take it.")
+        if customer_id is not None and not ID_RE.fullmatch(customer_id):
+            raise KeyError_("`customer_id` must be 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
         key_id, full, hashed = new_key()
         now = int(time.time() * 1000)
         doc = {"id": key_id, "name": name, "scope": scope, "customer_id": customer_id,
@@ -107,6 +110,8 @@ class KeyStore:
         return bool(await self._docs.page("", 1, include_deleted=True))
 
     async def revoke(self, key_id: str) -> bool:
+        if len(key_id) != ID_LEN or not all(c in ALPHABET for c in key_id):
+            return False  # no key has such an id: no query
         doc = await self._docs.get(key_id)
         if doc is None:
             return False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meterflow.metering.meters import Meter, parse_meter
+from meterflow.metering.meters import CODE_RE, Meter, parse_meter
 from meterflow.storage.base import Storage
 from meterflow.storage.documents import Documents
 
@@ -20,6 +20,8 @@ class MeterCatalog:
     async def get(self, code: str) -> Meter | None:
         if code in self._config:
             return self._config[code]
+        if not CODE_RE.fullmatch(code):  # no such meter can exist: no query
+            return None
         doc = await self._docs.get(code)
         return parse_meter(doc, "api") if doc else None
 
@@ -43,7 +45,7 @@ class MeterCatalog:
 
     async def delete(self, code: str) -> bool:
         self._writable(code)
-        if await self._docs.get(code) is None:
+        if not CODE_RE.fullmatch(code) or await self._docs.get(code) is None:
             return False
         await self._docs.delete(code)
         return True

@@ -20,6 +20,7 @@ from meterflow.errors import FieldError
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import NUMERIC, Meter
 from meterflow.metering.windows import WINDOWS, Window, bucket_sql, count_spans, hour_shift_ms, spans
+from meterflow.params import epoch_ms
 from meterflow.storage.base import Storage, quote
 
 GROUP_SEPARATOR = "|"
@@ -43,14 +44,11 @@ class UsageRequest:
     filters: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-def _int_param(params: Mapping[str, str], name: str) -> int:
-    raw = params.get(name)
-    if raw is None or raw == "":
-        raise UsageError(name, f"`{name}` is required: epoch milliseconds.")
+def _epoch_param(params: Mapping[str, str], name: str) -> int:
     try:
-        return int(raw)
-    except ValueError:
-        raise UsageError(name, f"`{name}` must be an integer of epoch milliseconds, got {raw!r}.") from None
+        return epoch_ms(params, name)
+    except FieldError as e:
+        raise UsageError(e.field, e.message) from None
 
 
 async def parse_request(
@@ -65,7 +63,7 @@ async def parse_request(
     meter = await catalog.get(code)
     if meter is None:
         raise UsageError("meter", f"There is no meter {code!r}; GET /v1/meters lists them.")
-    start, end = _int_param(params, "start"), _int_param(params, "end")
+    start, end = _epoch_param(params, "start"), _epoch_param(params, "end")
     if end <= start:
         raise UsageError("end", f"`end` ({end}) must be after `start` ({start}); the period is [start, end).")
     max_ms = settings.usage_max_period_days * DAY_MS

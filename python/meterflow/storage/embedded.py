@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from meterflow.config import Settings
+from meterflow.config import Settings, private_dir
 from meterflow.storage.base import ROW_COLUMNS, SCHEMA, StorageError
 
 
@@ -34,6 +34,7 @@ class EmbeddedStorage:
     async def start(self) -> None:
         from chdb import session
 
+        private_dir(self._path.parent)  # the data directory
         self._path.mkdir(parents=True, exist_ok=True)
         try:
             self._session = await self._run(session.Session, str(self._path))
