@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -50,6 +51,7 @@ async def check_rate(limiter: RateLimiter, settings: Settings, p: Principal, kin
 def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
     """The endpoint, behind a key with `scope` (or admin) and the key's request rate."""
 
+    @functools.wraps(endpoint)  # keeps its name and its @operation documentation
     async def guarded(request: Request) -> Response:
         state = request.app.state
         settings: Settings = state.settings
@@ -70,5 +72,5 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
         response.headers.update(verdict.headers())
         return response
 
-    guarded.__name__ = endpoint.__name__
+    guarded.scope = scope  # type: ignore[attr-defined]  # read by the OpenAPI document
     return guarded

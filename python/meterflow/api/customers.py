@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
+from meterflow.api.openapi import PAGE, Param, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.customers import ID_RE, CustomerError, Customers, validate
 
@@ -31,6 +32,7 @@ def _fields(doc: object, partial: bool) -> dict[str, object]:
         raise ApiError(400, "invalid_customer", e.message) from None
 
 
+@operation("Create or replace a customer", {200: "Replaced", 201: "Created"}, body="Customer", result="Customer")
 async def put_customer(request: Request) -> Response:
     cid = _id(request)
     doc = await json_body(request)
@@ -40,6 +42,8 @@ async def put_customer(request: Request) -> Response:
     return json_response(customer, 201 if created else 200)
 
 
+@operation("Change some fields of a customer", {200: "Changed", 404: "There is no such customer."},
+           body="Customer", result="Customer")  # fmt: skip
 async def patch_customer(request: Request) -> Response:
     cid = _id(request)
     customer = await _store(request).patch(cid, _fields(await json_body(request), partial=True))
@@ -48,6 +52,8 @@ async def patch_customer(request: Request) -> Response:
     return json_response(customer)
 
 
+@operation("Get a customer", {200: "The customer", 400: "The id is not a valid customer id.",
+                               404: "There is no such customer."}, result="Customer")  # fmt: skip
 async def get_customer(request: Request) -> Response:
     cid = _id(request)
     customer = await _store(request).get(cid)
@@ -56,6 +62,8 @@ async def get_customer(request: Request) -> Response:
     return json_response(customer)
 
 
+@operation("Delete a customer (soft: kept for past invoices)", {
+    204: "Deleted", 400: "The id is not a valid customer id.", 404: "There is no such customer."})  # fmt: skip
 async def delete_customer(request: Request) -> Response:
     cid = _id(request)
     if not await _store(request).delete(cid):
@@ -63,6 +71,9 @@ async def delete_customer(request: Request) -> Response:
     return Response(status_code=204)
 
 
+@operation("List customers, in id order", {200: "A page of customers", 400: "A parameter is invalid."},
+           result="Page", params=(*PAGE, Param("name", "Only names containing this text (any case)."),
+                                  Param("email", "Only emails containing this text (any case).")))  # fmt: skip
 async def list_customers(request: Request) -> Response:
     limit, cursor = page_params(request)
     q = request.query_params

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from meterflow.api.auth import check_rate
 from meterflow.api.errors import ApiError
+from meterflow.api.openapi import operation
 from meterflow.api.responses import check_json, json_response, read_body
 from meterflow.auth.keys import Principal
 from meterflow.ingest.service import DecodeError, IngestService, Unavailable
@@ -18,6 +19,10 @@ _BACKEND_DOWN = {"storage_unavailable": "Storage", "dedup_unavailable": "The ded
 log = logging.getLogger("meterflow.api")
 
 
+@operation("Ingest a batch of usage events, idempotent per transaction", {
+    200: "Per-event problems are listed in `failed` and never fail the whole batch.",
+    503: "Storage or dedup is down, or the flush queue or the archive spool is full."}, body="Batch",
+    result="IngestResult")  # fmt: skip
 async def post_events(request: Request) -> Response:
     service: IngestService = request.app.state.ingest
     settings = service.settings

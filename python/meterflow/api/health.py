@@ -9,6 +9,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from meterflow.api.openapi import operation
 from meterflow.api.responses import json_response
 from meterflow.ingest.archive import ArchiveError
 from meterflow.ingest.dedup import DedupUnavailable
@@ -16,6 +17,7 @@ from meterflow.ingest.service import IngestService
 from meterflow.storage import StorageError
 
 
+@operation("Liveness: the process answers", {200: "Alive"})
 async def health(request: Request) -> Response:
     return json_response({"status": "ok"})
 
@@ -28,6 +30,8 @@ async def _check(name: str, probe: Awaitable[None]) -> tuple[str, dict[str, str]
     return name, {"status": "ok"}
 
 
+@operation("Readiness: each backing service checked", {200: "Every backing service answers",
+           503: "A backing service is down or the archive spool is full; `checks` says which."})  # fmt: skip
 async def ready(request: Request) -> Response:
     service: IngestService = request.app.state.ingest
     checks = dict(
@@ -52,6 +56,7 @@ async def ready(request: Request) -> Response:
     return json_response(body, 200 if ok else 503)
 
 
+@operation("Prometheus metrics", {200: "Text format 0.0.4"}, media_type="text/plain")
 async def metrics(request: Request) -> Response:
     service: IngestService = request.app.state.ingest
     service.metrics.gauges["meterflow_flush_queue_rows"] = service.flusher.queued_rows

@@ -6,10 +6,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
+from meterflow.api.openapi import PAGE, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.auth.keys import KeyError_, KeyStore, check_rate_limits
 
 
+@operation("Create an API key; the secret is in this answer only", {201: "Created, with `key`"}, body="KeyRequest")
 async def create_key(request: Request) -> Response:
     keys: KeyStore = request.app.state.keys
     doc = await json_body(request)
@@ -29,6 +31,8 @@ async def create_key(request: Request) -> Response:
     return json_response({**key, "key": secret}, 201)
 
 
+@operation("List API keys (never the secret)", {200: "A page of keys", 400: "`limit` or `cursor` is invalid."},
+           result="Page", params=PAGE)  # fmt: skip
 async def list_keys(request: Request) -> Response:
     keys: KeyStore = request.app.state.keys
     limit, cursor = page_params(request)
@@ -38,6 +42,7 @@ async def list_keys(request: Request) -> Response:
     return json_response({"data": rows, "next_cursor": rows[-1]["id"] if more and rows else None})
 
 
+@operation("Revoke an API key", {204: "Revoked", 404: "There is no active key with this id."})
 async def revoke_key(request: Request) -> Response:
     keys: KeyStore = request.app.state.keys
     if not await keys.revoke(request.path_params["key_id"]):

@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
+from meterflow.api.openapi import PAGE, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.metering.catalog import MeterCatalog, MeterConflict
 from meterflow.metering.meters import Meter, MeterError, parse_meter
@@ -23,6 +24,8 @@ def _parse(doc: object, code: str | None = None) -> Meter:
         raise ApiError(400, "invalid_meter", f"{e.field}: {e.message}") from None
 
 
+@operation("List meters, in code order", {200: "A page of meters", 400: "`limit` or `cursor` is invalid."},
+           result="Page", params=PAGE)  # fmt: skip
 async def list_meters(request: Request) -> Response:
     limit, cursor = page_params(request)
     meters = await _catalog(request).list(cursor, limit + 1)
@@ -33,6 +36,7 @@ async def list_meters(request: Request) -> Response:
     )
 
 
+@operation("Create a meter", {201: "Created", 409: "A meter with this code exists."}, body="Meter", result="Meter")
 async def create_meter(request: Request) -> Response:
     meter = _parse(await json_body(request))
     try:
@@ -42,6 +46,7 @@ async def create_meter(request: Request) -> Response:
     return json_response(meter.as_json(), 201)
 
 
+@operation("Get a meter", {200: "The meter", 404: "There is no such meter."}, result="Meter")
 async def get_meter(request: Request) -> Response:
     code = request.path_params["code"]
     meter = await _catalog(request).get(code)
@@ -50,6 +55,9 @@ async def get_meter(request: Request) -> Response:
     return json_response(meter.as_json())
 
 
+@operation("Create or replace a meter (not one defined in the config)",
+           {200: "Replaced", 201: "Created", 409: "The meter is defined in the config file."}, body="Meter",
+           result="Meter")  # fmt: skip
 async def put_meter(request: Request) -> Response:
     code = request.path_params["code"]
     meter = _parse(await json_body(request), code)
@@ -60,6 +68,8 @@ async def put_meter(request: Request) -> Response:
     return json_response(meter.as_json(), 201 if created else 200)
 
 
+@operation("Delete a meter", {204: "Deleted", 404: "There is no such meter.",
+                              409: "The meter is defined in the config file."})  # fmt: skip
 async def delete_meter(request: Request) -> Response:
     code = request.path_params["code"]
     try:

@@ -14,6 +14,8 @@ from meterflow.api.errors import ApiError
 from meterflow.errors import FieldError
 from meterflow.params import integer
 
+ADMIN_BODY_MAX = 1 << 20  # bytes of a JSON body that is not events
+PAGE_MAX = 500  # items of one list page
 # Every listed id (customer, meter code, key id) is of this alphabet and length.
 CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{0,255}")
 
@@ -56,7 +58,7 @@ def check_json(request: Request) -> None:
         raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, not {shown}.")
 
 
-async def json_body(request: Request, limit: int = 1 << 20) -> Any:
+async def json_body(request: Request, limit: int = ADMIN_BODY_MAX) -> Any:
     """A small JSON request body (not events), read only up to `limit` bytes, or a 400/413/415 ApiError."""
     check_json(request)
     body = await read_body(request, limit)
@@ -66,7 +68,7 @@ async def json_body(request: Request, limit: int = 1 << 20) -> Any:
         raise ApiError(400, "invalid_json", f"The body is not valid JSON: {e}.") from None
 
 
-def page_params(request: Request, max_limit: int = 500) -> tuple[int, str]:
+def page_params(request: Request, max_limit: int = PAGE_MAX) -> tuple[int, str]:
     """`limit` (1 to max_limit, default 100) and `cursor` of a list route, or a 400 naming the parameter."""
     try:
         limit = integer(request.query_params, "limit", 1, max_limit, default=100)

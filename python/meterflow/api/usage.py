@@ -8,12 +8,29 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
+from meterflow.api.openapi import Param, operation
 from meterflow.api.responses import json_response
 from meterflow.metering.usage import UsageError, parse_request, run_usage
+from meterflow.metering.windows import WINDOWS
+from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
 
 FILTER_RE = re.compile(r"filter\[(.+)\]")
 
 
+EPOCH = {"type": "integer", "minimum": EPOCH_MS_MIN, "maximum": EPOCH_MS_MAX}
+
+
+@operation("Usage of one meter by one customer in [start, end)", {
+    200: "The usage", 400: "A parameter is invalid; the message names it."}, result="Usage", params=(
+    Param("customer_id", "The customer.", required=True),
+    Param("meter", "The meter's code (alias: `metric`).", required=True),
+    Param("start", "Period start, epoch milliseconds, inclusive.", required=True, schema=EPOCH),
+    Param("end", "Period end, epoch milliseconds, exclusive.", required=True, schema=EPOCH),
+    Param("group_by", "Comma-separated group-by properties of the meter."),
+    Param("window", "MINUTE, HOUR, DAY or MONTH: a series of windows.", schema={"enum": list(WINDOWS)}),
+    Param("tz", "IANA time zone of the windows (default UTC)."),
+    Param("filter[<property>]", "Only events whose group-by property has this value (repeatable)."),
+))  # fmt: skip
 async def get_usage(request: Request) -> Response:
     state = request.app.state
     params = request.query_params
