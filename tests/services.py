@@ -3,6 +3,8 @@ each a subprocess on a loopback port, probed until it answers."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -12,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +39,19 @@ def wait_for(check: object, what: str, timeout: float = 30.0) -> None:
             last = e
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not come up within {timeout}s: {last}")
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+    """Polls `check` (sync or async) until it is true; an AssertionError naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = check()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def http_ok(url: str) -> bool:
