@@ -41,7 +41,8 @@ def wait_for(check: object, what: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout}s: {last}")
 
 
-async def until(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+async def until(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 30.0,
+                every: float = 0.05) -> None:  # fmt: skip
     """Polls `check` (sync or async) until it is true; an AssertionError naming `what` at the deadline."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -50,7 +51,7 @@ async def until(check: Callable[[], bool | Awaitable[bool]], what: str, timeout:
             done = await done
         if done:
             return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(every)
     raise AssertionError(f"{what}: not within {timeout}s")
 
 

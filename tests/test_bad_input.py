@@ -11,13 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from services import Backend, MeterFlowServer
+from services import Backend, ClickHouse, MeterFlowServer
 
 from meterflow import config
 from meterflow.api.app import bootstrap_admin_key
 from meterflow.auth.keys import KeyStore
 from meterflow.params import EPOCH_MS_MAX
-from meterflow.storage.embedded import EmbeddedStorage
+from meterflow.storage import open_storage
 
 LIST_ROUTES = ["/v1/customers", "/v1/keys", "/v1/meters"]
 USAGE = {"customer_id": "c", "meter": "api_calls", "start": "1", "end": "2"}
@@ -131,19 +131,21 @@ def test_admin_body_is_refused_at_the_limit_while_it_streams(server: MeterFlowSe
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
-async def test_admin_key_and_data_dir_are_private_from_creation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_admin_key_and_data_dir_are_private_from_creation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clickhouse: ClickHouse
+) -> None:
     """With chmod made a no-op, only a file and a directory created with their final modes pass:
     no moment exists where the admin key is readable by others."""
     monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
     monkeypatch.setattr("os.chmod", lambda *a, **k: None)
     data = tmp_path / "fresh" / "data"
-    settings = config.Settings(data_dir=str(data))
-
+    clickhouse.reset_database("mf_bootstrap")  # a store with no key yet (chdb allows one path per process)
+    storage = open_storage(config.Settings(storage="clickhouse", clickhouse_url=clickhouse.url,
+                                           clickhouse_database="mf_bootstrap"))  # fmt: skip
     old = os.umask(0o022)
-    storage = EmbeddedStorage(settings)
     try:
         await storage.start()
-        await bootstrap_admin_key(settings, KeyStore(storage))
+        await bootstrap_admin_key(config.Settings(data_dir=str(data)), KeyStore(storage))
     finally:
         await storage.close()
         os.umask(old)
