@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ratios import ratios
+
 
 def main(path: str) -> None:
     with open(path) as f:
@@ -33,6 +35,11 @@ def main(path: str) -> None:
         for name, rate in sorted(rates.items(), key=lambda kv: -kv[1]):
             share = f"   {rate / ceiling:6.1%} of redis-benchmark" if ceiling else ""
             print(f"  {name:24s} {rate:11,.0f} keys/s{share}")
+    guarded = ratios(doc)
+    if guarded:
+        print("same-run ratios guarded by `make bench-compare`:")
+        for name, value in sorted(guarded.items()):
+            print(f"  {name:50s} {value:7.2f}x")
     usage = {g: v for g, v in by_group.items() if g.startswith("usage_")}
     if usage:
         print("usage over 10M events (median per query):")
