@@ -25,7 +25,7 @@ def check(new: str, *extra: str) -> subprocess.CompletedProcess[str]:
 def test_a_ratio_that_fell_30_percent_fails_the_compare() -> None:
     out = check("regressed_30pct.json")
     assert out.returncode == 1, out.stdout + out.stderr
-    line = next(x for x in out.stdout.splitlines() if x.startswith("decode_1000: core vs msgspec"))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("decode_1000_paired: core vs msgspec"))
     assert "-30.0%" in line and "REGRESSION" in line
     assert "fell by more than 15%" in out.stderr
 
@@ -39,7 +39,7 @@ def test_a_ratio_within_tolerance_passes() -> None:
 def test_the_same_run_compared_with_itself_passes() -> None:
     out = check("baseline.json")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "dedup_1000: core_resp vs redis-benchmark" in out.stdout
+    assert "dedup_1000_paired: core_resp vs redis-benchmark" in out.stdout
 
 
 def test_the_tolerance_is_a_setting() -> None:
@@ -49,7 +49,7 @@ def test_the_tolerance_is_a_setting() -> None:
 
 def test_a_ratio_missing_from_the_new_run_is_a_regression(tmp_path: Path) -> None:
     doc = json.loads((FIXTURES / "baseline.json").read_text())
-    doc["benchmarks"] = [b for b in doc["benchmarks"] if b["group"] != "dedup_1000"]
+    doc["benchmarks"] = [b for b in doc["benchmarks"] if b["group"] != "dedup_1000_paired"]
     new = tmp_path / "new.json"
     new.write_text(json.dumps(doc))
     out = run("check", str(new), "--baseline", str(FIXTURES / "baseline.json"))
@@ -79,7 +79,7 @@ def test_baseline_keeps_the_newest_saved_run(tmp_path: Path, n_runs: int) -> Non
 
 
 def test_the_fixtures_are_pytest_benchmark_runs() -> None:
-    """The fixtures were saved by `--benchmark-autosave` (then one side slowed): same shape as a real run."""
+    """The fixtures were saved by `--benchmark-autosave` (then one ratio scaled): same shape as a real run."""
     for f in FIXTURES.glob("*.json"):
         doc = json.loads(f.read_text())
         assert {"machine_info", "commit_info", "benchmarks", "version"} <= doc.keys()
