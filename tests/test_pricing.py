@@ -161,6 +161,13 @@ def test_negative_quantity_prices_as_zero_and_shows_the_quantity() -> None:
     assert (p.lines[0].quantity, p.lines[0].amount, p.total) == (Decimal(-5), Decimal("0.00"), Decimal("0.00"))
 
 
+@pytest.mark.parametrize("quantity", ["0.0000000001", "1E+29", "-1E+30", "NaN", "Infinity"])
+def test_quantities_outside_decimal128_9_are_refused(quantity: str) -> None:
+    doc = {"code": "n", "currency": "EUR", "charges": [{"type": "unit", "meter": "bandwidth", "unit_amount": "1"}]}
+    with pytest.raises(ValueError, match="Decimal128"):
+        price_period(parse_plan(doc, METERS), usage_of({"bandwidth": quantity}), FULL_MONTH)
+
+
 def test_unique_count_meters_are_priceable() -> None:
     doc = {"code": "s", "currency": "EUR", "charges": [{"type": "unit", "meter": "seats", "unit_amount": "12.5"}]}
     p = price_period(parse_plan(doc, METERS), usage_of({"seats": "3"}), FULL_MONTH)

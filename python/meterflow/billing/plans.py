@@ -285,8 +285,8 @@ def _charge(doc: Any, where: str, currency: str, meters: Mapping[str, Meter]) ->
             raise PlanError(f, f"`{f}` is required: the fixed amount per period.")
         return FlatCharge(_money(doc["amount"], f, currency), _text(doc, "description", where))
     if "price_by" not in doc:
-        meter = _usage_meter(doc, where, meters)
         price = _price(doc, where, ("meter", "description"))
+        meter = _usage_meter(doc, where, meters)
         return UsageCharge(meter.code, price, _text(doc, "description", where) or meter.name)
     _fields(doc, where, _DIMENSIONAL_FIELDS, "a dimensional charge (each price in `prices` has its own `type`)")
     meter = _usage_meter(doc, where, meters)

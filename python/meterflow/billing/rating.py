@@ -29,16 +29,27 @@ from decimal import Decimal, localcontext
 
 from meterflow.billing.money import EXACT, round_money, round_ratio
 from meterflow.billing.periods import ServicePeriod
-from meterflow.billing.plans import ZERO, ChargeType, FlatCharge, Plan, Price, Tier, UsageCharge
+from meterflow.billing.plans import (
+    QUANTITY_DIGITS,
+    QUANTITY_PLACES,
+    ZERO,
+    ChargeType,
+    FlatCharge,
+    Plan,
+    Price,
+    Tier,
+    UsageCharge,
+)
 
 ONE = Decimal(1)
-# Quantities come from Decimal128(38, 9) usage values; more digits would break exactness.
-MAX_QUANTITY_DIGITS = 40
 
 
 @dataclass(frozen=True)
 class MeterUsage:
-    """A meter's quantity over the billed part of the period, and its quantities per property value."""
+    """A meter's quantity over the billed part of the period, and its quantities per property value.
+
+    Quantities are Decimal128(38, 9) values, as usage queries return them; others raise ValueError.
+    """
 
     total: Decimal
     # property -> value -> quantity; holds the `price_by` properties the plan needs (see Plan.usage_needs)
@@ -128,8 +139,13 @@ def _exact_amount(q: Decimal, price: Price) -> tuple[Decimal, tuple[TierLine, ..
 
 
 def _line(c: UsageCharge, price: Price, quantity: Decimal, currency: str, dim: tuple[str, str] | None) -> Line:
-    if not quantity.is_finite() or len(quantity.as_tuple().digits) > MAX_QUANTITY_DIGITS:
-        raise ValueError(f"quantity {quantity} of meter {c.meter!r} is not a finite Decimal128(38, 9) value")
+    # Within Decimal128(38, 9) every product and sum below fits EXACT's 100 digits.
+    if (
+        not quantity.is_finite()
+        or (quantity and quantity.copy_abs().adjusted() >= QUANTITY_DIGITS)
+        or quantity.scaleb(QUANTITY_PLACES) % 1
+    ):
+        raise ValueError(f"quantity {quantity} of meter {c.meter!r} is not a Decimal128(38, 9) value")
     amount, tiers, packages = _exact_amount(max(quantity, ZERO), price)
     return Line(price.type, c.meter, c.description, quantity, round_money(amount, currency), tiers, dim, packages)
 
