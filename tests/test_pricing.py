@@ -630,3 +630,43 @@ def test_plans_roundtrip_through_json() -> None:
         assert parse_plan(plan.as_json(), METERS) == plan
 
     roundtrip()
+
+
+# --- fuzz: near-valid plans answer with a FieldError or a plan, never another exception ---
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=12)
+    | st.sampled_from(["0", "1", "-1", "1e3", "0.0000000000001", "EUR", "JPY", "api_calls", "region", "unit",
+                       "graduated", "volume", "package", "flat", "month", "year", "99999999999999999999999999999"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)  # fmt: skip
+
+
+def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_mutated_plans_answer_with_a_field_error_or_a_plan(data: st.DataObject) -> None:
+    doc = copy.deepcopy(ISSUE_PLAN)
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(doc)))
+        _set(list(path), data.draw(JSON_VALUES | st.just(_DELETE)))(doc)
+    try:
+        plan = parse_plan(doc, METERS)
+    except FieldError as e:
+        assert e.field and e.message.endswith(".")
+        return
+    usage = {m: MeterUsage(Decimal(7), {p: {"eu-west-1": Decimal(3)} for p in props})
+             for m, props in plan.usage_needs().items()}  # fmt: skip
+    assert price_period(plan, usage, FULL_MONTH).total >= 0
+    assert parse_plan(plan.as_json(), METERS) == plan
