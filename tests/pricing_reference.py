@@ -88,9 +88,7 @@ def price(body: dict[str, Any], quantity: Any) -> Fraction:
     return PRICERS[body["type"]](body, q)
 
 
-def reference_price(
-    plan: dict[str, Any], usage: dict[str, Any], served_ms: int, period_ms: int
-) -> dict[str, Any]:
+def reference_price(plan: dict[str, Any], usage: dict[str, Any], served_ms: int, period_ms: int) -> dict[str, Any]:
     places = MINOR[plan["currency"]]
     share = Fraction(served_ms, period_ms)
     lines: list[RefLine] = []

@@ -110,7 +110,10 @@ def test_issue_plan_priced_by_hand() -> None:
     # -> 0.00, ap-south-1 7 x 0.0005 = 0.0035 -> 0.00 (values in `prices` order, then sorted).
     assert amounts(p) == ["49.00", "1.00", "10.00", "32.00", "15.00", "2.00", "1.10", "0.00", "0.00"]
     assert [ln.dimension for ln in p.lines[5:]] == [
-        ("region", "eu-west-1"), ("region", "us-east-1"), ("region", ""), ("region", "ap-south-1")
+        ("region", "eu-west-1"),
+        ("region", "us-east-1"),
+        ("region", ""),
+        ("region", "ap-south-1"),
     ]
     assert p.lines[4].packages == 3
     assert (p.subtotal, p.minimum_adjustment, p.total) == (Decimal("110.10"), Decimal("0.00"), Decimal("110.10"))
@@ -357,7 +360,11 @@ def test_subscription_starting_mid_march_in_berlin_is_prorated_on_milliseconds()
     p = price_period(plan, {}, part)
     # 49 x 407/743 = 26.8411.. -> 26.84; minimum 100 x 407/743 = 54.7779.. -> 54.78
     assert (p.lines[0].amount, p.minimum, p.minimum_adjustment, p.total) == (
-        Decimal("26.84"), Decimal("54.78"), Decimal("27.94"), Decimal("54.78"))
+        Decimal("26.84"),
+        Decimal("54.78"),
+        Decimal("27.94"),
+        Decimal("54.78"),
+    )
     assert not april.is_cut and price_period(plan, {}, april).lines[0].amount == Decimal("49.00")
 
 
@@ -369,6 +376,22 @@ def test_cancellation_just_after_the_spring_forward_counts_real_hours() -> None:
     assert part.served_ms == 674 * HOUR
     # 49 x 674/743 = 44.4495.. -> 44.45
     assert price_period(plan, {}, part).total == Decimal("44.45")
+
+
+def test_plan_change_splits_the_period_between_the_plans() -> None:
+    """The old plan bills up to the change, the new one from it: two parts that make up the whole month."""
+    at = local_ms(BERLIN, 2026, 3, 29, 3)  # just after the spring-forward
+    [old] = service_periods("month", BERLIN, local_ms(BERLIN, 2026, 1, 5), at, at + DAY)[-1:]
+    [new] = service_periods("month", BERLIN, at, None, at + DAY)
+    assert old.period == new.period and (old.end, new.start) == (at, at)
+    assert old.served_ms + new.served_ms == old.period_ms == 743 * HOUR
+    basic = parse_plan({"code": "basic", "currency": "EUR", "charges": [{"type": "flat", "amount": "49.00"}]}, METERS)
+    pro = parse_plan({"code": "pro", "currency": "EUR", "charges": [{"type": "flat", "amount": "99.00"}]}, METERS)
+    # 49 x 674/743 = 44.4495.. -> 44.45; 99 x 69/743 = 9.1938.. -> 9.19
+    assert (price_period(basic, {}, old).total, price_period(pro, {}, new).total) == (Decimal("44.45"), Decimal("9.19"))
+    doc = priced_period_json(price_period(pro, {}, new))
+    assert doc["period"] == {"start": at, "end": new.period.end}
+    assert doc["billing_period"] == {"start": local_ms(BERLIN, 2026, 3, 1), "end": local_ms(BERLIN, 2026, 4, 1)}
 
 
 @pytest.mark.parametrize(("year", "days", "served_days", "expected"), [

@@ -84,7 +84,7 @@ def parse_decimal(value: object, field: str, *, max_places: int, max_int_digits:
     """
     if isinstance(value, bool) or not isinstance(value, str):
         kind = "a number" if isinstance(value, int | float) and not isinstance(value, bool) else type(value).__name__
-        raise MoneyError(field, f"`{field}` must be a decimal string such as \"12.50\", not {kind}.")
+        raise MoneyError(field, f'`{field}` must be a decimal string such as "12.50", not {kind}.')
     m = _DECIMAL_RE.fullmatch(value)
     if m is None:
         raise MoneyError(
