@@ -283,7 +283,7 @@ BAD_PLANS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
 def test_invalid_plans_name_the_field(case: str, mutate: Callable[[dict[str, Any]], None], field: str) -> None:
     doc = copy.deepcopy(ISSUE_PLAN)
     mutate(doc)
-    with pytest.raises(FieldError) as e:
+    with pytest.raises(PlanError) as e:
         parse_plan(doc, METERS)
     assert e.value.field == field
     assert f"`{field}`" in e.value.message, e.value.message

@@ -307,7 +307,19 @@ def _charge(doc: Any, where: str, currency: str, meters: Mapping[str, Meter]) ->
 
 
 def parse_plan(doc: Any, meters: Mapping[str, Meter]) -> Plan:
-    """Validates a plan definition (a JSON object or a TOML table) against the meters it prices."""
+    """Validates a plan definition (a JSON object or a TOML table) against the meters it prices.
+
+    Every problem raises PlanError (a FieldError: the API answers 400 with its field and message).
+    """
+    try:
+        return _plan(doc, meters)
+    except PlanError:
+        raise
+    except MoneyError as e:  # amounts and currencies checked by money.py
+        raise PlanError(e.field, e.message) from None
+
+
+def _plan(doc: Any, meters: Mapping[str, Meter]) -> Plan:
     _fields(doc, "", PLAN_FIELDS, "a plan")
     code = _text(doc, "code", required=True, max_len=63)
     if not CODE_RE.fullmatch(code):
