@@ -249,6 +249,7 @@ BAD_PLANS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("blank around unit amount", _set(["charges", 1, "unit_amount"], " 0.0004"), "charges[1].unit_amount"),
     ("trailing point", _set(["charges", 1, "unit_amount"], "1."), "charges[1].unit_amount"),
     ("NaN", _set(["charges", 1, "unit_amount"], "NaN"), "charges[1].unit_amount"),
+    ("non-ASCII digits", _set(["charges", 1, "unit_amount"], "\u0663"), "charges[1].unit_amount"),
     ("13 decimal places", _set(["charges", 1, "unit_amount"], "0.0000000000001"), "charges[1].unit_amount"),
     ("16 integer digits", _set(["charges", 1, "unit_amount"], "1000000000000000"), "charges[1].unit_amount"),
     ("free units 10 places", _set(["charges", 1, "free_units"], "0.0000000001"), "charges[1].free_units"),

@@ -40,7 +40,7 @@ MINOR_UNITS: dict[str, int] = {code: places for places, codes in _BY_MINOR_UNIT.
 EXACT = Context(prec=100, rounding=ROUND_HALF_UP, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow])
 # For the one deliberate rounding step (quantize), which signals Inexact by design.
 _ROUNDING = Context(prec=100, rounding=ROUND_HALF_UP, traps=[InvalidOperation, Overflow])
-_DECIMAL_RE = re.compile(r"(\d+)(?:\.(\d+))?")
+_DECIMAL_RE = re.compile(r"([0-9]+)(?:\.([0-9]+))?")  # ASCII digits only: \d also matches "٣"
 
 
 class MoneyError(FieldError):
