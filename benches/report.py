@@ -46,6 +46,12 @@ def main(path: str) -> None:
         for group, backends in sorted(usage.items()):
             cells = "   ".join(f"{b} {st['median'] * 1e3:7.1f} ms" for b, st in sorted(backends.items()))
             print(f"  {group.removeprefix('usage_'):13s} {cells}")
+    pricing = by_group.get("pricing_month", {})
+    if pricing and "float_rules" in pricing:
+        floats = pricing["float_rules"]["median"]
+        print("pricing_month (median, 5 charges, 14 lines):")
+        for name, st in sorted(pricing.items(), key=lambda kv: kv[1]["median"]):
+            print(f"  {name:12s} {st['median'] * 1e6:9.1f} us   {st['median'] / floats:5.2f}x the float rules' time")
 
 
 if __name__ == "__main__":
