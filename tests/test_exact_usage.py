@@ -78,14 +78,14 @@ def exact(x: Fraction) -> Decimal:
 
 
 async def test_the_overflow_scenario_is_an_error_never_a_wrapped_sum(storage: Storage) -> None:
-    """171 × 1000 values of just under 1e24 once wrapped to -1.69e29; now: 422, or exact."""
+    """171 x 1000 values of just under 1e24 once wrapped to -1.69e29; now: 422, or exact."""
     # 100,000 values on day 1 sum to just under 1e29; 71,000 more on day 2.
     await store(storage, "big", [(TOP, DAY1 + (0 if i < 100_000 else DAY) + i % 1000, "eu") for i in range(171_000)])
     with pytest.raises(UsageOutOfRange) as e:
         await usage(storage, METERS["SUM"], "big")
     assert "`value`" in e.value.message and "1e29" in e.value.message and "1.710e+29" in e.value.message
     day1 = await usage(storage, METERS["SUM"], "big", end=str(DAY1 + DAY))
-    assert day1["value"] == Decimal("99999999999999999999999999999.9999")  # 100,000 × TOP, every digit
+    assert day1["value"] == Decimal("99999999999999999999999999999.9999")  # 100,000 x TOP, every digit
     with pytest.raises(UsageOutOfRange):
         await usage(storage, METERS["SUM"], "big", window="DAY")
     for agg in ("AVG", "MAX", "MIN", "LATEST"):
@@ -167,7 +167,9 @@ def test_usage_api_is_exact_or_422(server: MeterFlowServer) -> None:
 
         def send(customer: str, values: list[str], offset: int = 0) -> None:
             events = [(t, now - 1000 + (offset + i) % 1000, "eu") for i, t in enumerate(values)]
-            r = c.post("/v1/events", content=body(customer, events, offset), headers={"Content-Type": "application/json"})
+            r = c.post(
+                "/v1/events", content=body(customer, events, offset), headers={"Content-Type": "application/json"}
+            )
             assert r.json() == {"accepted": len(values), "duplicates": 0, "failed": []}
 
         def get(customer: str, meter: str) -> httpx.Response:

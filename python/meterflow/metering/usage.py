@@ -36,7 +36,7 @@ DAY_MS = 86_400_000
 USAGE_LIMIT = 10**29
 _RAW_LIMIT = USAGE_LIMIT * 10**9
 # Integer parts are summed in an Int128 (Decimal128(0)): a sum is exact while
-# count × the largest magnitude stays under 1e38 (2^127 is about 1.7e38).
+# count x the largest magnitude stays under 1e38 (2^127 is about 1.7e38).
 _EXACT_SUM_BOUND = 1e38
 _SPLIT = 10**19
 _BY_SPLIT = "toDecimal128('0.0000000000000000001', 19)"  # 1e-19
@@ -245,8 +245,8 @@ async def run_usage(storage: Storage, r: UsageRequest) -> dict[str, Any]:
     if r.group_by:
         out["group_by"] = list(r.group_by)
         rows = sorted(results["breakdown"], key=lambda x: [str(x[f"g{i}"]) for i in range(len(r.group_by))])
-        keys = [GROUP_SEPARATOR.join(str(row[f"g{i}"]) for i in range(len(r.group_by))) for row in rows]
-        out["breakdown"] = {k: _value(m, row, f"breakdown[{k!r}]") for k, row in zip(keys, rows, strict=True)}
+        labels = [GROUP_SEPARATOR.join(str(row[f"g{i}"]) for i in range(len(r.group_by))) for row in rows]
+        out["breakdown"] = {k: _value(m, row, f"breakdown[{k!r}]") for k, row in zip(labels, rows, strict=True)}
     if r.window:
         by_key = {int(row["b"]): row for row in results["series"]}
         out["window"] = r.window
@@ -257,4 +257,3 @@ async def run_usage(storage: Storage, r: UsageRequest) -> dict[str, Any]:
             for i, s in enumerate(spans(r.window, r.tz, shift, r.start, r.end))
         ]  # fmt: skip
     return out
-
