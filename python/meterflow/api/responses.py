@@ -12,10 +12,18 @@ from starlette.responses import Response
 from meterflow.api.errors import ApiError
 
 
+def decimal_text(d: Decimal) -> str:
+    """A finite Decimal as a JSON number with every digit: `format(d, "f")`
+    never rounds (unlike `normalize`, which rounds to the context's 28 digits)."""
+    text = format(d, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, Decimal):
-        n = obj.normalize()
-        return orjson.Fragment(format(n, "f") if n != n.to_integral_value() else str(int(n)))
+        return orjson.Fragment(decimal_text(obj))
     raise TypeError
 
 

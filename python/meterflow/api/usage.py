@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
 from meterflow.api.responses import json_response
-from meterflow.metering.usage import UsageError, parse_request, run_usage
+from meterflow.metering.usage import UsageError, UsageOutOfRange, parse_request, run_usage
 from meterflow.storage import StorageError
 
 FILTER_RE = re.compile(r"filter\[(.+)\]")
@@ -27,6 +27,8 @@ async def get_usage(request: Request) -> Response:
         result = await run_usage(state.storage, req)
     except UsageError as e:
         raise ApiError(400, "invalid_parameter", e.message) from None
+    except UsageOutOfRange as e:
+        raise ApiError(422, "usage_out_of_range", e.message) from None
     except StorageError as e:
         raise ApiError(503, "storage_unavailable", f"Storage is unavailable: {e}",
                        {"Retry-After": str(state.settings.retry_after_s)}) from None  # fmt: skip
