@@ -66,6 +66,12 @@ class Settings:
     spool_max_bytes: int = 1 << 30
     usage_max_period_days: int = 400
     usage_max_windows: int = 10_000
+    # What one usage read may ask and cost (every usage query runs under these).
+    usage_max_filter_values: int = 100
+    usage_max_execution_s: int = 10
+    usage_max_query_bytes: int = 262_144
+    usage_max_result_rows: int = 100_000
+    usage_max_concurrent_queries: int = 4
     # Meters defined as code (TOML `[[meters]]`); the seed's catalog by default.
     meters: tuple[Meter, ...] = dataclasses.field(default_factory=_default_meters)
 
@@ -75,6 +81,8 @@ class Settings:
             "flush_queue_max_rows", "flush_concurrency", "max_body_bytes", "max_events",
             "retry_after_s", "usage_max_period_days", "usage_max_windows", "rate_requests_per_s",
             "rate_requests_burst", "rate_events_per_s", "rate_events_burst", "spool_max_bytes",
+            "usage_max_filter_values", "usage_max_execution_s", "usage_max_query_bytes", "usage_max_result_rows",
+            "usage_max_concurrent_queries",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
