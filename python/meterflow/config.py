@@ -57,6 +57,10 @@ class Settings:
     rate_requests_burst: int = 200
     rate_events_per_s: int = 100_000
     rate_events_burst: int = 200_000
+    # Unknown or revoked keys a client address may send a minute before it waits (429).
+    auth_failures_per_minute: int = 20
+    # Where a trusted reverse proxy puts the client's address (e.g. x-real-ip); empty: the socket's peer.
+    client_address_header: str = ""
     archive: Literal["none", "directory", "s3"] = "directory"
     s3_endpoint: str = "http://127.0.0.1:3900"
     s3_bucket: str = "meterflow-archive"
@@ -82,7 +86,7 @@ class Settings:
             "retry_after_s", "usage_max_period_days", "usage_max_windows", "rate_requests_per_s",
             "rate_requests_burst", "rate_events_per_s", "rate_events_burst", "spool_max_bytes",
             "usage_max_filter_values", "usage_max_execution_s", "usage_max_query_bytes", "usage_max_result_rows",
-            "usage_max_concurrent_queries",
+            "usage_max_concurrent_queries", "auth_failures_per_minute",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
