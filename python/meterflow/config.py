@@ -45,6 +45,12 @@ class Settings:
     flush_queue_max_rows: int = 200_000
     flush_concurrency: int = 2
     max_body_bytes: int = 5 * 1024 * 1024
+    # Connections: at most this many per worker (fewer if the open-file limit says so);
+    # no complete request header within the timeout closes the connection, also when
+    # idle between requests; a request body that stalls past its timeout answers 408.
+    http_max_connections: int = 16_384
+    http_header_timeout_s: int = 5
+    http_body_timeout_s: int = 10
     max_events: int = 1000
     max_future_ms: int = 5 * 60 * 1000
     max_age_ms: int = 30 * DAY_MS
@@ -86,11 +92,14 @@ class Settings:
             "retry_after_s", "usage_max_period_days", "usage_max_windows", "rate_requests_per_s",
             "rate_requests_burst", "rate_events_per_s", "rate_events_burst", "spool_max_bytes",
             "usage_max_filter_values", "usage_max_execution_s", "usage_max_query_bytes", "usage_max_result_rows",
-            "usage_max_concurrent_queries", "auth_failures_per_minute",
+            "usage_max_concurrent_queries", "auth_failures_per_minute", "http_max_connections",
+            "http_body_timeout_s",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MF_{name.upper()} must be a positive integer, got {getattr(self, name)}.")
+        if not 1 <= self.http_header_timeout_s <= 60:
+            raise ConfigError(f"MF_HTTP_HEADER_TIMEOUT_S must be from 1 to 60, got {self.http_header_timeout_s}.")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"MF_PORT must be from 1 to 65535, got {self.port}.")
         if self.max_future_ms < 0 or self.max_age_ms <= 0:
