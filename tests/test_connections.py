@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import resource
 import selectors
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
-from services import Backend, MeterFlowServer
+from services import ROOT, Backend, MeterFlowServer, Process, free_port, wait_for
 
 from meterflow import samples
 
@@ -119,3 +121,58 @@ def test_a_stalled_body_times_out(
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"body_timeout"' in answer
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Callable[[int], str]]:
+    """deploy/nginx.conf, as docker-compose.yml runs it, in front of a server on a port."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if binary is None:
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    procs: list[Process] = []
+
+    def start(upstream_port: int) -> str:
+        port = free_port()
+        d = tmp_path / f"nginx-{port}"
+        d.mkdir()
+        conf = (ROOT / "deploy/nginx.conf").read_text()
+        conf = conf.replace("server app:3000;", f"server 127.0.0.1:{upstream_port};")
+        conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+        conf = conf.replace("http {", f"http {{\n    access_log off;\n    client_body_temp_path {d}/body;\n"
+                                      f"    proxy_temp_path {d}/proxy;", 1)  # fmt: skip
+        assert str(upstream_port) in conf and str(port) in conf
+        (d / "nginx.conf").write_text(conf)
+        proc = Process([binary, "-p", str(d), "-c", str(d / "nginx.conf"),
+                        "-g", f"daemon off; pid {d}/nginx.pid; error_log {d}/error.log;"], d / "stdout.log")  # fmt: skip
+        proc.start()
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200, "nginx", 30)
+        return url
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+def test_the_documented_proxy_closes_silent_connections_and_passes_the_client_address(
+    nginx: Callable[[int], str], make_backend: Callable[[str], Backend],
+    start_server: Callable[..., MeterFlowServer],
+) -> None:
+    server = start_server(make_backend("embedded"), MF_CLIENT_ADDRESS_HEADER="x-real-ip",
+                          MF_AUTH_FAILURES_PER_MINUTE="3")  # fmt: skip
+    url = nginx(server.port)
+    port = int(url.rsplit(":", 1)[1])
+    silent = open_idle(port, 200)
+    try:
+        assert wait_closed_by_peer(silent, timeout=60) == len(silent)  # client_header_timeout 5s
+    finally:
+        for s in silent:
+            s.close()
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.9"), timeout=30) as guesser, \
+            httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.10"), timeout=30) as other:
+        bad = {"Authorization": "Bearer mf_" + "B" * 44}
+        assert [guesser.get(f"{url}/v1/meters", headers=bad).status_code for _ in range(4)] == [401] * 3 + [429]
+        # The proxy's own address is not what is limited: another client goes on.
+        assert other.get(f"{url}/v1/meters", headers=bad).status_code == 401
+        assert other.get(f"{url}/v1/meters", headers=server.auth).status_code == 200
