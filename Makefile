@@ -35,7 +35,7 @@ run: build
 # Debian's redis-server and clickhouse-server; the tests start them on loopback.
 services:
 	@if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
-	    || ! command -v clickhouse-server >/dev/null || ! command -v nginx >/dev/null; then \
+	    || ! command -v clickhouse-server >/dev/null || ! { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null; then \
 	  echo "==> installing redis-server, clickhouse-server and nginx (the documented proxy) from Debian"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    redis-server redis-tools clickhouse-server nginx >/dev/null; \
