@@ -15,6 +15,8 @@ import pytest
 from services import ROOT, Backend, MeterFlowServer, Process, free_port, wait_for
 
 from meterflow import samples
+from meterflow.cli import FD_RESERVE, connection_cap
+from meterflow.config import ConfigError, Settings
 
 IDLE = 5000
 
@@ -176,3 +178,13 @@ def test_the_documented_proxy_closes_silent_connections_and_passes_the_client_ad
         # The proxy's own address is not what is limited: another client goes on.
         assert other.get(f"{url}/v1/meters", headers=bad).status_code == 401
         assert other.get(f"{url}/v1/meters", headers=server.auth).status_code == 200
+
+
+def test_connection_settings_are_checked_at_start() -> None:
+    with pytest.raises(ConfigError, match="MF_HTTP_HEADER_TIMEOUT_S"):
+        Settings(http_header_timeout_s=61)  # Granian takes at most 60 s
+    with pytest.raises(ConfigError, match="MF_HTTP_BODY_TIMEOUT_S"):
+        Settings(http_body_timeout_s=0)
+    # The cap per worker follows the open-file limit, so an accept never fails for a descriptor.
+    assert connection_cap(Settings(), 1 << 20) == Settings().http_max_connections
+    assert connection_cap(Settings(workers=2, storage="clickhouse", dedup="redis"), 9216) == (9216 - FD_RESERVE) // 2
