@@ -46,8 +46,9 @@ class Settings:
     flush_concurrency: int = 2
     max_body_bytes: int = 5 * 1024 * 1024
     # Connections: at most this many per worker (fewer if the open-file limit says so);
-    # no complete request header within the timeout closes the connection, also when
-    # idle between requests; a request body that stalls past its timeout answers 408.
+    # a begun header, or the idle time after a request, that brings no complete header
+    # within the timeout closes the connection (Granian's timer starts at the first
+    # byte: silent connections need the proxy); a body past its timeout answers 408.
     http_max_connections: int = 16_384
     http_header_timeout_s: int = 5
     http_body_timeout_s: int = 10
