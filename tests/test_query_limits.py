@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from services import ClickHouse, MeterFlowServer
+from services import Backend, ClickHouse, MeterFlowServer
 
 from meterflow import samples
 from meterflow.config import Settings
 from meterflow.ingest.core import decode_batch
 from meterflow.metering.catalog import MeterCatalog
-from meterflow.metering.usage import UsageError, parse_request
+from meterflow.metering.usage import UsageError, parse_request, run_usage
 from meterflow.storage import Storage, StorageError, open_storage
 from meterflow.storage.base import QueryLimitExceeded, QueryLimits, quote
 from meterflow.storage.embedded import EmbeddedStorage
@@ -100,6 +101,25 @@ async def test_a_read_stops_at_its_size_before_it_is_sent(storage: Storage) -> N
         await storage.query("SELECT 1 AS one WHERE 'x' != " + quote("y" * 2000), limits(max_query_bytes=1000))
 
 
+async def test_the_row_limit_counts_answer_rows_not_events(storage: Storage) -> None:
+    """A customer with more events than the limit still gets a total; a breakdown with more
+    groups than the limit is refused (the per-transaction subquery is not an answer)."""
+    now = samples.now_ms()
+    events = samples.batch(60, seed=3, prefix="rowlimit", ts=now)
+    for e in events:
+        e["customer_id"] = "rowlimit"
+    await storage.insert_events(decode_batch(samples.body(events), now).storage_rows())
+    catalog = MeterCatalog(storage, Settings().meters)
+    params = {"customer_id": "rowlimit", "meter": "api_calls", "start": str(now - DAY), "end": str(now + DAY)}
+    tight = limits(max_result_rows=4)
+    req = await parse_request(params, {}, catalog, Settings())
+    assert (await run_usage(storage, req, tight))["value"] == 60
+    grouped = await parse_request({**params, "group_by": "endpoint,method,region"}, {}, catalog, Settings())
+    assert len((await run_usage(storage, grouped, limits()))["breakdown"]) > 4
+    with pytest.raises(QueryLimitExceeded):
+        await run_usage(storage, grouped, tight)
+
+
 async def test_an_insert_does_not_wait_for_an_expensive_read(storage: Storage) -> None:
     now = samples.now_ms()
     rows = decode_batch(samples.body(samples.batch(10, ts=now)), now).storage_rows()
@@ -161,3 +181,24 @@ def test_repeated_group_by_answers_400_over_http(server: MeterFlowServer) -> Non
     many += [("filter[region]", f"r{i}") for i in range(101)]
     r = httpx.get(f"{server.url}/v1/usage", params=many, headers=server.auth, timeout=30)
     assert r.status_code == 400 and "100" in r.json()["message"], r.text
+
+
+def test_a_read_past_its_limits_answers_422_over_http(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> None:
+    server = start_server(make_backend("embedded"), MF_USAGE_MAX_RESULT_ROWS="1")
+    now = samples.now_ms()
+    events = samples.batch(20, seed=5, prefix="http422", ts=now)
+    for e in events:
+        e["customer_id"] = "c422"
+    r = httpx.post(f"{server.url}/v1/events", content=samples.body(events),
+                   headers={"Content-Type": "application/json", **server.auth}, timeout=30)  # fmt: skip
+    assert r.json()["accepted"] == 20
+    params: dict[str, Any] = {"customer_id": "c422", "meter": "api_calls", "start": now - DAY, "end": now + DAY}
+    total = httpx.get(f"{server.url}/v1/usage", params=params, headers=server.auth, timeout=30)
+    assert total.status_code == 200 and total.json()["value"] == 20
+    grouped = httpx.get(f"{server.url}/v1/usage", params={**params, "group_by": "region,endpoint"},
+                        headers=server.auth, timeout=30)  # fmt: skip
+    assert grouped.status_code == 422, grouped.text
+    body = grouped.json()
+    assert body["error"] == "usage_query_too_expensive" and "Code:" not in body["message"]
