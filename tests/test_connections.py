@@ -55,14 +55,14 @@ def wait_closed_by_peer(socks: list[socket.socket], timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while open_ and time.monotonic() < deadline:
         for key, _ in sel.select(timeout=0.5):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
             try:
-                data = s.recv(65536)
+                data = sock.recv(65536)
             except (ConnectionResetError, BrokenPipeError):
                 data = b""
             if not data:
-                sel.unregister(s)
+                sel.unregister(sock)
                 open_ -= 1
     sel.close()
     return len(socks) - open_

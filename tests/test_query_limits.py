@@ -177,7 +177,7 @@ def test_repeated_group_by_answers_400_over_http(server: MeterFlowServer) -> Non
     r = httpx.get(f"{server.url}/v1/usage", params=params, headers=server.auth, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "invalid_parameter" and "`group_by`" in r.json()["message"]
-    many = [("customer_id", "c"), ("meter", "api_calls"), ("start", "0"), ("end", str(DAY))]
+    many: list[tuple[str, str | int | float | bool | None]] = [("customer_id", "c"), ("meter", "api_calls"), ("start", "0"), ("end", str(DAY))]
     many += [("filter[region]", f"r{i}") for i in range(101)]
     r = httpx.get(f"{server.url}/v1/usage", params=many, headers=server.auth, timeout=30)
     assert r.status_code == 400 and "100" in r.json()["message"], r.text
