@@ -67,9 +67,10 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=LogLevels(settings.log_level),
-        # Idle connections hold a backpressure slot each: the cap is high, and a
-        # connection that sends no complete header within the timeout is closed
-        # (also between keep-alive requests). The kernel caps the backlog at somaxconn.
+        # Idle connections hold a backpressure slot each: the cap is high. Once a
+        # connection has sent a byte, or between keep-alive requests, no complete
+        # header within the timeout closes it; one that never sends a byte is kept
+        # (the proxy's job, README). The kernel caps the backlog at somaxconn.
         backlog=4096,
         backpressure=cap,
         http1_settings=HTTP1Settings(header_read_timeout=settings.http_header_timeout_s * 1000),
