@@ -35,10 +35,10 @@ run: build
 # Debian's redis-server and clickhouse-server; the tests start them on loopback.
 services:
 	@if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
-	    || ! command -v clickhouse-server >/dev/null; then \
-	  echo "==> installing redis-server and clickhouse-server from Debian"; \
+	    || ! command -v clickhouse-server >/dev/null || ! { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null; then \
+	  echo "==> installing redis-server, clickhouse-server and nginx (the documented proxy) from Debian"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    redis-server redis-tools clickhouse-server >/dev/null; \
+	    redis-server redis-tools clickhouse-server nginx >/dev/null; \
 	fi
 
 GARAGE_VERSION := 2.5.0

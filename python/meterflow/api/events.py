@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -14,8 +16,20 @@ from meterflow.ingest.service import DecodeError, IngestService, Unavailable
 _DECODE_STATUS = {"too_many_events": 413}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes, and with 408 when
+    it has not arrived within `timeout_s` (Granian has no body timeout of its own)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise ApiError(
+            408, "body_timeout", f"The request body did not arrive within {timeout_s:g} s, the limit.",
+            {"Connection": "close"},
+        ) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -43,7 +57,7 @@ async def post_events(request: Request) -> Response:
     service: IngestService = request.app.state.ingest
     settings = service.settings
     check_json(request)
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.http_body_timeout_s)
     principal: Principal = request.state.principal
 
     async def admit(events: int) -> None:

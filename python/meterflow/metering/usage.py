@@ -27,7 +27,7 @@ from meterflow.errors import FieldError
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import NUMERIC, Meter
 from meterflow.metering.windows import WINDOWS, Window, bucket_sql, count_spans, hour_shift_ms, spans
-from meterflow.storage.base import Storage, quote
+from meterflow.storage.base import QueryLimits, Storage, quote
 
 GROUP_SEPARATOR = "|"
 DAY_MS = 86_400_000
@@ -97,6 +97,10 @@ async def parse_request(
             "end", f"The period from `start` to `end` is longer than {settings.usage_max_period_days} days, the limit."
         )
     group_by = tuple(g for g in (params.get("group_by") or "").split(",") if g)
+    if len(set(group_by)) != len(group_by) or len(group_by) > len(meter.group_by):
+        raise UsageError(
+            "group_by", f"`group_by` may name each of meter {code!r}'s {len(meter.group_by)} group-by properties once."
+        )
     for g in group_by:
         if g not in meter.group_by:
             allowed = ", ".join(meter.group_by) or "none"
@@ -112,6 +116,11 @@ async def parse_request(
     if window_raw is not None and count_spans(window_raw, start, end) > settings.usage_max_windows:  # type: ignore[arg-type]
         raise UsageError(
             "window", f"`window={window_raw}` over this period gives more than {settings.usage_max_windows} windows."
+        )
+    given = sum(len(v) for v in filters.values())
+    if given > settings.usage_max_filter_values:
+        raise UsageError(
+            "filter", f"`filter[...]` gives {given} values; the limit is {settings.usage_max_filter_values} in all."
         )
     extra = []
     for prop, values in filters.items():
@@ -217,20 +226,26 @@ def _value(m: Meter, row: Mapping[str, Any], cell: str) -> Decimal:
     return _decimal(raw)
 
 
-async def run_usage(storage: Storage, r: UsageRequest) -> dict[str, Any]:
-    """The usage answer; values are Decimals (exact), the API writes them as JSON numbers."""
+def query_limits(settings: Settings) -> QueryLimits:
+    """What each usage query may cost (MF_USAGE_MAX_*)."""
+    return QueryLimits(settings.usage_max_execution_s, settings.usage_max_query_bytes, settings.usage_max_result_rows)
+
+
+async def run_usage(storage: Storage, r: UsageRequest, limits: QueryLimits) -> dict[str, Any]:
+    """The usage answer; values are Decimals (exact), the API writes them as JSON numbers.
+    Each query runs under `limits` (QueryLimitExceeded past them)."""
     m = r.meter
     inner = _inner_sql(r)
     aggs = _agg_sql(m)
-    jobs: dict[str, Any] = {"total": storage.query(f"SELECT {aggs} FROM ({inner})")}
+    jobs: dict[str, Any] = {"total": storage.query(f"SELECT {aggs} FROM ({inner})", limits)}
     if r.group_by:
         keys = ", ".join(f"{_prop_text(g, 'sk', 'sv')} AS g{i}" for i, g in enumerate(r.group_by))
         names = ", ".join(f"g{i}" for i in range(len(r.group_by)))
-        jobs["breakdown"] = storage.query(f"SELECT {keys}, {aggs} FROM ({inner}) GROUP BY {names}")
+        jobs["breakdown"] = storage.query(f"SELECT {keys}, {aggs} FROM ({inner}) GROUP BY {names}", limits)
     shift = hour_shift_ms(r.tz, r.start)
     if r.window:
         b = bucket_sql(r.window, r.tz, shift)
-        jobs["series"] = storage.query(f"SELECT {b} AS b, {aggs} FROM ({inner}) GROUP BY b")
+        jobs["series"] = storage.query(f"SELECT {b} AS b, {aggs} FROM ({inner}) GROUP BY b", limits)
     results = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
     out: dict[str, Any] = {
         "customer_id": r.customer_id,
