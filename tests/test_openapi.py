@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from meterflow.api.auth import requires
 from meterflow.api.openapi import spec
 from meterflow.config import Settings
 
-Probe = Callable[[httpx.Client], httpx.Response]
+Probe = Callable[[httpx.Client], httpx.Response | int]
 JSON = {"Content-Type": "application/json"}
 TEXT = {"Content-Type": "text/plain"}
 BIG = b'{"name": "' + b"x" * (1 << 20) + b'"}'
@@ -30,6 +31,10 @@ METER = {"event_type": "probe", "aggregation": "COUNT"}
 SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12}
 # Documented answers that need a backing service to fail; the named test stops it and checks them.
 NOT_PROBED_HERE = {503: "tests/test_failures.py::test_clickhouse_down_answers_503_and_marks_nothing"}
+
+
+def status(answer: httpx.Response | int) -> int:
+    return answer if isinstance(answer, int) else answer.status_code
 
 
 def documented(doc: dict[str, Any]) -> set[tuple[str, str, int]]:
@@ -89,6 +94,14 @@ def route_probes(c: httpx.Client) -> dict[tuple[str, str, int], Probe]:
         made["key"] = r.json().get("id", "")
         return r
 
+    def too_many_rows(c: httpx.Client) -> httpx.Response:
+        """The server answers at most one row per query (MF_USAGE_MAX_RESULT_ROWS=1): a breakdown of two groups."""
+        now = samples.now_ms()
+        two = [{**e, "customer_id": "c_rows"} for e in samples.batch(20, seed=9, prefix="rows", ts=now)]
+        assert c.post(events, content=samples.body(two), headers=JSON).json()["accepted"] == 20
+        return c.get("/v1/usage", params={"customer_id": "c_rows", "meter": "api_calls", "start": now - 60_000,
+                                          "end": now + 60_000, "group_by": "region,endpoint"})  # fmt: skip
+
     return {
         ("POST", events, 200): lambda c: c.post(events, content=samples.body([samples.seed_event()]), headers=JSON),
         ("POST", events, 400): lambda c: c.post(events, content=b"{}", headers=JSON),
@@ -114,6 +127,7 @@ def route_probes(c: httpx.Client) -> dict[tuple[str, str, int], Probe]:
         ("DELETE", m, 409): lambda c: c.delete("/v1/meters/api_calls"),
         ("GET", "/v1/usage", 200): lambda c: c.get("/v1/usage", params={**USAGE, "start": 1, "end": 2}),
         ("GET", "/v1/usage", 400): lambda c: c.get("/v1/usage", params=USAGE),
+        ("GET", "/v1/usage", 422): too_many_rows,
         ("GET", "/v1/customers", 200): lambda c: c.get("/v1/customers"),
         ("GET", "/v1/customers", 400): lambda c: c.get("/v1/customers", params={"limit": "x"}),
         ("PUT", cu, 201): lambda c: c.put("/v1/customers/cust_p", json={"name": "P"}),
@@ -156,6 +170,20 @@ def call(method: str, url: str, headers: dict[str, str], times: int = 1) -> Prob
     return probe
 
 
+def stalled(server: MeterFlowServer, method: str, path: str) -> Probe:
+    """A body that stops arriving: the route's answer once the server's body timeout passes."""
+
+    def probe(c: httpx.Client) -> int:
+        url = path.format(**SAMPLE)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:  # 30 s: the deadline
+            s.sendall(f"{method} {url} HTTP/1.1\r\nHost: x\r\nAuthorization: {server.auth['Authorization']}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())  # fmt: skip
+            head = s.recv(64)
+        return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else 0
+
+    return probe
+
+
 def guard_probes(c: httpx.Client, doc: dict[str, Any]) -> dict[tuple[str, str, int], Probe]:
     """401, 403 and 429 on every route that needs a key: `requires` answers them before the route runs."""
     probes: dict[tuple[str, str, int], Probe] = {}
@@ -178,16 +206,20 @@ def guard_probes(c: httpx.Client, doc: dict[str, Any]) -> dict[tuple[str, str, i
 def test_every_documented_answer_is_one_the_route_gives(
     make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
 ) -> None:
-    server = start_server(make_backend("embedded"))
+    server = start_server(make_backend("embedded"), MF_HTTP_BODY_TIMEOUT_S="1", MF_USAGE_MAX_RESULT_ROWS="1")
     with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
         served = c.get("/openapi.json")
         assert served.status_code == 200
         doc = orjson.loads(served.content)
         validate(doc)
         probes = {**route_probes(c), **guard_probes(c, doc)}
+        for path, ops in doc["paths"].items():
+            for method, op in ops.items():
+                if "requestBody" in op:
+                    probes[(method.upper(), path, 408)] = stalled(server, method.upper(), path)
         expected = documented(doc)
         not_probed = {x for x in expected if x[2] in NOT_PROBED_HERE}
         # A code documented without a probe, or probed without documentation, fails here.
         assert set(probes) == expected - not_probed, (expected - not_probed) ^ set(probes)
-        answers = {what: probe(c).status_code for what, probe in probes.items()}
+        answers = {what: status(probe(c)) for what, probe in probes.items()}
     assert {what: status for what, status in answers.items() if status != what[2]} == {}

@@ -28,7 +28,7 @@ from meterflow.config import Settings
 from meterflow.ingest.core import Limits, decode_batch
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import AGGREGATIONS, Meter, MeterError, parse_meter
-from meterflow.metering.usage import UsageError, parse_request, run_usage
+from meterflow.metering.usage import UsageError, parse_request, query_limits, run_usage
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.embedded import EmbeddedStorage
 
@@ -202,7 +202,7 @@ def query(loop: asyncio.AbstractEventLoop, storage: Storage, m: Meter, params: d
           filters: dict[str, list[str]] | None = None) -> dict[str, Any]:  # fmt: skip
     catalog = MeterCatalog(storage, (*METERS.values(), FILTERED))
     req = loop.run_until_complete(parse_request({"meter": m.code, **params}, filters or {}, catalog, Settings()))
-    return loop.run_until_complete(run_usage(storage, req))
+    return loop.run_until_complete(run_usage(storage, req, query_limits(Settings())))
 
 
 # --- generated events ----------------------------------------------------------------

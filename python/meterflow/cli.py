@@ -5,9 +5,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import sys
 
 from meterflow import config
+
+FD_RESERVE = 1024  # descriptors kept for files, storage and Redis connections, the spool
+
+
+def raise_fd_limit() -> int:
+    """Raises this process's open-file limit to its hard limit (workers inherit it); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep the soft limit; the connection cap below follows it
+    return soft
+
+
+def connection_cap(settings: config.Settings, fd_limit: int) -> int:
+    """Connections each worker serves at once (Granian's backpressure): the setting, or
+    what the open-file limit leaves, so an accept never fails for want of a descriptor."""
+    return max(64, min(settings.http_max_connections, (fd_limit - FD_RESERVE) // settings.workers))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,11 +48,14 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["MF_CONFIG"] = args.config
     from granian import Granian
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
+    cap = connection_cap(settings, raise_fd_limit())
     print(
         f"meterflow: serving on http://{settings.host}:{settings.port} "
-        f"(storage={settings.storage}, dedup={settings.dedup}, workers={settings.workers})",
+        f"(storage={settings.storage}, dedup={settings.dedup}, workers={settings.workers}, "
+        f"connections per worker={cap})",
         file=sys.stderr,
         flush=True,
     )
@@ -42,7 +67,13 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=LogLevels(settings.log_level),
-        backlog=2048,
+        # Idle connections hold a backpressure slot each: the cap is high. Once a
+        # connection has sent a byte, or between keep-alive requests, no complete
+        # header within the timeout closes it; one that never sends a byte is kept
+        # (the proxy's job, README). The kernel caps the backlog at somaxconn.
+        backlog=4096,
+        backpressure=cap,
+        http1_settings=HTTP1Settings(header_read_timeout=settings.http_header_timeout_s * 1000),
     ).serve()
     return 0
 

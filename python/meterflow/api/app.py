@@ -23,6 +23,7 @@ from meterflow.api.keys import create_key, list_keys, revoke_key
 from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
 from meterflow.api.openapi import openapi
 from meterflow.api.usage import get_usage
+from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore
 from meterflow.auth.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from meterflow.customers import Customers
@@ -65,6 +66,9 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             RedisRateLimiter(settings.redis_url) if settings.dedup == "redis" else MemoryRateLimiter()
         )
         app.state.limiter = limiter
+        app.state.auth_failures = auth_failures = AuthFailures(
+            settings.auth_failures_per_minute, settings.redis_url if settings.dedup == "redis" else None
+        )
         await bootstrap_admin_key(settings, keys)
         log.info("ready", extra={"storage": storage.name, "dedup": dedup.name})
         try:
@@ -81,6 +85,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
                 await archive.close()
             if isinstance(limiter, RedisRateLimiter):
                 await limiter.close()
+            await auth_failures.close()
             await dedup.close()
             await storage.close()
             log.info("stopped")

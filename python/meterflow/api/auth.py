@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
+from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore, Principal, Scope
 from meterflow.auth.ratelimit import RateLimiter, RateLimitUnavailable, Verdict
 from meterflow.config import Settings
@@ -23,6 +24,21 @@ def presented_key(request: Request) -> str | None:
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
     return request.headers.get("x-api-key")
+
+
+def client_address(request: Request, header: str) -> str:
+    """The caller's address: the socket peer, or the header a trusted proxy sets (MF_CLIENT_ADDRESS_HEADER)."""
+    if header and (value := request.headers.get(header)):
+        return value.split(",")[-1].strip()[:64]  # the proxy appends the address it saw last
+    return request.client.host if request.client else "unknown"
+
+
+def too_many_failures(retry_after: int, limit: int) -> ApiError:
+    return ApiError(
+        429, "too_many_auth_failures",
+        f"This address sent more than {limit} unknown or revoked API keys this minute; retry after {retry_after} s.",
+        {"Retry-After": str(retry_after)},
+    )  # fmt: skip
 
 
 def rate_limited(verdict: Verdict, what: str) -> ApiError:
@@ -59,8 +75,14 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
         if not raw:
             raise ApiError(401, "missing_api_key", "Send an API key as `Authorization: Bearer <key>` or `X-API-Key`.")
         keys: KeyStore = state.keys
+        failures: AuthFailures = state.auth_failures
+        address = client_address(request, settings.client_address_header)
+        if (wait := failures.retry_after(address)) is not None:
+            raise too_many_failures(wait, failures.per_minute)
         principal = await keys.authenticate(raw)  # a StorageError answers 503 (errors.storage_error)
         if principal is None:
+            if (wait := await failures.failed(address)) is not None:
+                raise too_many_failures(wait, failures.per_minute)
             raise ApiError(401, "invalid_api_key", "The API key is unknown or revoked.")
         if not principal.allows(scope):
             raise ApiError(

@@ -27,7 +27,7 @@ async def post_events(request: Request) -> Response:
     service: IngestService = request.app.state.ingest
     settings = service.settings
     check_json(request)
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.http_body_timeout_s)
     principal: Principal = request.state.principal
 
     async def admit(events: int) -> None:

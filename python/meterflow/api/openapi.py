@@ -78,7 +78,7 @@ PAGE = (
 GUARDED = {
     401: "Missing, unknown or revoked API key.",
     403: "The key lacks the scope this route needs.",
-    429: "Rate limited; retry after `Retry-After` seconds.",
+    429: "Rate limited (this key's requests, or failed keys from this address); retry after `Retry-After` s.",
     503: "Storage is unavailable; retry after `Retry-After` seconds.",
 }
 JSON_BODY = {
@@ -109,11 +109,12 @@ def _operation(route: Route, endpoint: Callable[..., Any], settings: Settings) -
         raise LookupError(f"route {route.path} ({endpoint.__name__}) has no @operation documentation")
     scope: str | None = getattr(endpoint, "scope", None)
     responses: dict[int, str] = {}
+    late = {408: f"The body did not arrive within {settings.http_body_timeout_s} s."}
     if op.body == "Batch":
         too_large = f"The body is over {settings.max_body_bytes} bytes or holds over {settings.max_events} events."
-        responses |= {**JSON_BODY, 413: too_large}
+        responses |= {**JSON_BODY, **late, 413: too_large}
     elif op.body:
-        responses |= {**JSON_BODY, 413: f"The body is over the limit of {ADMIN_BODY_MAX} bytes."}
+        responses |= {**JSON_BODY, **late, 413: f"The body is over the limit of {ADMIN_BODY_MAX} bytes."}
     if scope:
         responses |= GUARDED
     responses |= op.responses

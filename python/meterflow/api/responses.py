@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from decimal import Decimal
 from typing import Any
@@ -20,10 +21,18 @@ PAGE_MAX = 500  # items of one list page
 CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{0,255}")
 
 
+def decimal_text(d: Decimal) -> str:
+    """A finite Decimal as a JSON number with every digit: `format(d, "f")`
+    never rounds (unlike `normalize`, which rounds to the context's 28 digits)."""
+    text = format(d, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, Decimal):
-        n = obj.normalize()
-        return orjson.Fragment(format(n, "f") if n != n.to_integral_value() else str(int(n)))
+        return orjson.Fragment(decimal_text(obj))
     raise TypeError
 
 
@@ -33,8 +42,20 @@ def json_response(data: object, status: int = 200, headers: dict[str, str] | Non
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes, and with 408 when
+    it has not arrived within `timeout_s` (Granian has no body timeout of its own)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise ApiError(
+            408, "body_timeout", f"The request body did not arrive within {timeout_s:g} s, the limit.",
+            {"Connection": "close"},
+        ) from None  # fmt: skip
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
@@ -61,7 +82,7 @@ def check_json(request: Request) -> None:
 async def json_body(request: Request, limit: int = ADMIN_BODY_MAX) -> Any:
     """A small JSON request body (not events), read only up to `limit` bytes, or a 400/413/415 ApiError."""
     check_json(request)
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, request.app.state.settings.http_body_timeout_s)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:

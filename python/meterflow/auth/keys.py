@@ -20,6 +20,7 @@ ALPHABET = string.ascii_letters + string.digits
 ID_LEN = 12
 SECRET_LEN = 32  # 32 base62 characters: about 190 bits of randomness
 CACHE_S = 2.0  # a revoked key stops working on every worker within this time
+CACHE_MAX = 10_000  # keys (known or not) remembered per worker
 LAST_USED_EVERY_S = 60.0
 RATE_FIELDS = ("requests_per_s", "requests_burst", "events_per_s", "events_burst")
 
@@ -146,6 +147,8 @@ class KeyStore:
             return hit[1]
         doc = await self._docs.get(key_id)  # revoked keys are deleted documents: None
         self._cache[key_id] = (now, doc)
+        if len(self._cache) > CACHE_MAX:  # unknown ids must not grow it: drop the oldest (dicts keep order)
+            del self._cache[next(iter(self._cache))]
         return doc
 
     async def _touch(self, doc: dict[str, Any]) -> None:
