@@ -55,19 +55,23 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         ) from None  # fmt: skip
 
 
+# The rest of a refused body is never read: the connection cannot carry another request.
+CLOSE = {"Connection": "close"}
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise ApiError(400, "invalid_content_length", "Content-Length is not a number.")
         if int(declared) > limit:
-            raise ApiError(413, "body_too_large", f"The body is {declared} bytes; the limit is {limit} bytes.")
+            raise ApiError(413, "body_too_large", f"The body is {declared} bytes; the limit is {limit} bytes.", CLOSE)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "body_too_large", f"The body is over the limit of {limit} bytes.")
+            raise ApiError(413, "body_too_large", f"The body is over the limit of {limit} bytes.", CLOSE)
         chunks.append(chunk)
     return b"".join(chunks)
 
