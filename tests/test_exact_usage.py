@@ -23,7 +23,7 @@ from meterflow.config import Settings
 from meterflow.ingest.core import Limits, decode_batch
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import AGGREGATIONS, Meter, parse_meter
-from meterflow.metering.usage import UsageOutOfRange, parse_request, run_usage
+from meterflow.metering.usage import UsageOutOfRange, parse_request, query_limits, run_usage
 from meterflow.storage import Storage
 
 DAY = 86_400_000
@@ -65,7 +65,7 @@ async def store(storage: Storage, customer: str, values: list[tuple[str, int, st
 async def usage(storage: Storage, m: Meter, customer: str, **params: str) -> dict[str, Any]:
     catalog = MeterCatalog(storage, tuple(METERS.values()))
     q = {"meter": m.code, "customer_id": customer, "start": str(DAY1), "end": str(DAY1 + 2 * DAY), **params}
-    return await run_usage(storage, await parse_request(q, {}, catalog, Settings()))
+    return await run_usage(storage, await parse_request(q, {}, catalog, Settings()), query_limits(Settings()))
 
 
 def exact(x: Fraction) -> Decimal:
