@@ -162,3 +162,13 @@ def test_first_start_data_dir_is_0700(make_backend: Callable[[str], Backend],
     assert backend.data_dir is not None
     assert stat.S_IMODE(backend.data_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((backend.data_dir / "admin.key").stat().st_mode) == 0o600
+
+
+def test_the_largest_valid_customer_is_stored(server: MeterFlowServer) -> None:
+    """The largest customer the rules allow is stored and read back, never refused by the store."""
+    metadata = {"k" * 97 + f"{i:03d}": "v" * 1000 for i in range(100)}  # 100 keys of 100, values of 1000
+    r = httpx.put(f"{server.url}/v1/customers/cust_big", json={"name": "B" * 500, "metadata": metadata},
+                  headers=server.auth, timeout=60)  # fmt: skip
+    assert r.status_code == 201, r.text[:300]
+    got = httpx.get(f"{server.url}/v1/customers/cust_big", headers=server.auth, timeout=60).json()
+    assert got["metadata"] == metadata
