@@ -9,10 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
-from meterflow.auth.keys import KeyStore, Principal, Scope
+from meterflow.auth.keys import Principal, Scope
 from meterflow.auth.ratelimit import RateLimiter, RateLimitUnavailable, Verdict
 from meterflow.config import Settings
-from meterflow.storage import StorageError
+from meterflow.runtime import runtime_of
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("meterflow.auth")
@@ -52,24 +52,19 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
     """The endpoint, behind a key with `scope` (or admin) and the key's request rate."""
 
     async def guarded(request: Request) -> Response:
-        state = request.app.state
-        settings: Settings = state.settings
+        rt = runtime_of(request)
         raw = presented_key(request)
         if not raw:
             raise ApiError(401, "missing_api_key", "Send an API key as `Authorization: Bearer <key>` or `X-API-Key`.")
-        keys: KeyStore = state.keys
-        try:
-            principal = await keys.authenticate(raw)
-        except StorageError as e:
-            raise ApiError(503, "storage_unavailable", f"Storage is unavailable: {e}",
-                           {"Retry-After": str(settings.retry_after_s)}) from None  # fmt: skip
+        # An unreachable records database raises RecordsUnavailable: 503 records_unavailable.
+        principal = await rt.keys.authenticate(raw)
         if principal is None:
             raise ApiError(401, "invalid_api_key", "The API key is unknown or revoked.")
         if not principal.allows(scope):
             raise ApiError(
                 403, "insufficient_scope", f"This key has scope `{principal.scope}`; this route needs `{scope}`."
             )
-        verdict = await check_rate(state.limiter, settings, principal, "requests", 1)
+        verdict = await check_rate(rt.limiter, rt.settings, principal, "requests", 1)
         request.state.principal = principal
         response = await endpoint(request)
         response.headers.update(verdict.headers())

@@ -42,6 +42,17 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, message, dict(exc.headers or {}))
 
 
+async def precondition_failed(request: Request, exc: Exception) -> Response:
+    message = "If-Match names a version that is not the record's current one; read it again and retry."
+    return error_response(412, "precondition_failed", message)
+
+
+async def records_unavailable(request: Request, exc: Exception) -> Response:
+    retry = str(request.app.state.runtime.settings.retry_after_s)
+    return error_response(503, "records_unavailable", f"The records database is unavailable: {exc}.",
+                          {"Retry-After": retry})  # fmt: skip
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", extra={"path": request.url.path})
     return error_response(500, "internal_error", "MeterFlow failed to handle this request; it has been logged.")

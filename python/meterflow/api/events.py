@@ -9,7 +9,8 @@ from meterflow.api.auth import check_rate
 from meterflow.api.errors import ApiError
 from meterflow.api.responses import json_response
 from meterflow.auth.keys import Principal
-from meterflow.ingest.service import DecodeError, IngestService, Unavailable
+from meterflow.ingest.service import DecodeError, Unavailable
+from meterflow.runtime import runtime_of
 
 _DECODE_STATUS = {"too_many_events": 413}
 
@@ -40,15 +41,15 @@ def check_json(request: Request) -> None:
 
 
 async def post_events(request: Request) -> Response:
-    service: IngestService = request.app.state.ingest
-    settings = service.settings
+    rt = runtime_of(request)
+    service, settings = rt.ingest, rt.settings
     check_json(request)
     body = await read_body(request, settings.max_body_bytes)
     principal: Principal = request.state.principal
 
     async def admit(events: int) -> None:
         # After decoding, before any reservation: a refused batch leaves no trace.
-        await check_rate(request.app.state.limiter, settings, principal, "events", events)
+        await check_rate(rt.limiter, settings, principal, "events", events)
 
     try:
         result = await service.ingest(body, principal.customer_id, admit)
