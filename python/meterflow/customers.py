@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from meterflow.errors import FieldError
-from meterflow.records import IfMatch, Records, StaleVersion
+from meterflow.records import IfMatch, Records, StaleVersion, plain
 from meterflow.records.tables import customers
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -145,7 +145,7 @@ class Customers:
             q = q.where(customers.c.email.icontains(email, autoescape=True))
         async with self._db.connect() as conn:
             rows = (await conn.execute(q.order_by(customers.c.id).limit(limit))).mappings().all()
-        return [_public(dict(r)) for r in rows]
+        return [_public(plain(r)) for r in rows]
 
     async def _row(self, customer_id: str, include_deleted: bool = False) -> dict[str, Any] | None:
         q = sa.select(customers).where(customers.c.id == customer_id)
@@ -153,7 +153,7 @@ class Customers:
             q = q.where(customers.c.deleted_at.is_(None))
         async with self._db.connect() as conn:
             row = (await conn.execute(q)).mappings().first()
-        return dict(row) if row is not None else None
+        return plain(row) if row is not None else None
 
     async def _swap(self, customer_id: str, version: int, values: dict[str, Any]) -> bool:
         """Compare-and-set: writes only if the row still has `version`."""

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from meterflow.records import IfMatch, Records, RecordsUnavailable, StaleVersion
+from meterflow.records import IfMatch, Records, RecordsUnavailable, StaleVersion, plain
 from meterflow.records.tables import api_keys
 
 Scope = Literal["ingest", "read", "admin"]
@@ -109,7 +109,7 @@ class KeyStore:
             .limit(limit)
         )
         async with self._db.connect() as conn:
-            return [public(dict(r)) for r in (await conn.execute(q)).mappings()]
+            return [public(plain(r)) for r in (await conn.execute(q)).mappings()]
 
     async def any_exist(self) -> bool:
         async with self._db.connect() as conn:
@@ -167,7 +167,7 @@ class KeyStore:
             if hit is not None and now - hit[0] < self._grace_s:
                 return hit[1]
             raise
-        doc = dict(row) if row is not None else None  # revoked keys: None
+        doc = plain(row) if row is not None else None  # revoked keys: None
         self._cache[key_id] = (now, doc)
         return doc
 

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from meterflow.metering.meters import Meter, parse_meter
-from meterflow.records import IfMatch, Records, StaleVersion
+from meterflow.records import IfMatch, Records, StaleVersion, plain
 from meterflow.records.tables import meters
 
 
@@ -93,7 +93,7 @@ class MeterCatalog:
             q = q.where(meters.c.deleted_at.is_(None))
         async with self._db.connect() as conn:
             row = (await conn.execute(q)).mappings().first()
-        return dict(row) if row is not None else None
+        return plain(row) if row is not None else None
 
     async def _write(self, meter: Meter, old: dict[str, Any] | None) -> int:
         """Inserts, or updates `old` if it is still the version read (else StaleVersion)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meterflow.records.database import Records, RecordsUnavailable, open_records
+from meterflow.records.database import Records, RecordsUnavailable, open_records, plain
 from meterflow.records.versions import IfMatch, StaleVersion
 
-__all__ = ["IfMatch", "Records", "RecordsUnavailable", "StaleVersion", "open_records"]
+__all__ = ["IfMatch", "Records", "RecordsUnavailable", "StaleVersion", "open_records", "plain"]

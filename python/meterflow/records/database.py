@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -129,6 +130,11 @@ class Records:
             if _is_down(e):
                 raise RecordsUnavailable(f"the records database ({self.name}) does not answer: {_short(e)}") from e
             raise
+
+
+def plain(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A result row as a dict with plain `str` keys (SQLAlchemy's are a str subclass JSON encoders refuse)."""
+    return {str(k): v for k, v in row.items()}
 
 
 def _short(e: BaseException) -> str:
