@@ -49,8 +49,9 @@ async def precondition_failed(request: Request, exc: Exception) -> Response:
 
 async def records_unavailable(request: Request, exc: Exception) -> Response:
     retry = str(request.app.state.runtime.settings.retry_after_s)
-    return error_response(503, "records_unavailable", f"The records database is unavailable: {exc}.",
-                          {"Retry-After": retry})  # fmt: skip
+    log.warning("records database unavailable", extra={"path": request.url.path, "error": str(exc)[:300]})
+    message = f"The records database (customers, keys, meters) is unavailable; retry after {retry} s."
+    return error_response(503, "records_unavailable", message, {"Retry-After": retry})
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, make_url
@@ -20,7 +21,11 @@ log = logging.getLogger("meterflow.records")
 
 # What an unreachable or failing database raises; a constraint violation
 # (IntegrityError) is an answer, not an outage, and is left to the caller.
-_DOWN = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, OSError, TimeoutError)
+# asyncpg reports a refused, closed or shutting-down server with its own classes.
+_DOWN = (
+    exc.OperationalError, exc.InterfaceError, exc.TimeoutError, OSError, TimeoutError,
+    asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError, asyncpg.InterfaceError,
+)  # fmt: skip
 
 
 class RecordsUnavailable(Exception):
@@ -41,13 +46,7 @@ def database_url(settings: Settings) -> URL:
 def _is_down(e: BaseException) -> bool:
     if isinstance(e, exc.IntegrityError):
         return False
-    if isinstance(e, exc.DBAPIError) and e.connection_invalidated:
-        return True
-    # asyncpg reports a refused or closing server with its own classes, not DBAPI ones.
-    module = type(e).__module__
-    return isinstance(e, _DOWN) or (module.startswith("asyncpg") and "Connection" in type(e).__name__) or (
-        module.startswith("asyncpg") and type(e).__name__ in ("CannotConnectNowError", "AdminShutdownError")
-    )
+    return isinstance(e, _DOWN) or (isinstance(e, exc.DBAPIError) and e.connection_invalidated)
 
 
 class Records:
