@@ -182,7 +182,9 @@ def test_etags_and_if_match_over_http(server: MeterFlowServer) -> None:
 
 
 @pytest.fixture
-def two_workers(make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]) -> MeterFlowServer:
+def two_workers(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> MeterFlowServer:
     return start_server(make_backend("full"), MF_WORKERS="2", MF_RATE_REQUESTS_PER_S="100000",
                         MF_RATE_REQUESTS_BURST="100000")  # fmt: skip
 

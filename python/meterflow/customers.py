@@ -159,9 +159,7 @@ class Customers:
         """Compare-and-set: writes only if the row still has `version`."""
         async with self._db.begin() as conn:
             done = await conn.execute(
-                sa.update(customers)
-                .where(customers.c.id == customer_id, customers.c.version == version)
-                .values(values)
+                sa.update(customers).where(customers.c.id == customer_id, customers.c.version == version).values(values)
             )
         return bool(done.rowcount)
 

@@ -121,9 +121,7 @@ class KeyStore:
         if if_match is not None and not if_match.any:
             q = q.where(api_keys.c.version.in_(sorted(if_match.versions)))
         async with self._db.begin() as conn:
-            done = await conn.execute(
-                q.values(revoked_at=int(time.time() * 1000), version=api_keys.c.version + 1)
-            )
+            done = await conn.execute(q.values(revoked_at=int(time.time() * 1000), version=api_keys.c.version + 1))
             if not done.rowcount and if_match is not None:
                 active = await conn.execute(
                     sa.select(api_keys.c.id).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
