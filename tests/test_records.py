@@ -26,9 +26,10 @@ from meterflow.config import ConfigError, Settings, load
 from meterflow.customers import Customers, validate
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import parse_meter
-from meterflow.records import IfMatch, Records, StaleVersion
+from meterflow.records import IfMatch, Records, StaleVersion, open_records
 from meterflow.records.database import database_url
 from meterflow.records.tables import api_keys
+from meterflow.runtime import started
 
 JSON = {"Content-Type": "application/json"}
 
@@ -134,6 +135,14 @@ def test_database_url_and_its_checks(tmp_path: Path) -> None:
     two = load(env={"MF_WORKERS": "2", "MF_STORAGE": "clickhouse", "MF_DEDUP": "redis",
                     "MF_DATABASE_URL": "postgresql://mf:hunter2@db/meterflow"})  # fmt: skip
     assert "hunter2" not in str(two.public()) and "mf:***@db/meterflow" in str(two.public())
+
+
+async def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
+    db = open_records(Settings(data_dir=str(tmp_path)))
+    async with started(db), db.connect() as conn:
+        assert (await conn.execute(sa.text("PRAGMA journal_mode"))).scalar() == "wal"
+        assert (await conn.execute(sa.text("PRAGMA foreign_keys"))).scalar() == 1
+    assert (tmp_path / "meterflow.db").exists()
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])

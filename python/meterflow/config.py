@@ -96,7 +96,7 @@ class Settings:
             raise ConfigError(
                 "MF_STORAGE=chdb admits one process per data directory; use MF_WORKERS=1 or MF_STORAGE=clickhouse."
             )
-        db_scheme = self.database_url.split("://", 1)[0] if "://" in self.database_url else ""
+        db_scheme = self.database_url.split("://", 1)[0].split("+")[0] if "://" in self.database_url else ""
         if self.database_url and db_scheme not in ("sqlite", "postgresql", "postgres"):
             shown = self.database_url.split("@")[-1]
             raise ConfigError(f"MF_DATABASE_URL must start with sqlite:/// or postgresql://, got {shown!r}.")

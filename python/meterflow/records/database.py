@@ -36,9 +36,9 @@ def database_url(settings: Settings) -> URL:
     """The SQLAlchemy URL with its async driver: aiosqlite or asyncpg."""
     raw = settings.database_url or f"sqlite:///{Path(settings.data_dir).resolve() / 'meterflow.db'}"
     url = make_url(raw)
-    if url.drivername in ("postgresql", "postgres"):
+    if url.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
         return url.set(drivername="postgresql+asyncpg")
-    if url.drivername == "sqlite":
+    if url.drivername in ("sqlite", "sqlite+aiosqlite"):
         return url.set(drivername="sqlite+aiosqlite")
     return url
 
