@@ -8,6 +8,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from meterflow.runtime import runtime_of
+
 log = logging.getLogger("meterflow.api")
 
 
@@ -48,7 +50,7 @@ async def precondition_failed(request: Request, exc: Exception) -> Response:
 
 
 async def records_unavailable(request: Request, exc: Exception) -> Response:
-    retry = str(request.app.state.runtime.settings.retry_after_s)
+    retry = str(runtime_of(request).settings.retry_after_s)
     log.warning("records database unavailable", extra={"path": request.url.path, "error": str(exc)[:300]})
     message = f"The records database (customers, keys, meters) is unavailable; retry after {retry} s."
     return error_response(503, "records_unavailable", message, {"Retry-After": retry})
