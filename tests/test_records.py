@@ -17,6 +17,8 @@ import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from services import Backend, MeterFlowServer, PostgreSQL
 from sqlalchemy.exc import IntegrityError
 
@@ -28,7 +30,7 @@ from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import parse_meter
 from meterflow.records import IfMatch, Records, StaleVersion, open_records
 from meterflow.records.database import database_url
-from meterflow.records.tables import api_keys
+from meterflow.records.tables import api_keys, metadata
 from meterflow.runtime import started
 
 JSON = {"Content-Type": "application/json"}
@@ -135,6 +137,23 @@ def test_database_url_and_its_checks(tmp_path: Path) -> None:
     two = load(env={"MF_WORKERS": "2", "MF_STORAGE": "clickhouse", "MF_DEDUP": "redis",
                     "MF_DATABASE_URL": "postgresql://mf:hunter2@db/meterflow"})  # fmt: skip
     assert "hunter2" not in str(two.public()) and "mf:***@db/meterflow" in str(two.public())
+
+
+async def test_the_migrations_build_exactly_the_tables_the_code_uses(records: Records) -> None:
+    def diff(conn: sa.Connection) -> list[Any]:
+        return list(compare_metadata(MigrationContext.configure(conn), metadata))
+
+    async with records.connect() as conn:
+        assert await conn.run_sync(diff) == []
+
+
+def test_if_match_parsing() -> None:
+    assert IfMatch.parse(None) is None
+    assert IfMatch.parse("*") == IfMatch(any=True)
+    both = IfMatch.parse('"3", W/"4"')
+    assert both is not None and both.allows(3) and both.allows(4) and not both.allows(5)
+    garbage = IfMatch.parse("3")  # not an entity tag: matches nothing
+    assert garbage is not None and not garbage.allows(3)
 
 
 async def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
