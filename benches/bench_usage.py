@@ -20,6 +20,7 @@ from services import ClickHouse
 from meterflow.config import Settings
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.usage import parse_request, query_limits, run_usage
+from meterflow.records import open_records
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.base import SCHEMA
 from meterflow.storage.embedded import EmbeddedStorage
@@ -77,7 +78,8 @@ def usage_data(
 
 
 def run(loop: asyncio.AbstractEventLoop, storage: Storage, params: dict[str, str]) -> dict[str, Any]:
-    catalog = MeterCatalog(storage, Settings().meters)
+    # Config meters only: the records database is never opened.
+    catalog = MeterCatalog(open_records(Settings(database_url="sqlite:////nonexistent/never-opened.db")), Settings().meters)
     req = loop.run_until_complete(parse_request(params, {}, catalog, Settings()))
     return loop.run_until_complete(run_usage(storage, req, query_limits(Settings())))
 

@@ -291,31 +291,18 @@ def test_keys_create_command_bootstraps_a_key(
     assert bad.returncode != 0
 
 
-async def test_a_late_last_used_write_cannot_undo_a_revocation(chdb_storage: Any) -> None:
-    """The race: recording a key's use reads its document, the key is revoked,
-    then the write lands. The key must stay revoked."""
+async def test_a_late_last_used_write_cannot_undo_a_revocation(records: Any) -> None:
+    """The race: a request reads the key, the key is revoked, then the request
+    records the key's use. The key must stay revoked."""
     from meterflow.auth import keys as keys_module
     from meterflow.auth.keys import KeyStore
 
-    store = KeyStore(chdb_storage)
+    store = KeyStore(records)
     created, secret = await store.create("ingest", "race")
-    doc = await store._docs.get(created["id"])
-    assert doc is not None
-    read = store._docs.get
-    interleaved = []
-
-    async def read_then_revoked(doc_id: str, include_deleted: bool = False) -> Any:
-        found = await read(doc_id, include_deleted)
-        store._docs.get = read  # type: ignore[method-assign]
-        await store.revoke(doc_id)  # lands between the read and the write
-        interleaved.append(doc_id)
-        return found
-
-    store._docs.get = read_then_revoked  # type: ignore[method-assign]
-    await store._touch(doc)
-    store._docs.get = read  # type: ignore[method-assign]
-    if not interleaved:  # _touch never read the key document: revoke now
-        await store.revoke(created["id"])
+    read = await store._lookup(created["id"])  # the request's read, before the revocation
+    assert read is not None
+    assert await store.revoke(created["id"])
+    await store._touch(read)  # the late write
     keys_module.CACHE_S = 0.0
     try:
         assert await store.authenticate(secret) is None

@@ -29,6 +29,7 @@ from meterflow.ingest.core import Limits, decode_batch
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import AGGREGATIONS, Meter, MeterError, parse_meter
 from meterflow.metering.usage import UsageError, parse_request, query_limits, run_usage
+from meterflow.records import Records, open_records
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.embedded import EmbeddedStorage
 
@@ -190,6 +191,10 @@ def usage_storage(
     loop.close()
 
 
+# Config meters only: the catalog never opens this records database (nothing connects to it).
+CONFIG_ONLY = open_records(Settings(database_url="sqlite:////nonexistent/never-opened.db"))
+
+
 def store(loop: asyncio.AbstractEventLoop, storage: Storage, events: list[dict[str, Any]]) -> None:
     for i in range(0, len(events), 1000):
         b = decode_batch(samples.body(events[i : i + 1000]), NOW, LIMITS)
@@ -200,7 +205,7 @@ def store(loop: asyncio.AbstractEventLoop, storage: Storage, events: list[dict[s
 
 def query(loop: asyncio.AbstractEventLoop, storage: Storage, m: Meter, params: dict[str, str],
           filters: dict[str, list[str]] | None = None) -> dict[str, Any]:  # fmt: skip
-    catalog = MeterCatalog(storage, (*METERS.values(), FILTERED))
+    catalog = MeterCatalog(CONFIG_ONLY, (*METERS.values(), FILTERED))
     req = loop.run_until_complete(parse_request({"meter": m.code, **params}, filters or {}, catalog, Settings()))
     return loop.run_until_complete(run_usage(storage, req, query_limits(Settings())))
 
@@ -345,16 +350,16 @@ def test_exact_decimals_and_latest(usage_storage: Any) -> None:
         ({"customer_id": "c", "meter": "m_sum", "start": "0", "end": str(86_400_000 * 30), "window": "MINUTE"}, "window"),
     ],
 )
-async def test_bad_parameters_are_named(params: dict[str, str], param: str, chdb_storage: EmbeddedStorage) -> None:
-    catalog = MeterCatalog(chdb_storage, tuple(METERS.values()))
+async def test_bad_parameters_are_named(params: dict[str, str], param: str, records: Records) -> None:
+    catalog = MeterCatalog(records, tuple(METERS.values()))
     with pytest.raises(UsageError) as e:
         await parse_request(params, {}, catalog, Settings())
     assert e.value.field == param
     assert param.split("[")[0] in e.value.message or e.value.field == "meter"
 
 
-async def test_filter_on_an_undeclared_property_is_refused(chdb_storage: EmbeddedStorage) -> None:
-    catalog = MeterCatalog(chdb_storage, tuple(METERS.values()))
+async def test_filter_on_an_undeclared_property_is_refused() -> None:
+    catalog = MeterCatalog(CONFIG_ONLY, tuple(METERS.values()))
     params = {"customer_id": "c", "meter": "m_sum", "start": "1", "end": "2"}
     with pytest.raises(UsageError) as e:
         await parse_request(params, {"secret'; DROP TABLE events; --": ["x"]}, catalog, Settings())

@@ -1,4 +1,4 @@
-"""The `meterflow` command: serve, keys create, replay."""
+"""The `meterflow` command: serve, keys create, db upgrade, replay."""
 
 from __future__ import annotations
 
@@ -91,24 +91,44 @@ def _keys_create(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     from meterflow.auth.keys import KeyError_, KeyStore
-    from meterflow.storage import StorageError, open_storage
+    from meterflow.records import RecordsUnavailable, open_records
+    from meterflow.runtime import started
 
     async def run() -> str:
-        storage = open_storage(settings)
-        await storage.start()
-        try:
-            _, secret = await KeyStore(storage).create(args.scope, args.name or "", args.customer_id)
+        records = open_records(settings)
+        async with started(records):
+            _, secret = await KeyStore(records).create(args.scope, args.name or "", args.customer_id)
             return secret
-        finally:
-            await storage.close()
 
     try:
         secret = asyncio.run(run())
-    except (StorageError, KeyError_) as e:
+    except (RecordsUnavailable, KeyError_) as e:
         print(f"meterflow: cannot create the key: {e}", file=sys.stderr)
         return 1
     # The one time the secret is shown.
     print(secret)
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    from meterflow.records import RecordsUnavailable, open_records
+
+    async def run() -> str:
+        records = open_records(settings)
+        try:
+            return await records.upgrade()
+        finally:
+            await records.close()
+
+    try:
+        revision = asyncio.run(run())
+    except RecordsUnavailable as e:
+        print(f"meterflow: cannot upgrade the records database: {e}", file=sys.stderr)
+        return 1
+    print(f"meterflow: records database ({settings.database_url.split('@')[-1] or 'sqlite'}) at revision {revision}")
     return 0
 
 
@@ -118,6 +138,7 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     from meterflow.ingest.archive import open_store
     from meterflow.ingest.replay import parse_time, replay
+    from meterflow.runtime import started
     from meterflow.storage import StorageError, open_storage
 
     try:
@@ -134,16 +155,9 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> None:
-        await store.start()
         storage = None if args.dry_run else open_storage(settings)
-        try:
-            if storage is not None:
-                await storage.start()
+        async with started(store, *([storage] if storage is not None else [])):
             await replay(store, storage, start, end, args.dry_run)
-        finally:
-            if storage is not None:
-                await storage.close()
-            await store.close()
 
     try:
         asyncio.run(run())
@@ -169,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--customer-id", help="bind an ingest key to one customer")
     create.add_argument("--config", help="TOML settings file (MF_CONFIG)")
     create.set_defaults(func=_keys_create)
+    db = sub.add_parser("db", help="manage the records database").add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="apply the records database's migrations (the server also does at start)")
+    up.add_argument("--config", help="TOML settings file (MF_CONFIG)")
+    up.set_defaults(func=_db_upgrade)
     rp = sub.add_parser("replay", help="read archived events of a time range back into storage")
     rp.add_argument("--from", dest="start", required=True, help="epoch ms or ISO 8601 (UTC)")
     rp.add_argument("--to", dest="end", required=True, help="epoch ms or ISO 8601 (UTC), exclusive")

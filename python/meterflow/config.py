@@ -38,6 +38,10 @@ class Settings:
     clickhouse_password: str = ""
     dedup: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The records database (customers, keys, meters): empty = SQLite at data_dir/meterflow.db.
+    database_url: str = ""
+    # How long a cached API key keeps working while the records database is unreachable.
+    key_cache_grace_s: int = 60
     dedup_window_s: int = 31 * 86_400
     flush_timeout_s: int = 30
     flush_max_rows: int = 10_000
@@ -94,7 +98,7 @@ class Settings:
             "rate_requests_burst", "rate_events_per_s", "rate_events_burst", "spool_max_bytes",
             "usage_max_filter_values", "usage_max_execution_s", "usage_max_query_bytes", "usage_max_result_rows",
             "usage_max_concurrent_queries", "auth_failures_per_minute", "http_max_connections",
-            "http_body_timeout_s",
+            "http_body_timeout_s", "key_cache_grace_s",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -112,6 +116,14 @@ class Settings:
         if self.storage == "chdb" and self.workers > 1:
             raise ConfigError(
                 "MF_STORAGE=chdb admits one process per data directory; use MF_WORKERS=1 or MF_STORAGE=clickhouse."
+            )
+        db_scheme = self.database_url.split("://", 1)[0].split("+")[0] if "://" in self.database_url else ""
+        if self.database_url and db_scheme not in ("sqlite", "postgresql", "postgres"):
+            shown = self.database_url.split("@")[-1]
+            raise ConfigError(f"MF_DATABASE_URL must start with sqlite:/// or postgresql://, got {shown!r}.")
+        if self.workers > 1 and db_scheme not in ("postgresql", "postgres"):
+            raise ConfigError(
+                "MF_WORKERS > 1 needs MF_DATABASE_URL=postgresql://...: SQLite records admit one process."
             )
         if self.dedup_window_s * 1000 < self.max_age_ms + self.max_future_ms:
             raise ConfigError(
@@ -137,9 +149,18 @@ class Settings:
         d = dataclasses.asdict(self)
         d["clickhouse_password"] = "***" if self.clickhouse_password else ""
         d["admin_key"] = "***" if self.admin_key else ""
+        d["database_url"] = _without_password(self.database_url)
         d["s3_secret_key"] = "***" if self.s3_secret_key else ""
         d["meters"] = [m.code for m in self.meters]
         return d
+
+
+def _without_password(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    if not sep or "://" not in head:
+        return url
+    scheme, _, auth = head.partition("://")
+    return f"{scheme}://{auth.split(':')[0]}:***@{tail}" if ":" in auth else url
 
 
 def _convert(name: str, raw: Any, kind: Any) -> Any:

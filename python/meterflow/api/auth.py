@@ -10,10 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
-from meterflow.auth.failures import AuthFailures
-from meterflow.auth.keys import KeyStore, Principal, Scope
+from meterflow.auth.keys import Principal, Scope
 from meterflow.auth.ratelimit import RateLimiter, RateLimitUnavailable, Verdict
 from meterflow.config import Settings
+from meterflow.runtime import runtime_of
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("meterflow.auth")
@@ -69,17 +69,16 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
 
     @functools.wraps(endpoint)  # keeps its name and its @operation documentation
     async def guarded(request: Request) -> Response:
-        state = request.app.state
-        settings: Settings = state.settings
+        rt = runtime_of(request)
         raw = presented_key(request)
         if not raw:
             raise ApiError(401, "missing_api_key", "Send an API key as `Authorization: Bearer <key>` or `X-API-Key`.")
-        keys: KeyStore = state.keys
-        failures: AuthFailures = state.auth_failures
-        address = client_address(request, settings.client_address_header)
+        failures = rt.auth_failures
+        address = client_address(request, rt.settings.client_address_header)
         if (wait := failures.retry_after(address)) is not None:
             raise too_many_failures(wait, failures.per_minute)
-        principal = await keys.authenticate(raw)  # a StorageError answers 503 (errors.storage_error)
+        # An unreachable records database raises RecordsUnavailable: 503 records_unavailable.
+        principal = await rt.keys.authenticate(raw)
         if principal is None:
             if (wait := await failures.failed(address)) is not None:
                 raise too_many_failures(wait, failures.per_minute)
@@ -88,7 +87,7 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
             raise ApiError(
                 403, "insufficient_scope", f"This key has scope `{principal.scope}`; this route needs `{scope}`."
             )
-        verdict = await check_rate(state.limiter, settings, principal, "requests", 1)
+        verdict = await check_rate(rt.limiter, rt.settings, principal, "requests", 1)
         request.state.principal = principal
         response = await endpoint(request)
         response.headers.update(verdict.headers())

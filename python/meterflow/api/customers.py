@@ -9,13 +9,23 @@ from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, Param, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.customers import ID_RE, CustomerError, Customers, validate
+from meterflow.records import IfMatch
+from meterflow.records.versions import etag
+from meterflow.runtime import runtime_of
 
 FILTER_MAX = 500  # the longest name a customer may have
 
 
 def _store(request: Request) -> Customers:
-    customers: Customers = request.app.state.customers
-    return customers
+    return runtime_of(request).customers
+
+
+def _if_match(request: Request) -> IfMatch | None:
+    return IfMatch.parse(request.headers.get("if-match"))
+
+
+def _answer(customer: dict[str, object], status: int = 200) -> Response:
+    return json_response(customer, status, {"ETag": etag(int(str(customer["version"])))})
 
 
 def _id(request: Request) -> str:
@@ -38,18 +48,18 @@ async def put_customer(request: Request) -> Response:
     doc = await json_body(request)
     if isinstance(doc, dict) and doc.get("id", cid) != cid:
         raise ApiError(400, "invalid_customer", f"`id` is {doc.get('id')!r} but the URL names {cid!r}.")
-    customer, created = await _store(request).put(cid, _fields(doc, partial=False))
-    return json_response(customer, 201 if created else 200)
+    customer, created = await _store(request).put(cid, _fields(doc, partial=False), _if_match(request))
+    return _answer(customer, 201 if created else 200)
 
 
 @operation("Change some fields of a customer", {200: "Changed", 404: "There is no such customer."},
            body="Customer", result="Customer")  # fmt: skip
 async def patch_customer(request: Request) -> Response:
     cid = _id(request)
-    customer = await _store(request).patch(cid, _fields(await json_body(request), partial=True))
+    customer = await _store(request).patch(cid, _fields(await json_body(request), partial=True), _if_match(request))
     if customer is None:
         raise ApiError(404, "customer_not_found", f"There is no customer {cid!r}.")
-    return json_response(customer)
+    return _answer(customer)
 
 
 @operation("Get a customer", {200: "The customer", 400: "The id is not a valid customer id.",
@@ -59,14 +69,14 @@ async def get_customer(request: Request) -> Response:
     customer = await _store(request).get(cid)
     if customer is None:
         raise ApiError(404, "customer_not_found", f"There is no customer {cid!r}.")
-    return json_response(customer)
+    return _answer(customer)
 
 
 @operation("Delete a customer (soft: kept for past invoices)", {
     204: "Deleted", 400: "The id is not a valid customer id.", 404: "There is no such customer."})  # fmt: skip
 async def delete_customer(request: Request) -> Response:
     cid = _id(request)
-    if not await _store(request).delete(cid):
+    if not await _store(request).delete(cid, _if_match(request)):
         raise ApiError(404, "customer_not_found", f"There is no customer {cid!r}.")
     return Response(status_code=204)
 

@@ -12,7 +12,8 @@ from meterflow.api.errors import ApiError
 from meterflow.api.openapi import operation
 from meterflow.api.responses import check_json, json_response, read_body
 from meterflow.auth.keys import Principal
-from meterflow.ingest.service import DecodeError, IngestService, Unavailable
+from meterflow.ingest.service import DecodeError, Unavailable
+from meterflow.runtime import runtime_of
 
 _DECODE_STATUS = {"too_many_events": 413}
 _BACKEND_DOWN = {"storage_unavailable": "Storage", "dedup_unavailable": "The dedup store"}
@@ -24,15 +25,15 @@ log = logging.getLogger("meterflow.api")
     503: "Storage or dedup is down, or the flush queue or the archive spool is full."}, body="Batch",
     result="IngestResult")  # fmt: skip
 async def post_events(request: Request) -> Response:
-    service: IngestService = request.app.state.ingest
-    settings = service.settings
+    rt = runtime_of(request)
+    service, settings = rt.ingest, rt.settings
     check_json(request)
     body = await read_body(request, settings.max_body_bytes, settings.http_body_timeout_s)
     principal: Principal = request.state.principal
 
     async def admit(events: int) -> None:
         # After decoding, before any reservation: a refused batch leaves no trace.
-        await check_rate(request.app.state.limiter, settings, principal, "events", events)
+        await check_rate(rt.limiter, settings, principal, "events", events)
 
     try:
         result = await service.ingest(body, principal.customer_id, admit)

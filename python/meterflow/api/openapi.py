@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from meterflow import __version__
 from meterflow.api.responses import ADMIN_BODY_MAX, PAGE_MAX, json_response
 from meterflow.config import Settings
+from meterflow.runtime import runtime_of
 
 E = TypeVar("E", bound=Callable[..., Any])
 ATTR = "openapi_operation"
@@ -301,4 +302,4 @@ def schemas(settings: Settings) -> dict[str, Any]:
 
 @operation("This document", {200: "OpenAPI 3.1"})
 async def openapi(request: Request) -> Response:
-    return json_response(spec(request.app.routes, request.app.state.settings))
+    return json_response(spec(request.app.routes, runtime_of(request).settings))

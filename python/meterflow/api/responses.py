@@ -14,6 +14,7 @@ from starlette.responses import Response
 from meterflow.api.errors import ApiError
 from meterflow.errors import FieldError
 from meterflow.params import integer
+from meterflow.runtime import runtime_of
 
 ADMIN_BODY_MAX = 1 << 20  # bytes of a JSON body that is not events
 PAGE_MAX = 500  # items of one list page
@@ -86,7 +87,7 @@ def check_json(request: Request) -> None:
 async def json_body(request: Request, limit: int = ADMIN_BODY_MAX) -> Any:
     """A small JSON request body (not events), read only up to `limit` bytes, or a 400/413/415 ApiError."""
     check_json(request)
-    body = await read_body(request, limit, request.app.state.settings.http_body_timeout_s)
+    body = await read_body(request, limit, runtime_of(request).settings.http_body_timeout_s)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:

@@ -13,6 +13,7 @@ from meterflow.api.responses import json_response
 from meterflow.metering.usage import UsageError, UsageOutOfRange, parse_request, query_limits, run_usage
 from meterflow.metering.windows import WINDOWS
 from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
+from meterflow.runtime import runtime_of
 from meterflow.storage.base import QueryLimitExceeded
 
 FILTER_RE = re.compile(r"filter\[(.+)\]")
@@ -35,21 +36,21 @@ EPOCH = {"type": "integer", "minimum": EPOCH_MS_MIN, "maximum": EPOCH_MS_MAX}
     Param("filter[<property>]", "Only events whose group-by property has this value (repeatable)."),
 ))  # fmt: skip
 async def get_usage(request: Request) -> Response:
-    state = request.app.state
+    rt = runtime_of(request)
     params = request.query_params
     filters: dict[str, list[str]] = {}
     for key, value in params.multi_items():
         if m := FILTER_RE.fullmatch(key):
             filters.setdefault(m.group(1), []).append(value)
     try:
-        req = await parse_request(params, filters, state.meters, state.settings)
-        result = await run_usage(state.storage, req, query_limits(state.settings))
+        req = await parse_request(params, filters, rt.meters, rt.settings)
+        result = await run_usage(rt.storage, req, query_limits(rt.settings))
     except UsageError as e:
         raise ApiError(400, "invalid_parameter", e.message) from None
     except UsageOutOfRange as e:
         raise ApiError(422, "usage_out_of_range", e.message) from None
     except QueryLimitExceeded:
-        s = state.settings
+        s = rt.settings
         raise ApiError(
             422, "usage_query_too_expensive",
             f"The usage query went over a limit ({s.usage_max_execution_s} s, {s.usage_max_result_rows} rows, "

@@ -76,18 +76,7 @@ PARTITION BY toYYYYMM(ts)
 ORDER BY (customer_id, event_type, timestamp_ms, transaction_id)
 """
 
-DOCUMENTS_DDL = """
-CREATE TABLE IF NOT EXISTS documents (
-    kind String,
-    id String,
-    version UInt64,
-    deleted UInt8,
-    body String
-) ENGINE = ReplacingMergeTree(version)
-ORDER BY (kind, id)
-"""
-
-SCHEMA = (EVENTS_DDL, DOCUMENTS_DDL)
+SCHEMA = (EVENTS_DDL,)
 
 ROW_COLUMNS = (
     "transaction_id, customer_id, event_type, timestamp_ms, ts, properties, num_keys, num_values, str_keys, str_values"
