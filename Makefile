@@ -12,7 +12,7 @@ RUST_SRC := $(shell find rust_core/src -name '*.rs') rust_core/Cargo.toml rust_c
 GARAGE_ROOT := $(HOME)/.cache/meterflow/garage
 GARAGE := $(GARAGE_ROOT)/bin/garage
 
-.PHONY: run test test-rust test-python bench lint format services build clean garage
+.PHONY: run test test-rust test-python bench bench-baseline bench-compare lint format services build clean garage
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,13 +32,14 @@ run: build
 	@echo "==> MeterFlow on http://127.0.0.1:$${MF_PORT:-3000} (embedded: chdb under ./data, no services)"
 	$(VENV)/bin/meterflow serve
 
-# Debian's redis-server and clickhouse-server; the tests start them on loopback.
+# Debian's redis-server, clickhouse-server and postgresql; the tests start them on loopback.
 services:
 	@if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
-	    || ! command -v clickhouse-server >/dev/null; then \
-	  echo "==> installing redis-server and clickhouse-server from Debian"; \
+	    || ! command -v clickhouse-server >/dev/null || ! { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "==> installing redis-server, clickhouse-server, postgresql and nginx (the documented proxy) from Debian"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    redis-server redis-tools clickhouse-server >/dev/null; \
+	    redis-server redis-tools clickhouse-server postgresql nginx >/dev/null; \
 	fi
 
 GARAGE_VERSION := 2.5.0
@@ -59,10 +60,29 @@ test-python: build services garage
 
 test: services garage build test-rust test-python
 
+# Benchmarks: every run is saved by pytest-benchmark under .benchmarks/<machine>/NNNN_*.json
+# (machine info included). `make bench-baseline` keeps one run as the baseline;
+# `make bench-compare` runs the benches again, prints pytest-benchmark's table against
+# the baseline and fails when a same-run ratio fell by more than BENCH_TOLERANCE.
+# BENCH_COMPARE_FAIL=median:10% also fails on absolute medians (for quiet machines).
+BENCH_TOLERANCE ?= 0.15
+BENCH_COMPARE_FAIL ?=
+BENCH_ARGS := benches --benchmark-enable --benchmark-autosave --benchmark-storage=file://.benchmarks -q
+
 bench: build services garage
 	@mkdir -p .benchmarks
-	$(PY) -m pytest benches --benchmark-enable --benchmark-json=.benchmarks/last.json -q
+	$(PY) -m pytest $(BENCH_ARGS) --benchmark-json=.benchmarks/last.json
 	$(PY) benches/report.py .benchmarks/last.json
+
+bench-baseline: build
+	$(PY) benches/compare.py baseline $(RUN)
+
+bench-compare: build services garage
+	@test -f .benchmarks/baseline.json || { echo "no baseline: run make bench, then make bench-baseline" >&2; exit 2; }
+	$(PY) -m pytest $(BENCH_ARGS) --benchmark-json=.benchmarks/compare.json \
+	  $(if $(BENCH_COMPARE_FAIL),--benchmark-compare=$$(cat .benchmarks/baseline.id) --benchmark-compare-fail=$(BENCH_COMPARE_FAIL))
+	$(VENV)/bin/pytest-benchmark compare .benchmarks/baseline.json .benchmarks/compare.json --group-by=group --columns=min,median,max,rounds
+	$(PY) benches/compare.py check .benchmarks/compare.json --tolerance $(BENCH_TOLERANCE)
 
 lint: build
 	$(VENV)/bin/ruff check python tests benches

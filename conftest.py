@@ -1,5 +1,5 @@
-"""Real services shared by the tests and the benches: redis-server and
-clickhouse-server, started once per session on loopback ports."""
+"""Real services shared by the tests and the benches: redis-server,
+clickhouse-server and PostgreSQL, started once per session on loopback ports."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 
-from services import ClickHouse, Garage, Redis
+from services import ClickHouse, Garage, PostgreSQL, Redis
 
 from meterflow.config import Settings
 from meterflow.storage.embedded import EmbeddedStorage
@@ -44,6 +44,14 @@ def clickhouse(workdir: Path) -> Iterator[ClickHouse]:
     ch.start()
     yield ch
     ch.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgreSQL]:
+    pg = PostgreSQL()
+    pg.start()
+    yield pg
+    pg.cleanup()
 
 
 @pytest.fixture(scope="session")

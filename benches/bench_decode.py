@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from paired import paired_ratio
 from pipelines import PIPELINES
 
 from meterflow import samples
@@ -59,3 +60,16 @@ def test_pipelines_agree_on_a_mixed_batch() -> None:
             orjson.loads(x) for x in core[3].splitlines()
         ], name
         assert rows.count(b"\n") == n or name == "core"
+
+
+@pytest.mark.benchmark(group="decode_1000_paired")
+def test_core_vs_msgspec_paired(benchmark) -> None:
+    """The guarded ratio (benches/ratios.py): core and msgspec timed in alternation, same batch."""
+    pairs = 3 if benchmark.disabled else 100
+    ratio = benchmark.pedantic(
+        paired_ratio, args=(lambda: PIPELINES["core"](BODY, NOW), lambda: PIPELINES["msgspec"](BODY, NOW), pairs),
+        rounds=1, iterations=1,
+    )  # fmt: skip
+    benchmark.extra_info["paired_ratio"] = ratio
+    benchmark.extra_info["pair"] = "core vs msgspec"
+    assert ratio > 1

@@ -16,7 +16,9 @@ import asyncio
 import itertools
 import re
 import shutil
+import statistics
 import subprocess
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -121,12 +123,11 @@ def test_core_resp(benchmark: Any, loop: asyncio.AbstractEventLoop, redis_server
     loop.run_until_complete(d.close())
 
 
-def test_redis_benchmark_ceiling(benchmark: Any, redis_server: Redis) -> None:
-    """redis-benchmark's pipelined `SET key v NX EX` rate on this machine, same run
+def redis_benchmark_rate(redis_server: Redis, n: int) -> float:
+    """redis-benchmark's pipelined `SET key v NX EX` rate on this machine, in keys/s
     (shorter keys and values than MeterFlow's 28 and 41 bytes: a strict ceiling)."""
     tool = shutil.which("redis-benchmark")
     assert tool, "redis-benchmark (Debian's redis-tools) is needed"
-    n = 100_000 if benchmark.disabled else 2_000_000
     out = subprocess.run(
         [tool, "-h", "127.0.0.1", "-p", str(redis_server.port), "-P", "1000", "-r", "100000000",
          "-n", str(n), "-q", "SET", "ceil:__rand_int__", "v", "NX", "EX", str(WINDOW)],
@@ -134,5 +135,44 @@ def test_redis_benchmark_ceiling(benchmark: Any, redis_server: Redis) -> None:
     ).stdout  # fmt: skip
     rates = re.findall(r"([\d.]+) requests per second", out)
     assert rates, out
-    benchmark.extra_info["keys_per_s"] = float(rates[-1])
+    return float(rates[-1])
+
+
+def test_redis_benchmark_ceiling(benchmark: Any, redis_server: Redis) -> None:
+    """redis-benchmark's rate, same run, kept in extra_info for the report."""
+    n = 100_000 if benchmark.disabled else 2_000_000
+    benchmark.extra_info["keys_per_s"] = redis_benchmark_rate(redis_server, n)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+@pytest.mark.benchmark(group="dedup_1000_paired")
+def test_core_resp_vs_redis_benchmark_paired(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, redis_server: Redis
+) -> None:
+    """The guarded ratio (benches/ratios.py): our reservation rate as a share of redis-benchmark's,
+    the two measured in alternating slices so that a passing load slows both alike."""
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url))
+    loop.run_until_complete(d.start())
+    slices, rounds = (2, 1) if benchmark.disabled else (7, 25)
+
+    async def ours() -> float:
+        batches = [fresh_batch() for _ in range(rounds * CONCURRENCY)]
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            chunk = batches[r * CONCURRENCY : (r + 1) * CONCURRENCY]
+            got = await asyncio.gather(*(d.reserve(b, new_flush_id(), 1) for b in chunk))
+            assert sum(x.accepted for x in got) == 1000 * CONCURRENCY
+        return rounds * CONCURRENCY * 1000 / (time.perf_counter() - t0)
+
+    def measure_pairs() -> float:
+        shares = []
+        for _ in range(slices):
+            rate = loop.run_until_complete(ours())
+            shares.append(rate / redis_benchmark_rate(redis_server, rounds * CONCURRENCY * 1000))
+        return statistics.median(shares)
+
+    share = benchmark.pedantic(measure_pairs, rounds=1, iterations=1)
+    loop.run_until_complete(d.close())
+    benchmark.extra_info["paired_ratio"] = share
+    benchmark.extra_info["pair"] = "core_resp vs redis-benchmark"

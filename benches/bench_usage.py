@@ -19,7 +19,8 @@ from services import ClickHouse
 
 from meterflow.config import Settings
 from meterflow.metering.catalog import MeterCatalog
-from meterflow.metering.usage import parse_request, run_usage
+from meterflow.metering.usage import parse_request, query_limits, run_usage
+from meterflow.records import open_records
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.base import SCHEMA
 from meterflow.storage.embedded import EmbeddedStorage
@@ -77,9 +78,10 @@ def usage_data(
 
 
 def run(loop: asyncio.AbstractEventLoop, storage: Storage, params: dict[str, str]) -> dict[str, Any]:
-    catalog = MeterCatalog(storage, Settings().meters)
+    # Config meters only: the records database is never opened.
+    catalog = MeterCatalog(open_records(Settings(database_url="sqlite:////nonexistent/never-opened.db")), Settings().meters)
     req = loop.run_until_complete(parse_request(params, {}, catalog, Settings()))
-    return loop.run_until_complete(run_usage(storage, req))
+    return loop.run_until_complete(run_usage(storage, req, query_limits(Settings())))
 
 
 BASE = {"customer_id": "cust_42", "meter": "bandwidth", "start": str(START), "end": str(END)}

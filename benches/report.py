@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ratios import ratios
+
 
 def main(path: str) -> None:
     with open(path) as f:
@@ -33,12 +35,23 @@ def main(path: str) -> None:
         for name, rate in sorted(rates.items(), key=lambda kv: -kv[1]):
             share = f"   {rate / ceiling:6.1%} of redis-benchmark" if ceiling else ""
             print(f"  {name:24s} {rate:11,.0f} keys/s{share}")
+    guarded = ratios(doc)
+    if guarded:
+        print("same-run ratios guarded by `make bench-compare`:")
+        for name, value in sorted(guarded.items()):
+            print(f"  {name:50s} {value:7.2f}x")
     usage = {g: v for g, v in by_group.items() if g.startswith("usage_")}
     if usage:
         print("usage over 10M events (median per query):")
         for group, backends in sorted(usage.items()):
             cells = "   ".join(f"{b} {st['median'] * 1e3:7.1f} ms" for b, st in sorted(backends.items()))
             print(f"  {group.removeprefix('usage_'):13s} {cells}")
+    pricing = by_group.get("pricing_month", {})
+    if pricing and "float_rules" in pricing:
+        floats = pricing["float_rules"]["median"]
+        print("pricing_month (median, 5 charges, 14 lines):")
+        for name, st in sorted(pricing.items(), key=lambda kv: kv[1]["median"]):
+            print(f"  {name:12s} {st['median'] * 1e6:9.1f} us   {st['median'] / floats:5.2f}x the float rules' time")
 
 
 if __name__ == "__main__":

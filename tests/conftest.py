@@ -1,4 +1,4 @@
-"""Fixtures: MeterFlow servers per test on each backend, and what they stored."""
+"""Fixtures: MeterFlow servers per test on each backend, what they stored, and records databases."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from services import Backend, ClickHouse, MeterFlowServer, Redis, flush_redis
+from services import Backend, ClickHouse, MeterFlowServer, PostgreSQL, Redis, flush_redis
 
 from meterflow.config import Settings
+from meterflow.records import Records, open_records
+from meterflow.runtime import started
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.base import SCHEMA
 from meterflow.storage.embedded import EmbeddedStorage
@@ -29,6 +31,7 @@ def make_backend(
             return Backend(kind, {"MF_STORAGE": "chdb", "MF_DEDUP": "memory", "MF_DATA_DIR": str(data)}, None, data)
         ch: ClickHouse = request.getfixturevalue("clickhouse")
         redis: Redis = request.getfixturevalue("redis_server")
+        pg: PostgreSQL = request.getfixturevalue("postgres")
         flush_redis(redis)
         db = f"mf_test_{next(_db_seq)}"
         ch.reset_database(db)
@@ -39,6 +42,7 @@ def make_backend(
             "MF_CLICKHOUSE_DATABASE": db,
             "MF_DEDUP": "redis",
             "MF_REDIS_URL": redis.url,
+            "MF_DATABASE_URL": pg.new_database(),
         }
         return Backend(kind, env, ch, None)
 
@@ -85,3 +89,16 @@ async def storage(request: pytest.FixtureRequest, chdb_storage: EmbeddedStorage)
     await s.start()
     yield s
     await s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def records(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Records]:
+    """A migrated, empty records database on each engine."""
+    if request.param == "sqlite":
+        settings = Settings(data_dir=str(tmp_path / "records"))
+    else:
+        pg: PostgreSQL = request.getfixturevalue("postgres")
+        settings = Settings(database_url=pg.new_database())
+    db = open_records(settings)
+    async with started(db):
+        yield db

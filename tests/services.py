@@ -3,16 +3,21 @@ each a subprocess on a loopback port, probed until it answers."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import itertools
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +42,20 @@ def wait_for(check: object, what: str, timeout: float = 30.0) -> None:
             last = e
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not come up within {timeout}s: {last}")
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 30.0,
+                every: float = 0.05) -> None:  # fmt: skip
+    """Polls `check` (sync or async) until it is true; an AssertionError naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = check()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
+            return
+        await asyncio.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def http_ok(url: str) -> bool:
@@ -131,7 +150,9 @@ CLICKHOUSE_USERS = """<?xml version="1.0"?>
 <yandex>
     <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
     <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
-        <profile>default</profile><quota>default</quota></default></users>
+        <profile>default</profile><quota>default</quota></default>
+        <meterflow><password>mf-secret</password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+        <profile>default</profile><quota>default</quota></meterflow></users>
     <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
         <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
 </yandex>
@@ -168,6 +189,68 @@ class ClickHouse:
     def reset_database(self, name: str) -> None:
         self.query(f"DROP DATABASE IF EXISTS {name}")
         self.query(f"CREATE DATABASE {name}")
+
+
+def postgres_bin() -> Path:
+    """Debian's PostgreSQL binaries (`postgresql` package): the newest major version installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    assert found, "PostgreSQL is not installed: run `make services` (Debian's postgresql package)"
+    return found[-1].parent
+
+
+class PostgreSQL:
+    """A private PostgreSQL cluster: initdb in a temp dir, one server on a loopback port.
+    PostgreSQL refuses to run as root: as root it runs as the `postgres` user."""
+
+    def __init__(self) -> None:
+        self.bin = postgres_bin()
+        self.port = free_port()
+        # Not under pytest's tmp dir, which only root may enter.
+        self.dir = Path(tempfile.mkdtemp(prefix="meterflow-pg-"))
+        self.data = self.dir / "data"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            [*self.as_user, str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+             "-E", "UTF8", "--no-sync"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        argv = [*self.as_user, str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300"]  # fmt: skip
+        self.proc = Process(argv, self.dir / "postgres.log")
+        self._db_seq = itertools.count(1)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        self.proc.start()
+
+        def accepting() -> bool:
+            out = subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+                                 timeout=10)  # fmt: skip
+            return out.returncode == 0
+
+        wait_for(accepting, "postgresql", 60)
+
+    def stop(self) -> None:
+        # SIGINT: PostgreSQL's fast shutdown (SIGTERM would wait for every client to leave).
+        self.proc.stop(signal.SIGINT)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def new_database(self) -> str:
+        """A fresh empty database; returns its URL."""
+        name = f"mf_test_{next(self._db_seq)}"
+        subprocess.run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        return self.url(name)
 
 
 # The fixed admin key of test servers (MF_ADMIN_KEY); keys the tests create are random.

@@ -8,7 +8,7 @@ import random
 import httpx
 import orjson
 import pytest
-from services import Backend, MeterFlowServer
+from services import Backend, MeterFlowServer, until
 
 from meterflow import samples
 from meterflow.api.app import create_app
@@ -183,8 +183,9 @@ async def test_concurrent_clients_with_overlapping_ids(server: MeterFlowServer, 
     # An id held by a concurrent, not yet committed flush is "in_flight": retry it.
     retry = [f for a in answers for f in a["failed"]]  # type: ignore[attr-defined]
     assert all(f["reason"] == "in_flight" for f in retry)
-    while retry:
-        await asyncio.sleep(0.2)
+
+    def resend_in_flight() -> bool:
+        nonlocal accepted, retry
         ids = {f["transaction_id"] for f in retry}
         resend = [e for e in pool if e["transaction_id"] in ids]
         retry = []
@@ -192,6 +193,10 @@ async def test_concurrent_clients_with_overlapping_ids(server: MeterFlowServer, 
             again = post(server, {"events": resend[i : i + 1000]}).json()
             accepted += again["accepted"]
             retry += again["failed"]
+        return not retry
+
+    if retry:  # the holding flushes commit within moments: the ids are then duplicates or accepted
+        await until(resend_in_flight, "in-flight ids settled")
     assert accepted == len(distinct)
     server.stop()
     assert backend.stored() == (len(distinct), len(distinct))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import itertools
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from services import Backend, Garage, MeterFlowServer, free_port
+from services import Backend, Garage, MeterFlowServer, free_port, until, wait_for
 
 from meterflow import samples
 from meterflow.config import Settings
@@ -123,24 +124,36 @@ async def test_archive_outage_spools_and_drains_without_5xx(
     server = start_server(backend, **env)
     statuses: Counter[int] = Counter()
     accepted: set[str] = set()
+    over = asyncio.Event()
 
     async def client(n: int) -> None:
+        """Posts before, during and after the outage: until it is over, then 5 more batches."""
+        after = 0
+        deadline = time.monotonic() + 120
         async with httpx.AsyncClient(timeout=30) as c:
-            for i in range(40):
+            for i in itertools.count():
+                if after >= 5 or time.monotonic() > deadline:
+                    return
+                after += over.is_set()
                 events = samples.batch(100, seed=n * 1000 + i, prefix=f"o{n}")
                 r = await c.post(f"{server.url}/v1/events", content=samples.body(events), headers={**JSON, **server.auth})
                 statuses[r.status_code] += 1
                 if r.status_code == 200:
                     accepted.update(e["transaction_id"] for e in events)
-                await asyncio.sleep(0.02)
+
+    async def spooled_while_down() -> bool:
+        async with httpx.AsyncClient(timeout=10) as c:
+            archive = (await c.get(f"{server.url}/ready")).json()["archive"]
+        return bool(archive["status"] == "down" and archive["spool_objects"] > 0)
 
     async def outage() -> None:
-        await asyncio.sleep(0.3)
+        await until(lambda: len(accepted) >= 300, "batches accepted before the outage", 60)
         await asyncio.to_thread(garage.stop)
-        await asyncio.sleep(2.0)
-        ready = httpx.get(f"{server.url}/ready").json()
-        assert ready["archive"]["status"] == "down" and ready["archive"]["spool_objects"] > 0
-        await asyncio.to_thread(garage.start)
+        try:
+            await until(spooled_while_down, "objects spooled while the store is down", 60)
+        finally:
+            await asyncio.to_thread(garage.start)
+            over.set()
 
     await asyncio.gather(*(client(n) for n in range(3)), outage())
     assert set(statuses) == {200}, statuses
@@ -175,8 +188,15 @@ def test_full_spool_answers_503(make_backend: Callable[[str], Backend], start_se
             "MF_S3_SECRET_KEY": "y", "MF_SPOOL_MAX_BYTES": "1000"}  # fmt: skip
     server = start_server(backend, **dead)
     assert post(server, samples.batch(100, seed=1)).status_code == 200  # spooled: the store is down
-    time.sleep(1.1)  # the spool depth is re-read once a second
-    r = post(server, samples.batch(100, seed=2))
+    answers: list[httpx.Response] = []
+
+    def refused() -> bool:  # ingest re-reads the spool's depth once a second
+        answers.append(post(server, samples.batch(100, seed=2 + len(answers))))
+        return answers[-1].status_code == 503
+
+    wait_for(refused, "ingest refusing once the spool is full", 15)
+    assert {a.status_code for a in answers[:-1]} <= {200}
+    r = answers[-1]
     assert r.status_code == 503 and r.json()["error"] == "archive_spool_full"
     assert "Retry-After" in r.headers
     ready = httpx.get(f"{server.url}/ready")

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from services import Backend, ClickHouse, MeterFlowServer, Redis
+from services import Backend, ClickHouse, MeterFlowServer, Redis, until
 
 from meterflow import samples
 
@@ -35,9 +35,18 @@ def test_clickhouse_down_answers_503_and_marks_nothing(
         assert r.status_code == 503
         assert r.headers["Retry-After"] == "1"
         assert r.json()["error"] == "storage_unavailable"
+        usage = httpx.get(f"{server.url}/v1/usage", params={"customer_id": "c", "meter": "api_calls", "start": 1,
+                                                           "end": 2}, headers=server.auth)  # fmt: skip
+        assert usage.status_code == 503 and usage.headers["Retry-After"] == "1"
+        # The store's own text (hosts, ports, SQL) goes to the log, never to the client.
+        for answer in (r, usage):
+            assert answer.json()["error"] == "storage_unavailable"
+            assert str(clickhouse.http_port) not in answer.text and "ClickHouse" not in answer.text
+        assert str(clickhouse.http_port) in server.logs()
         ready = httpx.get(f"{server.url}/ready")
         assert ready.status_code == 503
-        assert ready.json()["checks"]["storage:clickhouse"]["status"] == "down"
+        assert ready.json()["checks"]["storage:clickhouse"] == {"status": "down"}
+        assert str(clickhouse.http_port) not in ready.text
     finally:
         clickhouse.start()
     r = post(server, events)
@@ -72,17 +81,18 @@ def test_redis_down_answers_503_and_stores_nothing(
 class Load:
     """Clients posting fresh 200-event batches until stopped; records every answer."""
 
-    def __init__(self, server: MeterFlowServer, clients: int = 4) -> None:
+    def __init__(self, server: MeterFlowServer, clients: int = 4, timeout: float = 120) -> None:
         self.server = server
         self.clients = clients
         self.ok: list[list[str]] = []  # ids of batches answered 200
         self.unanswered: list[list[dict[str, Any]]] = []
         self.running = True
+        self.deadline = time.monotonic() + timeout
         self._seq = 0
 
     async def _client(self, n: int) -> None:
         async with httpx.AsyncClient(timeout=20) as c:
-            while self.running:
+            while self.running and time.monotonic() < self.deadline:
                 self._seq += 1
                 events = samples.batch(200, seed=n * 100_000 + self._seq, prefix=f"load{n}")
                 try:
@@ -91,7 +101,7 @@ class Load:
                     )
                 except httpx.HTTPError:
                     self.unanswered.append(events)
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # a pause between retries against a server that is gone
                     continue
                 if r.status_code == 200:
                     body = r.json()
@@ -100,13 +110,17 @@ class Load:
                 else:
                     self.unanswered.append(events)
 
-    async def run(self, seconds: float, action: Callable[[], None]) -> None:
+    async def run(self, batches: int, action: Callable[[], None]) -> None:
+        """Once `batches` batches are acknowledged, `action` (stop, kill); then until every client saw it."""
         tasks = [asyncio.create_task(self._client(i)) for i in range(self.clients)]
-        await asyncio.sleep(seconds)
-        await asyncio.to_thread(action)
-        await asyncio.sleep(0.5)
-        self.running = False
-        await asyncio.gather(*tasks)
+        try:
+            await until(lambda: len(self.ok) >= batches, f"{batches} batches acknowledged under load", 60)
+            await asyncio.to_thread(action)
+            seen = len(self.unanswered)
+            await until(lambda: len(self.unanswered) >= seen + self.clients, "the clients meeting the stopped server")
+        finally:
+            self.running = False
+            await asyncio.gather(*tasks)
 
 
 @pytest.mark.parametrize("kind", ["embedded", "full"])
@@ -116,7 +130,7 @@ async def test_sigterm_during_load_keeps_every_acknowledged_event(
     backend = make_backend(kind)
     server = start_server(backend)
     load = Load(server)
-    await load.run(2.0, lambda: server.stop(signal.SIGTERM))
+    await load.run(10, lambda: server.stop(signal.SIGTERM))
     acked = {i for ids in load.ok for i in ids}
     assert len(acked) > 1000, "the load did not get going"
     stored = set(backend.stored_ids())
@@ -132,7 +146,7 @@ async def test_kill_9_then_retry_counts_every_event_once(
     backend = make_backend(kind)
     server = start_server(backend, MF_FLUSH_TIMEOUT_S="2")
     load = Load(server)
-    await load.run(2.0, server.kill)
+    await load.run(10, server.kill)
     assert load.unanswered, "kill -9 left no batch unanswered"
     server2 = start_server(backend, MF_FLUSH_TIMEOUT_S="2")
     # After the flush timeout every unanswered batch is taken over (Redis) or

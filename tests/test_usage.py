@@ -2,7 +2,7 @@
 
 The reference is written from the rules, not from the SQL: dedupe by
 transaction_id, keep the meter's events in [start, end), aggregate exactly
-(Decimal, nine places, half to even), windows from zoneinfo.
+(Decimal, nine places, half to even), windows from the local clock read with zoneinfo, apart from metering/windows.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from meterflow.config import Settings
 from meterflow.ingest.core import Limits, decode_batch
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import AGGREGATIONS, Meter, MeterError, parse_meter
-from meterflow.metering.usage import UsageError, parse_request, run_usage
-from meterflow.metering.windows import hour_shift_ms, spans
+from meterflow.metering.usage import UsageError, parse_request, query_limits, run_usage
+from meterflow.records import Records, open_records
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.embedded import EmbeddedStorage
 
@@ -94,6 +94,37 @@ def ref_value(m: Meter, evs: list[dict[str, Any]]) -> Decimal:
     return number_of(latest["properties"][m.property]) or Decimal(0)
 
 
+QUARTER_MS = 15 * 60_000  # every UTC offset in ZONES is a multiple of 15 minutes
+
+
+def ref_windows(window: str, zone: ZoneInfo, start: int, end: int) -> list[tuple[int, int]]:
+    """[start, end) cut where the zone's clock starts a new minute, hour, day or month.
+
+    Written apart from metering/windows.py: instead of computing each window's end,
+    it walks a 15-minute UTC grid (every boundary of these zones lies on it) and reads
+    the local clock: an hour starts where the clock shows :00 (twice in a fall-back
+    hour), a day or month where the local date or month differs from 15 minutes before.
+    """
+    if window == "MINUTE":
+        cuts = list(range(-(-start // 60_000) * 60_000, end, 60_000))
+    else:
+
+        def local(t: int) -> datetime:
+            return datetime.fromtimestamp(t / 1000, zone)
+
+        def starts_here(t: int) -> bool:
+            now, before = local(t), local(t - QUARTER_MS)
+            if window == "HOUR":
+                return now.minute == 0
+            if window == "DAY":
+                return now.date() != before.date()
+            return (now.year, now.month) != (before.year, before.month)
+
+        cuts = [t for t in range(-(-start // QUARTER_MS) * QUARTER_MS, end, QUARTER_MS) if starts_here(t)]
+    edges = [start, *(c for c in cuts if c > start), end]
+    return list(itertools.pairwise(edges))
+
+
 def reference(events: list[dict[str, Any]], m: Meter, customer: str, start: int, end: int,
               group_by: tuple[str, ...] = (), window: str | None = None, tz: str = "UTC",
               filters: dict[str, list[str]] | None = None) -> dict[str, Any]:  # fmt: skip
@@ -129,15 +160,12 @@ def reference(events: list[dict[str, Any]], m: Meter, customer: str, start: int,
         out["group_by"] = list(group_by)
         out["breakdown"] = {k: ref_value(m, groups[k]) for k in sorted(groups)}
     if window:
-        zone = ZoneInfo(tz)
-        shift = hour_shift_ms(zone, start)
         out["window"] = window
         out["tz"] = tz
         out["series"] = [
-            {"start": s.start, "end": s.end,
-             "value": ref_value(m, [e for e in sel if s.start <= e["timestamp"] < s.end])}
-            for s in spans(window, zone, shift, start, end)  # type: ignore[arg-type]
-        ]  # fmt: skip
+            {"start": a, "end": b, "value": ref_value(m, [e for e in sel if a <= e["timestamp"] < b])}
+            for a, b in ref_windows(window, ZoneInfo(tz), start, end)
+        ]
     return out
 
 
@@ -163,6 +191,10 @@ def usage_storage(
     loop.close()
 
 
+# Config meters only: the catalog never opens this records database (nothing connects to it).
+CONFIG_ONLY = open_records(Settings(database_url="sqlite:////nonexistent/never-opened.db"))
+
+
 def store(loop: asyncio.AbstractEventLoop, storage: Storage, events: list[dict[str, Any]]) -> None:
     for i in range(0, len(events), 1000):
         b = decode_batch(samples.body(events[i : i + 1000]), NOW, LIMITS)
@@ -173,9 +205,9 @@ def store(loop: asyncio.AbstractEventLoop, storage: Storage, events: list[dict[s
 
 def query(loop: asyncio.AbstractEventLoop, storage: Storage, m: Meter, params: dict[str, str],
           filters: dict[str, list[str]] | None = None) -> dict[str, Any]:  # fmt: skip
-    catalog = MeterCatalog(storage, (*METERS.values(), FILTERED))
+    catalog = MeterCatalog(CONFIG_ONLY, (*METERS.values(), FILTERED))
     req = loop.run_until_complete(parse_request({"meter": m.code, **params}, filters or {}, catalog, Settings()))
-    return loop.run_until_complete(run_usage(storage, req))
+    return loop.run_until_complete(run_usage(storage, req, query_limits(Settings())))
 
 
 # --- generated events ----------------------------------------------------------------
@@ -318,16 +350,16 @@ def test_exact_decimals_and_latest(usage_storage: Any) -> None:
         ({"customer_id": "c", "meter": "m_sum", "start": "0", "end": str(86_400_000 * 30), "window": "MINUTE"}, "window"),
     ],
 )
-async def test_bad_parameters_are_named(params: dict[str, str], param: str, chdb_storage: EmbeddedStorage) -> None:
-    catalog = MeterCatalog(chdb_storage, tuple(METERS.values()))
+async def test_bad_parameters_are_named(params: dict[str, str], param: str, records: Records) -> None:
+    catalog = MeterCatalog(records, tuple(METERS.values()))
     with pytest.raises(UsageError) as e:
         await parse_request(params, {}, catalog, Settings())
     assert e.value.field == param
     assert param.split("[")[0] in e.value.message or e.value.field == "meter"
 
 
-async def test_filter_on_an_undeclared_property_is_refused(chdb_storage: EmbeddedStorage) -> None:
-    catalog = MeterCatalog(chdb_storage, tuple(METERS.values()))
+async def test_filter_on_an_undeclared_property_is_refused() -> None:
+    catalog = MeterCatalog(CONFIG_ONLY, tuple(METERS.values()))
     params = {"customer_id": "c", "meter": "m_sum", "start": "1", "end": "2"}
     with pytest.raises(UsageError) as e:
         await parse_request(params, {"secret'; DROP TABLE events; --": ["x"]}, catalog, Settings())

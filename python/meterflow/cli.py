@@ -1,13 +1,35 @@
-"""The `meterflow` command: serve, keys create, replay."""
+"""The `meterflow` command: serve, keys create, db upgrade, replay."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import resource
 import sys
 
 from meterflow import config
+
+FD_RESERVE = 1024  # descriptors kept for files, storage and Redis connections, the spool
+
+
+def raise_fd_limit() -> int:
+    """Raises this process's open-file limit to its hard limit (workers inherit it); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep the soft limit; the connection cap below follows it
+    return soft
+
+
+def connection_cap(settings: config.Settings, fd_limit: int) -> int:
+    """Connections each worker serves at once (Granian's backpressure): the setting, or
+    what the open-file limit leaves, so an accept never fails for want of a descriptor."""
+    return max(64, min(settings.http_max_connections, (fd_limit - FD_RESERVE) // settings.workers))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,11 +48,14 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["MF_CONFIG"] = args.config
     from granian import Granian
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
+    cap = connection_cap(settings, raise_fd_limit())
     print(
         f"meterflow: serving on http://{settings.host}:{settings.port} "
-        f"(storage={settings.storage}, dedup={settings.dedup}, workers={settings.workers})",
+        f"(storage={settings.storage}, dedup={settings.dedup}, workers={settings.workers}, "
+        f"connections per worker={cap})",
         file=sys.stderr,
         flush=True,
     )
@@ -42,7 +67,13 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=LogLevels(settings.log_level),
-        backlog=2048,
+        # Idle connections hold a backpressure slot each: the cap is high. Once a
+        # connection has sent a byte, or between keep-alive requests, no complete
+        # header within the timeout closes it; one that never sends a byte is kept
+        # (the proxy's job, README). The kernel caps the backlog at somaxconn.
+        backlog=4096,
+        backpressure=cap,
+        http1_settings=HTTP1Settings(header_read_timeout=settings.http_header_timeout_s * 1000),
     ).serve()
     return 0
 
@@ -60,24 +91,44 @@ def _keys_create(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     from meterflow.auth.keys import KeyError_, KeyStore
-    from meterflow.storage import StorageError, open_storage
+    from meterflow.records import RecordsUnavailable, open_records
+    from meterflow.runtime import started
 
     async def run() -> str:
-        storage = open_storage(settings)
-        await storage.start()
-        try:
-            _, secret = await KeyStore(storage).create(args.scope, args.name or "", args.customer_id)
+        records = open_records(settings)
+        async with started(records):
+            _, secret = await KeyStore(records).create(args.scope, args.name or "", args.customer_id)
             return secret
-        finally:
-            await storage.close()
 
     try:
         secret = asyncio.run(run())
-    except (StorageError, KeyError_) as e:
+    except (RecordsUnavailable, KeyError_) as e:
         print(f"meterflow: cannot create the key: {e}", file=sys.stderr)
         return 1
     # The one time the secret is shown.
     print(secret)
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    from meterflow.records import RecordsUnavailable, open_records
+
+    async def run() -> str:
+        records = open_records(settings)
+        try:
+            return await records.upgrade()
+        finally:
+            await records.close()
+
+    try:
+        revision = asyncio.run(run())
+    except RecordsUnavailable as e:
+        print(f"meterflow: cannot upgrade the records database: {e}", file=sys.stderr)
+        return 1
+    print(f"meterflow: records database ({settings.database_url.split('@')[-1] or 'sqlite'}) at revision {revision}")
     return 0
 
 
@@ -87,6 +138,7 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     from meterflow.ingest.archive import open_store
     from meterflow.ingest.replay import parse_time, replay
+    from meterflow.runtime import started
     from meterflow.storage import StorageError, open_storage
 
     try:
@@ -103,16 +155,9 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> None:
-        await store.start()
         storage = None if args.dry_run else open_storage(settings)
-        try:
-            if storage is not None:
-                await storage.start()
+        async with started(store, *([storage] if storage is not None else [])):
             await replay(store, storage, start, end, args.dry_run)
-        finally:
-            if storage is not None:
-                await storage.close()
-            await store.close()
 
     try:
         asyncio.run(run())
@@ -138,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--customer-id", help="bind an ingest key to one customer")
     create.add_argument("--config", help="TOML settings file (MF_CONFIG)")
     create.set_defaults(func=_keys_create)
+    db = sub.add_parser("db", help="manage the records database").add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="apply the records database's migrations (the server also does at start)")
+    up.add_argument("--config", help="TOML settings file (MF_CONFIG)")
+    up.set_defaults(func=_db_upgrade)
     rp = sub.add_parser("replay", help="read archived events of a time range back into storage")
     rp.add_argument("--from", dest="start", required=True, help="epoch ms or ISO 8601 (UTC)")
     rp.add_argument("--to", dest="end", required=True, help="epoch ms or ISO 8601 (UTC), exclusive")

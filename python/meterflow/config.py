@@ -38,6 +38,10 @@ class Settings:
     clickhouse_password: str = ""
     dedup: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The records database (customers, keys, meters): empty = SQLite at data_dir/meterflow.db.
+    database_url: str = ""
+    # How long a cached API key keeps working while the records database is unreachable.
+    key_cache_grace_s: int = 60
     dedup_window_s: int = 31 * 86_400
     flush_timeout_s: int = 30
     flush_max_rows: int = 10_000
@@ -45,6 +49,13 @@ class Settings:
     flush_queue_max_rows: int = 200_000
     flush_concurrency: int = 2
     max_body_bytes: int = 5 * 1024 * 1024
+    # Connections: at most this many per worker (fewer if the open-file limit says so);
+    # a begun header, or the idle time after a request, that brings no complete header
+    # within the timeout closes the connection (Granian's timer starts at the first
+    # byte: silent connections need the proxy); a body past its timeout answers 408.
+    http_max_connections: int = 16_384
+    http_header_timeout_s: int = 5
+    http_body_timeout_s: int = 10
     max_events: int = 1000
     max_future_ms: int = 5 * 60 * 1000
     max_age_ms: int = 30 * DAY_MS
@@ -57,6 +68,10 @@ class Settings:
     rate_requests_burst: int = 200
     rate_events_per_s: int = 100_000
     rate_events_burst: int = 200_000
+    # Unknown or revoked keys a client address may send a minute before it waits (429).
+    auth_failures_per_minute: int = 20
+    # Where a trusted reverse proxy puts the client's address (e.g. x-real-ip); empty: the socket's peer.
+    client_address_header: str = ""
     archive: Literal["none", "directory", "s3"] = "directory"
     s3_endpoint: str = "http://127.0.0.1:3900"
     s3_bucket: str = "meterflow-archive"
@@ -66,6 +81,12 @@ class Settings:
     spool_max_bytes: int = 1 << 30
     usage_max_period_days: int = 400
     usage_max_windows: int = 10_000
+    # What one usage read may ask and cost (every usage query runs under these).
+    usage_max_filter_values: int = 100
+    usage_max_execution_s: int = 10
+    usage_max_query_bytes: int = 262_144
+    usage_max_result_rows: int = 100_000
+    usage_max_concurrent_queries: int = 4
     # Meters defined as code (TOML `[[meters]]`); the seed's catalog by default.
     meters: tuple[Meter, ...] = dataclasses.field(default_factory=_default_meters)
 
@@ -75,10 +96,15 @@ class Settings:
             "flush_queue_max_rows", "flush_concurrency", "max_body_bytes", "max_events",
             "retry_after_s", "usage_max_period_days", "usage_max_windows", "rate_requests_per_s",
             "rate_requests_burst", "rate_events_per_s", "rate_events_burst", "spool_max_bytes",
+            "usage_max_filter_values", "usage_max_execution_s", "usage_max_query_bytes", "usage_max_result_rows",
+            "usage_max_concurrent_queries", "auth_failures_per_minute", "http_max_connections",
+            "http_body_timeout_s", "key_cache_grace_s",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MF_{name.upper()} must be a positive integer, got {getattr(self, name)}.")
+        if not 1 <= self.http_header_timeout_s <= 60:
+            raise ConfigError(f"MF_HTTP_HEADER_TIMEOUT_S must be from 1 to 60, got {self.http_header_timeout_s}.")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"MF_PORT must be from 1 to 65535, got {self.port}.")
         if self.max_future_ms < 0 or self.max_age_ms <= 0:
@@ -90,6 +116,14 @@ class Settings:
         if self.storage == "chdb" and self.workers > 1:
             raise ConfigError(
                 "MF_STORAGE=chdb admits one process per data directory; use MF_WORKERS=1 or MF_STORAGE=clickhouse."
+            )
+        db_scheme = self.database_url.split("://", 1)[0].split("+")[0] if "://" in self.database_url else ""
+        if self.database_url and db_scheme not in ("sqlite", "postgresql", "postgres"):
+            shown = self.database_url.split("@")[-1]
+            raise ConfigError(f"MF_DATABASE_URL must start with sqlite:/// or postgresql://, got {shown!r}.")
+        if self.workers > 1 and db_scheme not in ("postgresql", "postgres"):
+            raise ConfigError(
+                "MF_WORKERS > 1 needs MF_DATABASE_URL=postgresql://...: SQLite records admit one process."
             )
         if self.dedup_window_s * 1000 < self.max_age_ms + self.max_future_ms:
             raise ConfigError(
@@ -115,9 +149,18 @@ class Settings:
         d = dataclasses.asdict(self)
         d["clickhouse_password"] = "***" if self.clickhouse_password else ""
         d["admin_key"] = "***" if self.admin_key else ""
+        d["database_url"] = _without_password(self.database_url)
         d["s3_secret_key"] = "***" if self.s3_secret_key else ""
         d["meters"] = [m.code for m in self.meters]
         return d
+
+
+def _without_password(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    if not sep or "://" not in head:
+        return url
+    scheme, _, auth = head.partition("://")
+    return f"{scheme}://{auth.split(':')[0]}:***@{tail}" if ":" in auth else url
 
 
 def _convert(name: str, raw: Any, kind: Any) -> Any:
@@ -191,3 +234,19 @@ def load(
         if raw is not None:
             values[name] = _convert(name, raw, hints[name])
     return Settings(**values)
+
+
+
+def data_dir(settings: Settings) -> Path:
+    """The data directory, created private: it holds the admin key, raw events and the database."""
+    return private_dir(Path(settings.data_dir))
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, created 0700 if it is missing (never wider, whatever the umask); an existing one is kept as is."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        return path
+    path.chmod(0o700)
+    return path

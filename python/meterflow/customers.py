@@ -1,4 +1,4 @@
-"""Customers: versioned rows in the system of record; deletes are soft (invoices keep them)."""
+"""Customers: rows of the records database with a version each; deletes are soft (invoices keep them)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import time
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
 from meterflow.errors import FieldError
-from meterflow.storage.base import Storage
-from meterflow.storage.documents import Documents
+from meterflow.records import IfMatch, Records, StaleVersion, plain
+from meterflow.records.tables import customers
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,255}")
 EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
@@ -25,7 +28,7 @@ def validate(doc: Any, partial: bool = False) -> dict[str, Any]:
     """The writable fields of a customer, checked; `partial` for PATCH."""
     if not isinstance(doc, dict):
         raise CustomerError("body", "The body must be a JSON object.")
-    unknown = sorted(set(doc) - set(FIELDS) - {"id", "created_at", "updated_at"})
+    unknown = sorted(set(doc) - set(FIELDS) - {"id", "created_at", "updated_at", "version"})
     if unknown:
         raise CustomerError(unknown[0], f"`{unknown[0]}` is not a customer field; the fields are {', '.join(FIELDS)}.")
     out: dict[str, Any] = {}
@@ -67,41 +70,109 @@ def validate(doc: Any, partial: bool = False) -> dict[str, Any]:
 
 
 class Customers:
-    def __init__(self, storage: Storage) -> None:
-        self._docs = Documents(storage, "customer")
+    """Customers in the records database; every change raises `version` by one."""
 
-    async def put(self, customer_id: str, fields: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def __init__(self, records: Records) -> None:
+        self._db = records
+
+    async def put(
+        self, customer_id: str, fields: dict[str, Any], if_match: IfMatch | None = None
+    ) -> tuple[dict[str, Any], bool]:
         """Creates or replaces; returns (customer, created)."""
-        old = await self._docs.get(customer_id, include_deleted=True)
-        now = int(time.time() * 1000)
-        created = old is None or bool(old.get("deleted"))
-        doc = {"id": customer_id, **fields, "created_at": now if created else old["created_at"],  # type: ignore[index]
-               "updated_at": now}  # fmt: skip
-        await self._docs.put(customer_id, doc)
-        return doc, created
+        for _ in range(_RETRIES):
+            old = await self._row(customer_id, include_deleted=True)
+            live = old is not None and old["deleted_at"] is None
+            if if_match is not None:
+                if_match.check(old["version"] if live and old is not None else None)
+            now = _now_ms()
+            if old is None:
+                row = {"id": customer_id, **fields, "created_at": now, "updated_at": now, "deleted_at": None,
+                       "version": 1}  # fmt: skip
+                try:
+                    async with self._db.begin() as conn:
+                        await conn.execute(sa.insert(customers).values(row))
+                except IntegrityError:
+                    continue  # created concurrently: replace it on the next turn
+                return _public(row), True
+            values = {**fields, "updated_at": now, "deleted_at": None, "version": old["version"] + 1,
+                      **({} if live else {"created_at": now})}  # fmt: skip
+            if await self._swap(customer_id, old["version"], values):
+                return _public({**old, **values}), not live
+            if if_match is not None:
+                raise StaleVersion
+        raise StaleVersion
 
-    async def patch(self, customer_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
-        old = await self._docs.get(customer_id)
-        if old is None:
-            return None
-        doc = {**old, **fields, "updated_at": int(time.time() * 1000)}
-        await self._docs.put(customer_id, doc)
-        return doc
+    async def patch(
+        self, customer_id: str, fields: dict[str, Any], if_match: IfMatch | None = None
+    ) -> dict[str, Any] | None:
+        for _ in range(_RETRIES):
+            old = await self._row(customer_id)
+            if old is None:
+                return None
+            if if_match is not None:
+                if_match.check(old["version"])
+            values = {**fields, "updated_at": _now_ms(), "version": old["version"] + 1}
+            if await self._swap(customer_id, old["version"], values):
+                return _public({**old, **values})
+            if if_match is not None:
+                raise StaleVersion
+        raise StaleVersion
 
     async def get(self, customer_id: str) -> dict[str, Any] | None:
-        return await self._docs.get(customer_id)
+        row = await self._row(customer_id)
+        return _public(row) if row is not None else None
 
-    async def delete(self, customer_id: str) -> bool:
-        old = await self._docs.get(customer_id)
-        if old is None:
-            return False
-        await self._docs.delete(customer_id, {**old, "deleted_at": int(time.time() * 1000)})
-        return True
+    async def delete(self, customer_id: str, if_match: IfMatch | None = None) -> bool:
+        """Soft delete: the row stays (invoices keep their customer), reads no longer see it."""
+        for _ in range(_RETRIES):
+            old = await self._row(customer_id)
+            if old is None:
+                return False
+            if if_match is not None:
+                if_match.check(old["version"])
+            if await self._swap(customer_id, old["version"], {"deleted_at": _now_ms(), "version": old["version"] + 1}):
+                return True
+            if if_match is not None:
+                raise StaleVersion
+        raise StaleVersion
 
     async def list(self, after: str, limit: int, name: str = "", email: str = "") -> list[dict[str, Any]]:
-        match = {}
+        """In id order after the cursor; `name` and `email` keep those containing the text (any case)."""
+        q = sa.select(customers).where(customers.c.deleted_at.is_(None), customers.c.id > after)
         if name:
-            match["name"] = name
+            q = q.where(customers.c.name.icontains(name, autoescape=True))
         if email:
-            match["email"] = email
-        return await self._docs.page(after, limit, match=match)
+            q = q.where(customers.c.email.icontains(email, autoescape=True))
+        async with self._db.connect() as conn:
+            rows = (await conn.execute(q.order_by(customers.c.id).limit(limit))).mappings().all()
+        return [_public(plain(r)) for r in rows]
+
+    async def _row(self, customer_id: str, include_deleted: bool = False) -> dict[str, Any] | None:
+        q = sa.select(customers).where(customers.c.id == customer_id)
+        if not include_deleted:
+            q = q.where(customers.c.deleted_at.is_(None))
+        async with self._db.connect() as conn:
+            row = (await conn.execute(q)).mappings().first()
+        return plain(row) if row is not None else None
+
+    async def _swap(self, customer_id: str, version: int, values: dict[str, Any]) -> bool:
+        """Compare-and-set: writes only if the row still has `version`."""
+        async with self._db.begin() as conn:
+            done = await conn.execute(
+                sa.update(customers).where(customers.c.id == customer_id, customers.c.version == version).values(values)
+            )
+        return bool(done.rowcount)
+
+
+# A change without If-Match retries its read-modify-write this often when a concurrent one wins.
+_RETRIES = 10
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    """A customer as the API shows it (the version travels as the ETag)."""
+    return {"id": row["id"], **{f: row[f] for f in FIELDS}, "created_at": row["created_at"],
+            "updated_at": row["updated_at"], "version": row["version"]}  # fmt: skip

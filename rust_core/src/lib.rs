@@ -3,6 +3,7 @@
 //! The Python package calls this in one place (`meterflow.ingest.core`); the
 //! GIL is released while a batch is decoded.
 
+pub mod decimal;
 pub mod decode;
 pub mod dedup;
 pub mod identity;

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,15 +23,10 @@ from meterflow.api.meters import create_meter, delete_meter, get_meter, list_met
 from meterflow.api.openapi import openapi
 from meterflow.api.usage import get_usage
 from meterflow.auth.keys import KeyStore
-from meterflow.auth.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from meterflow.customers import Customers
-from meterflow.ingest.archive import Spool, open_store
-from meterflow.ingest.dedup import open_dedup
-from meterflow.ingest.service import IngestService
 from meterflow.logs import setup_logging
-from meterflow.metering.catalog import MeterCatalog
-from meterflow.metrics import Metrics
-from meterflow.storage import open_storage
+from meterflow.records import RecordsUnavailable, StaleVersion
+from meterflow.runtime import running
+from meterflow.storage import StorageError
 
 log = logging.getLogger("meterflow.app")
 
@@ -42,47 +36,13 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        storage = open_storage(settings)
-        dedup = open_dedup(settings)
-        await storage.start()
-        await dedup.start()
-        metrics = Metrics()
-        archive = open_store(settings)
-        spool = Spool(settings, archive, metrics) if archive is not None else None
-        if archive is not None and spool is not None:
-            await archive.start()
-            spool.start()
-        service = IngestService(settings, storage, dedup, metrics, spool)
-        await service.warm()
-        app.state.ingest = service
-        app.state.settings = settings
-        app.state.storage = storage
-        app.state.meters = MeterCatalog(storage, settings.meters)
-        app.state.customers = Customers(storage)
-        app.state.keys = keys = KeyStore(storage, settings.admin_key)
-        limiter: RateLimiter = (
-            RedisRateLimiter(settings.redis_url) if settings.dedup == "redis" else MemoryRateLimiter()
-        )
-        app.state.limiter = limiter
-        await bootstrap_admin_key(settings, keys)
-        log.info("ready", extra={"storage": storage.name, "dedup": dedup.name})
-        try:
+        config.data_dir(settings)
+        async with running(settings) as rt:
+            app.state.runtime = rt
+            await bootstrap_admin_key(settings, rt.keys)
+            log.info("ready", extra={"storage": rt.storage.name, "dedup": rt.dedup.name, "records": rt.records.name})
             yield
-        finally:
-            # SIGTERM: Granian has stopped taking requests; flush what is queued.
-            await service.flusher.drain()
-            if spool is not None and archive is not None:
-                await spool.stop()
-                try:  # a last upload; what fails stays spooled for the next start
-                    await asyncio.wait_for(spool.drain_once(), 10)
-                except Exception as e:
-                    log.warning("archive left spooled at shutdown", extra={"error": str(e)[:300]})
-                await archive.close()
-            if isinstance(limiter, RedisRateLimiter):
-                await limiter.close()
-            await dedup.close()
-            await storage.close()
-            log.info("stopped")
+        log.info("stopped")
 
     # Every route but /health and /ready needs a key with the named scope (or admin).
     routes = [
@@ -111,7 +71,10 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         lifespan=lifespan,
         exception_handlers={
             errors.ApiError: errors.api_error,
+            StaleVersion: errors.precondition_failed,
+            RecordsUnavailable: errors.records_unavailable,
             HTTPException: errors.http_error,
+            StorageError: errors.storage_error,
             Exception: errors.internal_error,
         },
     )
@@ -122,9 +85,12 @@ async def bootstrap_admin_key(settings: config.Settings, keys: KeyStore) -> None
     if not settings.embedded or settings.admin_key or await keys.any_exist():
         return
     _, secret = await keys.create("admin", "bootstrap")
-    path = Path(settings.data_dir) / "admin.key"
-    path.write_text(secret + "\n")
-    path.chmod(0o600)
+    path = config.data_dir(settings) / "admin.key"
+    path.unlink(missing_ok=True)  # a key file from a wiped store names no key
+    # Created 0600 in one call: the secret is never readable by others, not even for a moment.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
     # Shown once on the console (never through the logs), as a new key is.
     print(f"meterflow: first start: admin API key {secret} (also saved to {path})", file=sys.stderr, flush=True)
 

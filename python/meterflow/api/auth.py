@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -9,10 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
-from meterflow.auth.keys import KeyStore, Principal, Scope
+from meterflow.auth.keys import Principal, Scope
 from meterflow.auth.ratelimit import RateLimiter, RateLimitUnavailable, Verdict
 from meterflow.config import Settings
-from meterflow.storage import StorageError
+from meterflow.runtime import runtime_of
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("meterflow.auth")
@@ -23,6 +24,21 @@ def presented_key(request: Request) -> str | None:
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
     return request.headers.get("x-api-key")
+
+
+def client_address(request: Request, header: str) -> str:
+    """The caller's address: the socket peer, or the header a trusted proxy sets (MF_CLIENT_ADDRESS_HEADER)."""
+    if header and (value := request.headers.get(header)):
+        return value.split(",")[-1].strip()[:64]  # the proxy appends the address it saw last
+    return request.client.host if request.client else "unknown"
+
+
+def too_many_failures(retry_after: int, limit: int) -> ApiError:
+    return ApiError(
+        429, "too_many_auth_failures",
+        f"This address sent more than {limit} unknown or revoked API keys this minute; retry after {retry_after} s.",
+        {"Retry-After": str(retry_after)},
+    )  # fmt: skip
 
 
 def rate_limited(verdict: Verdict, what: str) -> ApiError:
@@ -51,29 +67,31 @@ async def check_rate(limiter: RateLimiter, settings: Settings, p: Principal, kin
 def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
     """The endpoint, behind a key with `scope` (or admin) and the key's request rate."""
 
+    @functools.wraps(endpoint)  # keeps its name and its @operation documentation
     async def guarded(request: Request) -> Response:
-        state = request.app.state
-        settings: Settings = state.settings
+        rt = runtime_of(request)
         raw = presented_key(request)
         if not raw:
             raise ApiError(401, "missing_api_key", "Send an API key as `Authorization: Bearer <key>` or `X-API-Key`.")
-        keys: KeyStore = state.keys
-        try:
-            principal = await keys.authenticate(raw)
-        except StorageError as e:
-            raise ApiError(503, "storage_unavailable", f"Storage is unavailable: {e}",
-                           {"Retry-After": str(settings.retry_after_s)}) from None  # fmt: skip
+        failures = rt.auth_failures
+        address = client_address(request, rt.settings.client_address_header)
+        if (wait := failures.retry_after(address)) is not None:
+            raise too_many_failures(wait, failures.per_minute)
+        # An unreachable records database raises RecordsUnavailable: 503 records_unavailable.
+        principal = await rt.keys.authenticate(raw)
         if principal is None:
+            if (wait := await failures.failed(address)) is not None:
+                raise too_many_failures(wait, failures.per_minute)
             raise ApiError(401, "invalid_api_key", "The API key is unknown or revoked.")
         if not principal.allows(scope):
             raise ApiError(
                 403, "insufficient_scope", f"This key has scope `{principal.scope}`; this route needs `{scope}`."
             )
-        verdict = await check_rate(state.limiter, settings, principal, "requests", 1)
+        verdict = await check_rate(rt.limiter, rt.settings, principal, "requests", 1)
         request.state.principal = principal
         response = await endpoint(request)
         response.headers.update(verdict.headers())
         return response
 
-    guarded.__name__ = endpoint.__name__
+    guarded.scope = scope  # type: ignore[attr-defined]  # read by the OpenAPI document
     return guarded

@@ -6,13 +6,26 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
+from meterflow.api.openapi import PAGE, Param, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.customers import ID_RE, CustomerError, Customers, validate
+from meterflow.records import IfMatch
+from meterflow.records.versions import etag
+from meterflow.runtime import runtime_of
+
+FILTER_MAX = 500  # the longest name a customer may have
 
 
 def _store(request: Request) -> Customers:
-    customers: Customers = request.app.state.customers
-    return customers
+    return runtime_of(request).customers
+
+
+def _if_match(request: Request) -> IfMatch | None:
+    return IfMatch.parse(request.headers.get("if-match"))
+
+
+def _answer(customer: dict[str, object], status: int = 200) -> Response:
+    return json_response(customer, status, {"ETag": etag(int(str(customer["version"])))})
 
 
 def _id(request: Request) -> str:
@@ -29,41 +42,54 @@ def _fields(doc: object, partial: bool) -> dict[str, object]:
         raise ApiError(400, "invalid_customer", e.message) from None
 
 
+@operation("Create or replace a customer", {200: "Replaced", 201: "Created"}, body="Customer", result="Customer")
 async def put_customer(request: Request) -> Response:
     cid = _id(request)
     doc = await json_body(request)
     if isinstance(doc, dict) and doc.get("id", cid) != cid:
         raise ApiError(400, "invalid_customer", f"`id` is {doc.get('id')!r} but the URL names {cid!r}.")
-    customer, created = await _store(request).put(cid, _fields(doc, partial=False))
-    return json_response(customer, 201 if created else 200)
+    customer, created = await _store(request).put(cid, _fields(doc, partial=False), _if_match(request))
+    return _answer(customer, 201 if created else 200)
 
 
+@operation("Change some fields of a customer", {200: "Changed", 404: "There is no such customer."},
+           body="Customer", result="Customer")  # fmt: skip
 async def patch_customer(request: Request) -> Response:
     cid = _id(request)
-    customer = await _store(request).patch(cid, _fields(await json_body(request), partial=True))
+    customer = await _store(request).patch(cid, _fields(await json_body(request), partial=True), _if_match(request))
     if customer is None:
         raise ApiError(404, "customer_not_found", f"There is no customer {cid!r}.")
-    return json_response(customer)
+    return _answer(customer)
 
 
+@operation("Get a customer", {200: "The customer", 400: "The id is not a valid customer id.",
+                               404: "There is no such customer."}, result="Customer")  # fmt: skip
 async def get_customer(request: Request) -> Response:
     cid = _id(request)
     customer = await _store(request).get(cid)
     if customer is None:
         raise ApiError(404, "customer_not_found", f"There is no customer {cid!r}.")
-    return json_response(customer)
+    return _answer(customer)
 
 
+@operation("Delete a customer (soft: kept for past invoices)", {
+    204: "Deleted", 400: "The id is not a valid customer id.", 404: "There is no such customer."})  # fmt: skip
 async def delete_customer(request: Request) -> Response:
     cid = _id(request)
-    if not await _store(request).delete(cid):
+    if not await _store(request).delete(cid, _if_match(request)):
         raise ApiError(404, "customer_not_found", f"There is no customer {cid!r}.")
     return Response(status_code=204)
 
 
+@operation("List customers, in id order", {200: "A page of customers", 400: "A parameter is invalid."},
+           result="Page", params=(*PAGE, Param("name", "Only names containing this text (any case)."),
+                                  Param("email", "Only emails containing this text (any case).")))  # fmt: skip
 async def list_customers(request: Request) -> Response:
     limit, cursor = page_params(request)
     q = request.query_params
+    for name in ("name", "email"):
+        if len(q.get(name, "")) > FILTER_MAX:
+            raise ApiError(400, "invalid_parameter", f"`{name}` is longer than {FILTER_MAX} characters, the limit.")
     rows = await _store(request).list(cursor, limit + 1, q.get("name", ""), q.get("email", ""))
     more = len(rows) > limit
     rows = rows[:limit]

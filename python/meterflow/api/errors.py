@@ -8,6 +8,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from meterflow.runtime import runtime_of
+from meterflow.storage.base import StorageError
+
 log = logging.getLogger("meterflow.api")
 
 
@@ -40,6 +43,27 @@ async def http_error(request: Request, exc: Exception) -> Response:
         405: f"{request.method} is not allowed on {request.url.path}.",
     }.get(exc.status_code, str(exc.detail))
     return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+
+async def storage_error(request: Request, exc: Exception) -> Response:
+    """503 with a fixed sentence: the store's own text (SQL, hosts, versions) goes to the log only."""
+    assert isinstance(exc, StorageError)
+    log.warning("storage unavailable", extra={"path": request.url.path, "error": str(exc)[:500]})
+    retry_after = runtime_of(request).settings.retry_after_s
+    return error_response(503, "storage_unavailable", f"Storage is unavailable; retry after {retry_after} s.",
+                          {"Retry-After": str(retry_after)})  # fmt: skip
+
+
+async def precondition_failed(request: Request, exc: Exception) -> Response:
+    message = "If-Match names a version that is not the record's current one; read it again and retry."
+    return error_response(412, "precondition_failed", message)
+
+
+async def records_unavailable(request: Request, exc: Exception) -> Response:
+    retry = str(runtime_of(request).settings.retry_after_s)
+    log.warning("records database unavailable", extra={"path": request.url.path, "error": str(exc)[:300]})
+    message = f"The records database (customers, keys, meters) is unavailable; retry after {retry} s."
+    return error_response(503, "records_unavailable", message, {"Retry-After": retry})
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

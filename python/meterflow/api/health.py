@@ -3,47 +3,49 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import logging
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from meterflow.api.openapi import operation
 from meterflow.api.responses import json_response
-from meterflow.ingest.archive import ArchiveError
-from meterflow.ingest.dedup import DedupUnavailable
-from meterflow.ingest.service import IngestService
-from meterflow.storage import StorageError
+from meterflow.runtime import Probe, runtime_of
+
+log = logging.getLogger("meterflow.api")
 
 
+@operation("Liveness: the process answers", {200: "Alive"})
 async def health(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
-async def _check(name: str, probe: Awaitable[None]) -> tuple[str, dict[str, str]]:
+async def _check(probe: Probe) -> dict[str, str]:
     try:
-        await asyncio.wait_for(probe, 2)
-    except (StorageError, DedupUnavailable, ArchiveError, TimeoutError, OSError) as e:
-        return name, {"status": "down", "error": str(e) or type(e).__name__}
-    return name, {"status": "ok"}
+        await asyncio.wait_for(probe.backend.ping(), 2)
+    except Exception as e:  # any failure to answer is "down"
+        # /ready needs no key: the service's own text (hosts, versions) goes to the log only.
+        log.warning("readiness check failed", extra={"check": probe.label, "error": (str(e) or type(e).__name__)[:500]})
+        return {"status": "down"}
+    return {"status": "ok"}
 
 
+@operation("Readiness: each backing service checked", {200: "Every backing service answers",
+           503: "A backing service is down or the archive spool is full; `checks` says which."})  # fmt: skip
 async def ready(request: Request) -> Response:
-    service: IngestService = request.app.state.ingest
-    checks = dict(
-        await asyncio.gather(
-            _check(f"storage:{service.storage.name}", service.storage.ping()),
-            _check(f"dedup:{service.dedup.name}", service.dedup.ping()),
-        )
-    )
-    ok = all(c["status"] == "ok" for c in checks.values())
+    rt = runtime_of(request)
+    probes = rt.probes()
+    results = await asyncio.gather(*(_check(p) for p in probes))
+    checks = {p.label: r for p, r in zip(probes, results, strict=True) if p.family != "archive"}
+    ok = all(r["status"] == "ok" for p, r in zip(probes, results, strict=True) if p.essential)
     body: dict[str, Any] = {"status": "ready" if ok else "unavailable", "checks": checks,
-            "flush_queue_rows": service.flusher.queued_rows}  # fmt: skip
-    spool = service.spool
+            "flush_queue_rows": rt.ingest.flusher.queued_rows}  # fmt: skip
+    spool = rt.spool
     if spool is not None:
         # The archive never blocks ingestion: its state is reported, not a reason for 503.
         objects, size = spool.depth()
-        _, check = await _check(f"archive:{spool.store.name}", spool.store.ping())
+        check = next(r for p, r in zip(probes, results, strict=True) if p.family == "archive")
         body["archive"] = {**check, "spool_objects": objects, "spool_bytes": size,
                            "spool_max_bytes": spool.max_bytes, "last_error": spool.last_error}  # fmt: skip
         if size >= spool.max_bytes:
@@ -52,11 +54,12 @@ async def ready(request: Request) -> Response:
     return json_response(body, 200 if ok else 503)
 
 
+@operation("Prometheus metrics", {200: "Text format 0.0.4"}, media_type="text/plain")
 async def metrics(request: Request) -> Response:
-    service: IngestService = request.app.state.ingest
-    service.metrics.gauges["meterflow_flush_queue_rows"] = service.flusher.queued_rows
-    if service.spool is not None:
-        objects, size = service.spool.depth()
-        service.metrics.gauges["meterflow_archive_spool_objects"] = objects
-        service.metrics.gauges["meterflow_archive_spool_bytes"] = size
-    return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+    rt = runtime_of(request)
+    rt.metrics.gauges["meterflow_flush_queue_rows"] = rt.ingest.flusher.queued_rows
+    if rt.spool is not None:
+        objects, size = rt.spool.depth()
+        rt.metrics.gauges["meterflow_archive_spool_objects"] = objects
+        rt.metrics.gauges["meterflow_archive_spool_bytes"] = size
+    return PlainTextResponse(rt.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -6,12 +6,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
+from meterflow.api.openapi import PAGE, operation
 from meterflow.api.responses import json_body, json_response, page_params
-from meterflow.auth.keys import KeyError_, KeyStore, check_rate_limits
+from meterflow.auth.keys import KeyError_, check_rate_limits
+from meterflow.records import IfMatch
+from meterflow.records.versions import etag
+from meterflow.runtime import runtime_of
 
 
+@operation("Create an API key; the secret is in this answer only", {201: "Created, with `key`"}, body="KeyRequest")
 async def create_key(request: Request) -> Response:
-    keys: KeyStore = request.app.state.keys
+    keys = runtime_of(request).keys
     doc = await json_body(request)
     if not isinstance(doc, dict) or set(doc) - {"scope", "name", "customer_id", "rate_limits"}:
         raise ApiError(
@@ -26,11 +31,13 @@ async def create_key(request: Request) -> Response:
         key, secret = await keys.create(str(doc.get("scope")), name, customer, limits)
     except KeyError_ as e:
         raise ApiError(400, "invalid_key", str(e)) from None
-    return json_response({**key, "key": secret}, 201)
+    return json_response({**key, "key": secret}, 201, {"ETag": etag(key["version"])})
 
 
+@operation("List API keys (never the secret)", {200: "A page of keys", 400: "`limit` or `cursor` is invalid."},
+           result="Page", params=PAGE)  # fmt: skip
 async def list_keys(request: Request) -> Response:
-    keys: KeyStore = request.app.state.keys
+    keys = runtime_of(request).keys
     limit, cursor = page_params(request)
     rows = await keys.list(cursor, limit + 1)
     more = len(rows) > limit
@@ -38,8 +45,9 @@ async def list_keys(request: Request) -> Response:
     return json_response({"data": rows, "next_cursor": rows[-1]["id"] if more and rows else None})
 
 
+@operation("Revoke an API key", {204: "Revoked", 404: "There is no active key with this id."})
 async def revoke_key(request: Request) -> Response:
-    keys: KeyStore = request.app.state.keys
-    if not await keys.revoke(request.path_params["key_id"]):
+    keys = runtime_of(request).keys
+    if not await keys.revoke(request.path_params["key_id"], IfMatch.parse(request.headers.get("if-match"))):
         raise ApiError(404, "key_not_found", f"There is no active key {request.path_params['key_id']!r}.")
     return Response(status_code=204)

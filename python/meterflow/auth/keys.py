@@ -10,8 +10,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from meterflow.storage.base import Storage
-from meterflow.storage.documents import Documents
+import sqlalchemy as sa
+
+from meterflow.customers import ID_RE
+from meterflow.records import IfMatch, Records, RecordsUnavailable, StaleVersion, plain
+from meterflow.records.tables import api_keys
 
 Scope = Literal["ingest", "read", "admin"]
 SCOPES = ("ingest", "read", "admin")
@@ -19,6 +22,7 @@ ALPHABET = string.ascii_letters + string.digits
 ID_LEN = 12
 SECRET_LEN = 32  # 32 base62 characters: about 190 bits of randomness
 CACHE_S = 2.0  # a revoked key stops working on every worker within this time
+CACHE_MAX = 10_000  # keys (known or not) remembered per worker
 LAST_USED_EVERY_S = 60.0
 RATE_FIELDS = ("requests_per_s", "requests_burst", "events_per_s", "events_burst")
 
@@ -75,11 +79,11 @@ def check_rate_limits(raw: Any) -> dict[str, int]:
 
 
 class KeyStore:
-    def __init__(self, storage: Storage, static_admin_key: str = "") -> None:
-        self._docs = Documents(storage, "api_key")
-        # last_used_at lives apart: rewriting the key's own document could undo a
-        # revocation that landed between the read and the write.
-        self._used = Documents(storage, "api_key_used")
+    """Keys in the records database, looked up through a short per-worker cache."""
+
+    def __init__(self, records: Records, static_admin_key: str = "", grace_s: float = 60.0) -> None:
+        self._db = records
+        self._grace_s = grace_s
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._last_used_written: dict[str, float] = {}
         self._static = split_key(static_admin_key) if static_admin_key else None
@@ -90,30 +94,48 @@ class KeyStore:
             raise KeyError_(f"`scope` must be one of {', '.join(SCOPES)}, got {scope!r}.")
         if customer_id is not None and scope != "ingest":
             raise KeyError_("`customer_id` binds an ingest key to one customer; only `ingest` keys take it.")
+        if customer_id is not None and not ID_RE.fullmatch(customer_id):
+            raise KeyError_("`customer_id` must be 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
         key_id, full, hashed = new_key()
         now = int(time.time() * 1000)
-        doc = {"id": key_id, "name": name, "scope": scope, "customer_id": customer_id,
+        row = {"id": key_id, "name": name, "scope": scope, "customer_id": customer_id,
                "rate_limits": rate_limits or {}, "hash": hashed, "created_at": now,
-               "last_used_at": None, "revoked_at": None}  # fmt: skip
-        await self._docs.put(key_id, doc)
-        return public(doc), full
+               "last_used_at": None, "revoked_at": None, "version": 1}  # fmt: skip
+        async with self._db.begin() as conn:
+            await conn.execute(sa.insert(api_keys).values(row))
+        return public(row), full
 
     async def list(self, after: str = "", limit: int = 100) -> list[dict[str, Any]]:
-        keys = await self._docs.page(after, limit)
-        used = await self._used.get_many([k["id"] for k in keys])
-        return [public({**k, "last_used_at": used.get(k["id"], {}).get("last_used_at")}) for k in keys]
+        q = (
+            sa.select(api_keys)
+            .where(api_keys.c.revoked_at.is_(None), api_keys.c.id > after)
+            .order_by(api_keys.c.id)
+            .limit(limit)
+        )
+        async with self._db.connect() as conn:
+            return [public(plain(r)) for r in (await conn.execute(q)).mappings()]
 
     async def any_exist(self) -> bool:
-        return bool(await self._docs.page("", 1, include_deleted=True))
+        async with self._db.connect() as conn:
+            return (await conn.execute(sa.select(api_keys.c.id).limit(1))).first() is not None
 
-    async def revoke(self, key_id: str) -> bool:
-        doc = await self._docs.get(key_id)
-        if doc is None:
-            return False
-        doc["revoked_at"] = int(time.time() * 1000)
-        await self._docs.delete(key_id, doc)
+    async def revoke(self, key_id: str, if_match: IfMatch | None = None) -> bool:
+        """Revokes an active key; False when there is none with this id."""
+        if len(key_id) != ID_LEN or not all(c in ALPHABET for c in key_id):
+            return False  # no key has such an id: no query
+        q = sa.update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+        if if_match is not None and not if_match.any:
+            q = q.where(api_keys.c.version.in_(sorted(if_match.versions)))
+        async with self._db.begin() as conn:
+            done = await conn.execute(q.values(revoked_at=int(time.time() * 1000), version=api_keys.c.version + 1))
+            if not done.rowcount and if_match is not None:
+                active = await conn.execute(
+                    sa.select(api_keys.c.id).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                )
+                if active.first() is not None:
+                    raise StaleVersion
         self._cache.pop(key_id, None)
-        return True
+        return bool(done.rowcount)
 
     async def authenticate(self, raw: str) -> Principal | None:
         """The key's principal, or None for an unknown, malformed or revoked key."""
@@ -139,19 +161,38 @@ class KeyStore:
         hit = self._cache.get(key_id)
         if hit is not None and now - hit[0] < CACHE_S:
             return hit[1]
-        doc = await self._docs.get(key_id)  # revoked keys are deleted documents: None
+        q = sa.select(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+        try:
+            async with self._db.connect() as conn:
+                row = (await conn.execute(q)).mappings().first()
+        except RecordsUnavailable:
+            # An outage of the records database does not stop ingestion at once:
+            # a key seen recently keeps working for the grace time, then 503.
+            if hit is not None and now - hit[0] < self._grace_s:
+                return hit[1]
+            raise
+        doc = plain(row) if row is not None else None  # revoked keys: None
         self._cache[key_id] = (now, doc)
+        if len(self._cache) > CACHE_MAX:  # unknown ids must not grow it: drop the oldest (dicts keep order)
+            del self._cache[next(iter(self._cache))]
         return doc
 
     async def _touch(self, doc: dict[str, Any]) -> None:
-        """Keeps last_used_at, written at most once a minute per key and worker."""
+        """Keeps last_used_at, written at most once a minute per key and worker.
+        It updates that one column only: it can never undo a revocation."""
         now = time.monotonic()
         if now - self._last_used_written.get(doc["id"], -LAST_USED_EVERY_S) < LAST_USED_EVERY_S:
             return
         self._last_used_written[doc["id"]] = now
-        await self._used.put(doc["id"], {"id": doc["id"], "last_used_at": int(time.time() * 1000)})
+        try:
+            async with self._db.begin() as conn:
+                await conn.execute(
+                    sa.update(api_keys).where(api_keys.c.id == doc["id"]).values(last_used_at=int(time.time() * 1000))
+                )
+        except RecordsUnavailable:
+            pass  # a statistic: it does not stop a request that is otherwise served
 
 
 def public(doc: dict[str, Any]) -> dict[str, Any]:
     """A key as listed: never the secret or its hash."""
-    return {k: v for k, v in doc.items() if k not in ("hash", "deleted")}
+    return {k: v for k, v in doc.items() if k != "hash"}

@@ -14,6 +14,8 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from meterflow.config import Settings
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -53,12 +55,32 @@ def gcra(tat_ms: float, now_ms: float, rate: int, burst: int, cost: int) -> tupl
 
 
 class RateLimiter(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raises RateLimitUnavailable when the store does not answer."""
+
     async def check(self, bucket: str, rate: int, burst: int, cost: int = 1) -> Verdict: ...
 
 
 class MemoryRateLimiter:
+    name = "memory"
+
     def __init__(self) -> None:
         self._tat: dict[str, float] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> None:
+        pass
 
     async def check(self, bucket: str, rate: int, burst: int, cost: int = 1) -> Verdict:
         now = time.time() * 1000
@@ -90,9 +112,20 @@ return {1, math.max(remaining, 0), '0', tostring(new_tat - now_ms)}
 
 
 class RedisRateLimiter:
+    name = "redis"
+
     def __init__(self, url: str) -> None:
         self._redis = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._script = self._redis.register_script(_GCRA)
+
+    async def start(self) -> None:
+        pass  # connects on first use; limits fail open while Redis is away
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as e:
+            raise RateLimitUnavailable(str(e)) from e
 
     async def check(self, bucket: str, rate: int, burst: int, cost: int = 1) -> Verdict:
         try:
@@ -103,3 +136,8 @@ class RedisRateLimiter:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def open_rate_limiter(settings: Settings) -> RateLimiter:
+    """Shared by every worker through Redis in the full stack; per process when embedded."""
+    return RedisRateLimiter(settings.redis_url) if settings.dedup == "redis" else MemoryRateLimiter()

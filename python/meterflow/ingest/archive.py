@@ -260,6 +260,8 @@ class Spool:
         me = os.getpid()
         for p in sorted(self.dir.glob("*.gz*")):
             name = p.name
+            if name.endswith(".tmp"):
+                continue  # a write in progress (or left by a crash): `_atomic_write`'s temporary
             if name.endswith(".gz"):
                 target = p.with_name(f"{name}.{me}")
             elif ".gz." in name and (int(name.rsplit(".", 1)[1]) == me or not _alive(int(name.rsplit(".", 1)[1]))):

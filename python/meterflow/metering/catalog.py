@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from meterflow.metering.meters import Meter, parse_meter
-from meterflow.storage.base import Storage
-from meterflow.storage.documents import Documents
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from meterflow.metering.meters import CODE_RE, Meter, parse_meter
+from meterflow.records import IfMatch, Records, StaleVersion, plain
+from meterflow.records.tables import meters
 
 
 class MeterConflict(Exception):
@@ -12,45 +18,125 @@ class MeterConflict(Exception):
 
 
 class MeterCatalog:
-    def __init__(self, storage: Storage, config_meters: tuple[Meter, ...]) -> None:
+    def __init__(self, records: Records, config_meters: tuple[Meter, ...]) -> None:
         self._config = {m.code: m for m in config_meters}
         # Read on every call: every worker sees a change at once.
-        self._docs = Documents(storage, "meter")
+        self._db = records
 
     async def get(self, code: str) -> Meter | None:
-        if code in self._config:
-            return self._config[code]
-        doc = await self._docs.get(code)
-        return parse_meter(doc, "api") if doc else None
+        found = await self.get_versioned(code)
+        return found[0] if found else None
 
-    async def list(self, after: str = "", limit: int = 100) -> list[Meter]:
-        config = [m for code, m in sorted(self._config.items()) if code > after]
-        stored = [parse_meter(d, "api") for d in await self._docs.page(after, limit)]
-        merged = sorted({m.code: m for m in stored + config}.values(), key=lambda m: m.code)
+    async def get_versioned(self, code: str) -> tuple[Meter, int | None] | None:
+        """The meter and its version (None for a config meter, which has none)."""
+        if code in self._config:
+            return self._config[code], None
+        if not CODE_RE.fullmatch(code):  # no such meter can exist: no query
+            return None
+        row = await self._row(code)
+        return (parse_meter(row["definition"], "api"), int(row["version"])) if row else None
+
+    async def list(self, after: str = "", limit: int = 100) -> list[tuple[Meter, int | None]]:
+        """Meters in code order after the cursor, each with its version (None: config)."""
+        config: list[tuple[Meter, int | None]] = [(m, None) for code, m in sorted(self._config.items()) if code > after]
+        q = (
+            sa.select(meters.c.definition, meters.c.version)
+            .where(meters.c.deleted_at.is_(None), meters.c.code > after)
+            .order_by(meters.c.code)
+            .limit(limit)
+        )
+        async with self._db.connect() as conn:
+            stored = [(parse_meter(d, "api"), int(v)) for d, v in (await conn.execute(q)).all()]
+        merged = sorted({m.code: (m, v) for m, v in stored + config}.values(), key=lambda mv: mv[0].code)
         return merged[:limit]
 
-    async def create(self, meter: Meter) -> None:
-        if await self.get(meter.code) is not None:
-            raise MeterConflict(f"Meter {meter.code!r} already exists; use PUT /v1/meters/{meter.code} to replace it.")
-        await self._docs.put(meter.code, _body(meter))
+    async def create(self, meter: Meter) -> int:
+        """Makes a new meter; returns its version."""
+        conflict = MeterConflict(f"Meter {meter.code!r} already exists; use PUT /v1/meters/{meter.code} to replace it.")
+        if meter.code in self._config:
+            raise conflict
+        old = await self._row(meter.code, include_deleted=True)
+        if old is not None and old["deleted_at"] is None:
+            raise conflict
+        try:
+            return await self._write(meter, old)
+        except StaleVersion:
+            raise conflict from None
 
-    async def replace(self, meter: Meter) -> bool:
-        """Creates or replaces; returns True when it created."""
+    async def replace(self, meter: Meter, if_match: IfMatch | None = None) -> tuple[bool, int]:
+        """Creates or replaces; returns (created, version)."""
         self._writable(meter.code)
-        existed = await self._docs.get(meter.code) is not None
-        await self._docs.put(meter.code, _body(meter))
-        return not existed
+        for _ in range(_RETRIES):
+            old = await self._row(meter.code, include_deleted=True)
+            live = old is not None and old["deleted_at"] is None
+            if if_match is not None:
+                if_match.check(int(old["version"]) if old is not None and live else None)
+            try:
+                return not live, await self._write(meter, old)
+            except StaleVersion:
+                if if_match is not None:
+                    raise
+        raise StaleVersion
 
-    async def delete(self, code: str) -> bool:
+    async def delete(self, code: str, if_match: IfMatch | None = None) -> bool:
         self._writable(code)
-        if await self._docs.get(code) is None:
+        if not CODE_RE.fullmatch(code):
             return False
-        await self._docs.delete(code)
-        return True
+        q = sa.update(meters).where(meters.c.code == code, meters.c.deleted_at.is_(None))
+        if if_match is not None and not if_match.any:
+            q = q.where(meters.c.version.in_(sorted(if_match.versions)))
+        async with self._db.begin() as conn:
+            done = await conn.execute(q.values(deleted_at=_now_ms(), version=meters.c.version + 1))
+        if not done.rowcount and if_match is not None and await self._row(code) is not None:
+            raise StaleVersion
+        return bool(done.rowcount)
+
+    async def _row(self, code: str, include_deleted: bool = False) -> dict[str, Any] | None:
+        q = sa.select(meters).where(meters.c.code == code)
+        if not include_deleted:
+            q = q.where(meters.c.deleted_at.is_(None))
+        async with self._db.connect() as conn:
+            row = (await conn.execute(q)).mappings().first()
+        return plain(row) if row is not None else None
+
+    async def _write(self, meter: Meter, old: dict[str, Any] | None) -> int:
+        """Inserts, or updates `old` if it is still the version read (else StaleVersion)."""
+        now = _now_ms()
+        async with self._db.begin() as conn:
+            if old is None:
+                try:
+                    await conn.execute(sa.insert(meters).values(code=meter.code, definition=_body(meter),
+                                                                created_at=now, updated_at=now, version=1))  # fmt: skip
+                except IntegrityError:
+                    raise StaleVersion from None
+                return 1
+            live = old["deleted_at"] is None
+            version = int(old["version"]) + 1
+            done = await conn.execute(
+                sa.update(meters)
+                .where(meters.c.code == meter.code, meters.c.version == old["version"])
+                .values(
+                    definition=_body(meter),
+                    created_at=old["created_at"] if live else now,
+                    updated_at=now,
+                    deleted_at=None,
+                    version=version,
+                )
+            )
+        if not done.rowcount:
+            raise StaleVersion
+        return version
 
     def _writable(self, code: str) -> None:
         if code in self._config:
             raise MeterConflict(f"Meter {code!r} is defined in the configuration file; change it there.")
+
+
+_RETRIES = 10
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _body(m: Meter) -> dict[str, object]:

@@ -76,7 +76,7 @@ def parse_meter(doc: Any, source: Literal["config", "api"] = "api", code: str | 
     """Validates a meter definition (a JSON object or a TOML table)."""
     if not isinstance(doc, dict):
         raise MeterError("meter", "A meter must be a JSON object.")
-    unknown = sorted(set(doc) - set(FIELDS) - {"source"})
+    unknown = sorted(set(doc) - set(FIELDS) - {"source", "version"})
     if unknown:
         raise MeterError(unknown[0], f"`{unknown[0]}` is not a meter field; the fields are {', '.join(FIELDS)}.")
     if code is not None and doc.get("code", code) != code:

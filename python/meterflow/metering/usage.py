@@ -3,6 +3,13 @@
 Every transaction counts once, before ClickHouse merges duplicates too: the
 inner query groups by transaction_id. SQL is built only from identifiers
 checked against the meter and values escaped by `quote`.
+
+Values are exact or an error. A Decimal128(9) sum wraps silently past about
+1.7e29, so sums are split per row into an integer part (summed as
+Decimal128(0), room for 1.7e38) and a fraction (under 1 each); every number
+leaves the engine as text of at most 19 integer digits, because ClickHouse
+18.16's `toString` garbles wider Decimal128 values. Python joins the parts
+as integers of 1e-9 units and refuses values of 1e29 or more (README).
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -20,15 +27,32 @@ from meterflow.errors import FieldError
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import NUMERIC, Meter
 from meterflow.metering.windows import WINDOWS, Window, bucket_sql, count_spans, hour_shift_ms, spans
-from meterflow.storage.base import Storage, quote
+from meterflow.params import epoch_ms
+from meterflow.storage.base import QueryLimits, Storage, quote
 
 GROUP_SEPARATOR = "|"
-NINE_PLACES = Decimal("0.000000001")
 DAY_MS = 86_400_000
+# Usage values are exact and smaller than 1e29 in magnitude: the 38 digits of
+# Decimal128(9). Values are handled as integers of 1e-9 units (`raw`).
+USAGE_LIMIT = 10**29
+_RAW_LIMIT = USAGE_LIMIT * 10**9
+# Integer parts are summed in an Int128 (Decimal128(0)): a sum is exact while
+# count x the largest magnitude stays under 1e38 (2^127 is about 1.7e38).
+_EXACT_SUM_BOUND = 1e38
+_SPLIT = 10**19
+_BY_SPLIT = "toDecimal128('0.0000000000000000001', 19)"  # 1e-19
 
 
 class UsageError(FieldError):
     """A query parameter is wrong; `field` is the parameter."""
+
+
+class UsageOutOfRange(Exception):
+    """A usage value is 1e29 or more in magnitude, or cannot be summed exactly."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -43,14 +67,11 @@ class UsageRequest:
     filters: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-def _int_param(params: Mapping[str, str], name: str) -> int:
-    raw = params.get(name)
-    if raw is None or raw == "":
-        raise UsageError(name, f"`{name}` is required: epoch milliseconds.")
+def _epoch_param(params: Mapping[str, str], name: str) -> int:
     try:
-        return int(raw)
-    except ValueError:
-        raise UsageError(name, f"`{name}` must be an integer of epoch milliseconds, got {raw!r}.") from None
+        return epoch_ms(params, name)
+    except FieldError as e:
+        raise UsageError(e.field, e.message) from None
 
 
 async def parse_request(
@@ -65,7 +86,7 @@ async def parse_request(
     meter = await catalog.get(code)
     if meter is None:
         raise UsageError("meter", f"There is no meter {code!r}; GET /v1/meters lists them.")
-    start, end = _int_param(params, "start"), _int_param(params, "end")
+    start, end = _epoch_param(params, "start"), _epoch_param(params, "end")
     if end <= start:
         raise UsageError("end", f"`end` ({end}) must be after `start` ({start}); the period is [start, end).")
     max_ms = settings.usage_max_period_days * DAY_MS
@@ -74,6 +95,10 @@ async def parse_request(
             "end", f"The period from `start` to `end` is longer than {settings.usage_max_period_days} days, the limit."
         )
     group_by = tuple(g for g in (params.get("group_by") or "").split(",") if g)
+    if len(set(group_by)) != len(group_by) or len(group_by) > len(meter.group_by):
+        raise UsageError(
+            "group_by", f"`group_by` may name each of meter {code!r}'s {len(meter.group_by)} group-by properties once."
+        )
     for g in group_by:
         if g not in meter.group_by:
             allowed = ", ".join(meter.group_by) or "none"
@@ -89,6 +114,11 @@ async def parse_request(
     if window_raw is not None and count_spans(window_raw, start, end) > settings.usage_max_windows:  # type: ignore[arg-type]
         raise UsageError(
             "window", f"`window={window_raw}` over this period gives more than {settings.usage_max_windows} windows."
+        )
+    given = sum(len(v) for v in filters.values())
+    if given > settings.usage_max_filter_values:
+        raise UsageError(
+            "filter", f"`filter[...]` gives {given} values; the limit is {settings.usage_max_filter_values} in all."
         )
     extra = []
     for prop, values in filters.items():
@@ -127,49 +157,99 @@ def _inner_sql(r: UsageRequest) -> str:
     )
 
 
+def _text19(x: str, name: str) -> str:
+    """`x` (a Decimal128 under 1e38) as two texts of at most 19 integer digits:
+    `name_h` = trunc(x / 1e19) and `name_l` = the rest. Multiplying by 1e-19,
+    a Decimal128 whose raw integer is 1, only moves the point: no overflow."""
+    hi = f"toDecimal128(({x}) * {_BY_SPLIT}, 0)"
+    return f"toString({hi}) AS {name}_h, toString(({x}) - {hi} * toDecimal128('{_SPLIT}', 0)) AS {name}_l"
+
+
 def _agg_sql(m: Meter) -> str:
     v = f"nv[indexOf(nk, {quote(m.property or '')})]"
-    return {
-        "COUNT": "toString(count()) AS v, count() AS c",
-        "SUM": f"toString(sum({v})) AS v, count() AS c",
-        "MAX": f"toString(max({v})) AS v, count() AS c",
-        "MIN": f"toString(min({v})) AS v, count() AS c",
-        "AVG": f"toString(sum({v})) AS v, count() AS c",
-        "UNIQUE_COUNT": f"toString(uniqExact(sv[indexOf(sk, {quote(m.property or '')})])) AS v, count() AS c",
-        "LATEST": f"toString(argMax({v}, (t, id))) AS v, count() AS c",
-    }[m.aggregation]
+    whole = f"toDecimal128({v}, 0)"  # truncated toward zero
+    if m.aggregation in ("SUM", "AVG"):
+        return (
+            f"{_text19(f'sum({whole})', 's')}, toString(sum({v} - {whole})) AS f, "
+            f"max(abs(toFloat64({v}))) AS m, count() AS c"
+        )
+    if m.aggregation in ("MAX", "MIN", "LATEST"):
+        x = {"MAX": f"max({v})", "MIN": f"min({v})", "LATEST": f"argMax({v}, (t, id))"}[m.aggregation]
+        return f"{_text19(x, 'v')}, count() AS c"
+    if m.aggregation == "UNIQUE_COUNT":
+        return f"toString(uniqExact(sv[indexOf(sk, {quote(m.property or '')})])) AS v, count() AS c"
+    return "toString(count()) AS v, count() AS c"
 
 
-def _value(m: Meter, row: Mapping[str, Any]) -> Decimal:
+def _raw(text: str) -> int:
+    """Decimal text from the engine as an exact integer of 1e-9 units."""
+    digits = text.removeprefix("-")
+    whole, _, frac = digits.partition(".")
+    if not (whole.isascii() and whole.isdigit() and len(frac) <= 9 and (frac == "" or frac.isdigit())):
+        raise ValueError(f"not a Decimal128(9) text: {text!r}")
+    raw = int(whole) * 10**9 + int(frac.ljust(9, "0"))
+    return -raw if text.startswith("-") else raw
+
+
+def _joined(row: Mapping[str, Any], name: str) -> int:
+    return _raw(str(row[f"{name}_h"])) * _SPLIT + _raw(str(row[f"{name}_l"]))
+
+
+def _decimal(raw: int) -> Decimal:
+    return Decimal(f"{raw}E-9")  # exact: the constructor never rounds
+
+
+def _value(m: Meter, row: Mapping[str, Any], cell: str) -> Decimal:
+    """One usage value, exact; `cell` names it in an out-of-range error."""
     count = int(row["c"])
     if count == 0:
         return Decimal(0)
-    v = Decimal(str(row["v"]))
-    if m.aggregation == "AVG":
-        v = (v / count).quantize(NINE_PLACES, rounding=ROUND_HALF_EVEN)
-    return v
+    if m.aggregation in ("COUNT", "UNIQUE_COUNT"):
+        return Decimal(int(row["v"]))
+    what = f"`{cell}` ({m.aggregation} of meter {m.code!r})"
+    if m.aggregation in ("SUM", "AVG"):
+        if count * float(row["m"]) >= _EXACT_SUM_BOUND:
+            raise UsageOutOfRange(
+                f"{what} cannot be computed exactly: {count} values up to {float(row['m']):.3g} in magnitude "
+                "exceed the 1e38 bound of an exact sum; narrow the period or filter."
+            )
+        raw = _joined(row, "s") + _raw(str(row["f"]))
+        if m.aggregation == "AVG":
+            q, r = divmod(raw, count)  # the exact mean, rounded half to even to 9 places
+            raw = q + (1 if 2 * r > count or (2 * r == count and q % 2) else 0)
+    else:
+        raw = _joined(row, "v")
+    if abs(raw) >= _RAW_LIMIT:
+        raise UsageOutOfRange(f"{what} is {_decimal(raw):.3e}; usage values must be smaller than 1e29 in magnitude.")
+    return _decimal(raw)
 
 
-async def run_usage(storage: Storage, r: UsageRequest) -> dict[str, Any]:
-    """The usage answer; values are Decimals (exact), the API writes them as JSON numbers."""
+def query_limits(settings: Settings) -> QueryLimits:
+    """What each usage query may cost (MF_USAGE_MAX_*)."""
+    return QueryLimits(settings.usage_max_execution_s, settings.usage_max_query_bytes, settings.usage_max_result_rows)
+
+
+async def run_usage(storage: Storage, r: UsageRequest, limits: QueryLimits) -> dict[str, Any]:
+    """The usage answer; values are Decimals (exact), the API writes them as JSON numbers.
+    Each query runs under `limits` (QueryLimitExceeded past them)."""
     m = r.meter
     inner = _inner_sql(r)
     aggs = _agg_sql(m)
-    jobs: dict[str, Any] = {"total": storage.query(f"SELECT {aggs} FROM ({inner})")}
+    jobs: dict[str, Any] = {"total": storage.query(f"SELECT {aggs} FROM ({inner})", limits)}
     if r.group_by:
         keys = ", ".join(f"{_prop_text(g, 'sk', 'sv')} AS g{i}" for i, g in enumerate(r.group_by))
         names = ", ".join(f"g{i}" for i in range(len(r.group_by)))
-        jobs["breakdown"] = storage.query(f"SELECT {keys}, {aggs} FROM ({inner}) GROUP BY {names}")
+        jobs["breakdown"] = storage.query(f"SELECT {keys}, {aggs} FROM ({inner}) GROUP BY {names}", limits)
     shift = hour_shift_ms(r.tz, r.start)
     if r.window:
         b = bucket_sql(r.window, r.tz, shift)
-        jobs["series"] = storage.query(f"SELECT {b} AS b, {aggs} FROM ({inner}) GROUP BY b")
+        jobs["series"] = storage.query(f"SELECT {b} AS b, {aggs} FROM ({inner}) GROUP BY b", limits)
     results = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
     out: dict[str, Any] = {
         "customer_id": r.customer_id,
         "meter": m.code,
         "period": {"start": r.start, "end": r.end},
-        "value": _value(m, results["total"][0]) if results["total"] else Decimal(0),
+        "value": _value(m, results["total"][0], "value") if results["total"] else Decimal(0),
         "unit": m.unit,
         "aggregation": m.aggregation,
     }
@@ -177,17 +257,16 @@ async def run_usage(storage: Storage, r: UsageRequest) -> dict[str, Any]:
         out["filters"] = {p: list(v) for p, v in r.filters}
     if r.group_by:
         out["group_by"] = list(r.group_by)
-        out["breakdown"] = {
-            GROUP_SEPARATOR.join(str(row[f"g{i}"]) for i in range(len(r.group_by))): _value(m, row)
-            for row in sorted(results["breakdown"], key=lambda x: [str(x[f"g{i}"]) for i in range(len(r.group_by))])
-        }
+        rows = sorted(results["breakdown"], key=lambda x: [str(x[f"g{i}"]) for i in range(len(r.group_by))])
+        labels = [GROUP_SEPARATOR.join(str(row[f"g{i}"]) for i in range(len(r.group_by))) for row in rows]
+        out["breakdown"] = {k: _value(m, row, f"breakdown[{k!r}]") for k, row in zip(labels, rows, strict=True)}
     if r.window:
-        by_key = {int(row["b"]): _value(m, row) for row in results["series"]}
+        by_key = {int(row["b"]): row for row in results["series"]}
         out["window"] = r.window
         out["tz"] = r.tz.key
         out["series"] = [
-            {"start": s.start, "end": s.end, "value": by_key.get(s.key, Decimal(0))}
-            for s in spans(r.window, r.tz, shift, r.start, r.end)
-        ]
+            {"start": s.start, "end": s.end,
+             "value": _value(m, by_key[s.key], f"series[{i}]") if s.key in by_key else Decimal(0)}
+            for i, s in enumerate(spans(r.window, r.tz, shift, r.start, r.end))
+        ]  # fmt: skip
     return out
-

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+from meterflow.metering.calendar import day_after, local_datetime, local_midnight_ms, month_after
 from meterflow.storage.base import quote
 
 Window = Literal["MINUTE", "HOUR", "DAY", "MONTH"]
@@ -42,17 +43,13 @@ def bucket_sql(window: Window, tz: ZoneInfo, shift_ms: int, t: str = "t") -> str
     return f"{fn}(toDateTime(intDiv({t}, 1000)), {quote(tz.key)})"
 
 
-def _local(dt: datetime, tz: ZoneInfo) -> int:
-    return int(datetime(dt.year, dt.month, dt.day, tzinfo=tz).timestamp() * 1000)
-
-
 def event_key(window: Window, tz: ZoneInfo, shift_ms: int, t: int) -> int:
     """The window key of an instant, as `bucket_sql` computes it."""
     if window == "MINUTE":
         return t // MINUTE_MS * MINUTE_MS
     if window == "HOUR":
         return (t - shift_ms) // HOUR_MS * HOUR_MS + shift_ms
-    d = datetime.fromtimestamp(t / 1000, tz)
+    d = local_datetime(tz, t)
     return d.year * 10000 + d.month * 100 + d.day if window == "DAY" else d.year * 100 + d.month
 
 
@@ -65,10 +62,9 @@ def spans(window: Window, tz: ZoneInfo, shift_ms: int, start: int, end: int) -> 
         if window in ("MINUTE", "HOUR"):
             w_end = key + (MINUTE_MS if window == "MINUTE" else HOUR_MS)
         else:
-            d = datetime.fromtimestamp(t / 1000, tz).replace(tzinfo=None)
-            month_after = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1)
-            nxt = d + timedelta(days=1) if window == "DAY" else month_after
-            w_end = _local(nxt, tz)
+            d = local_datetime(tz, t)
+            nxt = day_after(d) if window == "DAY" else month_after(d)
+            w_end = local_midnight_ms(tz, nxt.year, nxt.month, nxt.day)
         w_end = max(w_end, t + 1)
         out.append(Span(key=key, start=t, end=min(w_end, end)))
         t = w_end

@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
 class StorageError(Exception):
     """The store is unreachable or refused a statement; retryable by the client."""
+
+
+class QueryLimitExceeded(StorageError):
+    """A read went over its `QueryLimits`: the caller asked too much, a retry will not help."""
+
+
+# ClickHouse's codes for a query stopped by a limit: TIMEOUT_EXCEEDED,
+# TOO_MANY_ROWS (old name), TOO_MANY_ROWS_OR_BYTES, TOO_SLOW.
+_LIMIT_CODES = re.compile(r"Code: (159|158|396|160)\b")
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """What one read may cost; every usage query runs under these (ClickHouse settings)."""
+
+    max_execution_s: int
+    max_query_bytes: int
+    max_result_rows: int
+
+    def settings(self) -> dict[str, str]:
+        """As ClickHouse settings (valid on 18.16 and current versions alike). `priority`
+        2 pauses a read while an insert (priority 1) runs on the same server."""
+        return {
+            "max_execution_time": str(self.max_execution_s),
+            "max_query_size": str(self.max_query_bytes),
+            "max_result_rows": str(self.max_result_rows),
+            "result_overflow_mode": "throw",
+            "priority": "2",
+        }
+
+    def check_size(self, sql: str) -> None:
+        if len(sql.encode()) > self.max_query_bytes:
+            raise QueryLimitExceeded(
+                f"the query is {len(sql.encode())} bytes; the limit is {self.max_query_bytes} bytes"
+            )
+
+
+def limit_error(text: str) -> QueryLimitExceeded | None:
+    """The limit a ClickHouse error names, if the error is a limit's."""
+    if _LIMIT_CODES.search(text) is None:
+        return None
+    return QueryLimitExceeded(text.strip().splitlines()[0][:300])
 
 
 # Events keep epoch milliseconds in an Int64 and a DateTime derived from it
@@ -32,18 +76,7 @@ PARTITION BY toYYYYMM(ts)
 ORDER BY (customer_id, event_type, timestamp_ms, transaction_id)
 """
 
-DOCUMENTS_DDL = """
-CREATE TABLE IF NOT EXISTS documents (
-    kind String,
-    id String,
-    version UInt64,
-    deleted UInt8,
-    body String
-) ENGINE = ReplacingMergeTree(version)
-ORDER BY (kind, id)
-"""
-
-SCHEMA = (EVENTS_DDL, DOCUMENTS_DDL)
+SCHEMA = (EVENTS_DDL,)
 
 ROW_COLUMNS = (
     "transaction_id, customer_id, event_type, timestamp_ms, ts, properties, num_keys, num_values, str_keys, str_values"
@@ -71,8 +104,9 @@ class Storage(Protocol):
     async def insert_events(self, rows: bytes) -> None:
         """Inserts RowBinary rows (see `ROW_COLUMNS`) in one statement."""
 
-    async def query(self, sql: str) -> list[dict[str, Any]]:
-        """Runs a SELECT; one dict per row (64-bit integers as numbers)."""
+    async def query(self, sql: str, limits: QueryLimits | None = None) -> list[dict[str, Any]]:
+        """Runs a SELECT; one dict per row (64-bit integers as numbers). With `limits`
+        the read is bounded, runs apart from inserts, and raises QueryLimitExceeded."""
 
     async def execute(self, sql: str) -> None:
         """Runs a statement that returns nothing (DDL, OPTIMIZE)."""

@@ -1,12 +1,8 @@
-"""Small versioned documents (meters, customers, keys) in the system of record.
-
-Each change is a new row; the newest version of an id wins (ReplacingMergeTree
-on `version`), and reads take argMax so they are right before merges too.
-"""
+"""A reader of the documents table where releases before the records database kept customers,
+keys and meters (versioned rows; the newest version of an id wins). Only the import reads it."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -14,57 +10,23 @@ import orjson
 from meterflow.storage.base import Storage, quote
 
 
-class Documents:
-    def __init__(self, storage: Storage, kind: str) -> None:
-        self._storage = storage
-        self._kind = kind
+async def exists(storage: Storage) -> bool:
+    rows = await storage.query(
+        "SELECT count() AS n FROM system.tables WHERE database = currentDatabase() AND name = 'documents'"
+    )
+    return bool(rows) and int(rows[0]["n"]) > 0
 
-    async def put(self, doc_id: str, body: dict[str, Any], deleted: bool = False) -> None:
-        version = time.time_ns()
-        text = orjson.dumps(body).decode()
-        await self._storage.execute(
-            "INSERT INTO documents (kind, id, version, deleted, body) VALUES "
-            f"({quote(self._kind)}, {quote(doc_id)}, {version}, {int(deleted)}, {quote(text)})"
-        )
 
-    async def delete(self, doc_id: str, body: dict[str, Any] | None = None) -> None:
-        await self.put(doc_id, body or {}, deleted=True)
-
-    async def get(self, doc_id: str, include_deleted: bool = False) -> dict[str, Any] | None:
-        rows = await self._latest(f"AND id = {quote(doc_id)}", include_deleted, 1)
-        return rows[0] if rows else None
-
-    async def get_many(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        if not ids:
-            return {}
-        rows = await self._latest(f"AND id IN ({', '.join(quote(i) for i in ids)})", False, len(ids))
-        return {str(r["id"]): r for r in rows}
-
-    async def page(
-        self, after: str = "", limit: int = 100, include_deleted: bool = False, match: dict[str, str] | None = None
-    ) -> list[dict[str, Any]]:
-        """In id order after the cursor `after`; `match` keeps documents whose
-        string field contains the text (case-insensitive)."""
-        conds = [] if include_deleted else ["d = 0"]
-        for name, text in (match or {}).items():
-            conds.append(f"positionCaseInsensitiveUTF8(visitParamExtractString(b, {quote(name)}), {quote(text)}) > 0")
-        where = f"AND id > {quote(after)}" if after else ""
-        return await self._latest(where, include_deleted, limit, conds)
-
-    async def _latest(
-        self, where: str, include_deleted: bool, limit: int, conds: list[str] | None = None
-    ) -> list[dict[str, Any]]:
-        if conds is None:
-            conds = [] if include_deleted else ["d = 0"]
-        having = f"HAVING {' AND '.join(conds)}" if conds else ""
-        rows = await self._storage.query(
+async def latest(storage: Storage, kind: str, page: int = 1000) -> list[tuple[dict[str, Any], bool]]:
+    """Every document of a kind at its newest version, in id order, with its deleted flag."""
+    out: list[tuple[dict[str, Any], bool]] = []
+    after = ""
+    while True:
+        rows = await storage.query(
             "SELECT id, argMax(body, version) AS b, argMax(deleted, version) AS d FROM documents "
-            f"WHERE kind = {quote(self._kind)} {where} GROUP BY id {having} ORDER BY id LIMIT {int(limit)}"
+            f"WHERE kind = {quote(kind)} AND id > {quote(after)} GROUP BY id ORDER BY id LIMIT {int(page)}"
         )
-        out = []
-        for r in rows:
-            body = orjson.loads(str(r["b"]))
-            if include_deleted:
-                body["deleted"] = bool(r["d"])
-            out.append(body)
-        return out
+        out += [(orjson.loads(str(r["b"])), bool(int(r["d"]))) for r in rows]
+        if len(rows) < page:
+            return out
+        after = str(rows[-1]["id"])

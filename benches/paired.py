@@ -1,0 +1,37 @@
+"""Paired timing: our path and its baseline measured in alternation, so a shared machine's load hits both alike."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+
+def _fastest_of(fn: Callable[[], object], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def paired_ratio(ours: Callable[[], object], baseline: Callable[[], object], pairs: int, repeat: int = 3) -> float:
+    """The median over `pairs` of (baseline time / our time), each side the fastest of `repeat` calls,
+    the two sides taken back to back and in alternating order. A load that comes and goes slows both
+    sides of a pair together, so the ratio moves far less than two medians taken minutes apart."""
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        ratios = []
+        for i in range(pairs):
+            if i % 2:
+                b, o = _fastest_of(baseline, repeat), _fastest_of(ours, repeat)
+            else:
+                o, b = _fastest_of(ours, repeat), _fastest_of(baseline, repeat)
+            ratios.append(b / o)
+        return statistics.median(ratios)
+    finally:
+        if gc_was_on:
+            gc.enable()

@@ -1,0 +1,80 @@
+"""The one-time import of an older release's customers, keys and meters from ClickHouse's documents table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from meterflow.records.database import Records
+from meterflow.records.tables import api_keys, customers, legacy_imports, meters
+from meterflow.storage import Storage
+from meterflow.storage import documents as docs
+
+log = logging.getLogger("meterflow.records")
+SOURCE = "clickhouse-documents"
+
+
+async def import_documents(storage: Storage, records: Records) -> dict[str, int] | None:
+    """Copies the documents table's records once (a marker row says it is done); the table stays.
+    Returns the counts, or None when there was nothing to do."""
+    async with records.connect() as conn:
+        done = await conn.execute(sa.select(legacy_imports.c.source).where(legacy_imports.c.source == SOURCE))
+        if done.first() is not None:
+            return None
+    if not await docs.exists(storage):
+        return None
+    rows = {
+        "customers": [_customer(d, deleted) for d, deleted in await docs.latest(storage, "customer")],
+        "api_keys": await _keys(storage),
+        "meters": [_meter(d, deleted) for d, deleted in await docs.latest(storage, "meter") if d.get("code")],
+    }
+    counts = {name: len(r) for name, r in rows.items()}
+    try:
+        async with records.begin() as conn:
+            # The marker first: a second worker starting at once waits on it, then finds it taken.
+            await conn.execute(sa.insert(legacy_imports).values(source=SOURCE, imported_at=int(time.time() * 1000),
+                                                                **counts))  # fmt: skip
+            for table, key in ((customers, "id"), (api_keys, "id"), (meters, "code")):
+                existing = set((await conn.execute(sa.select(table.c[key]))).scalars())
+                fresh = [r for r in rows[table.name] if r[key] not in existing]
+                if fresh:
+                    await conn.execute(sa.insert(table), fresh)
+    except IntegrityError:
+        return None  # another worker imported them
+    if any(counts.values()):
+        log.info("imported records of the previous release", extra={"source": SOURCE, **counts})
+    return counts
+
+
+def _customer(d: dict[str, Any], deleted: bool) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    return {
+        "id": d["id"], "name": d.get("name"), "email": d.get("email"), "currency": d.get("currency"),
+        "timezone": d.get("timezone") or "UTC", "metadata": d.get("metadata") or {},
+        "created_at": d.get("created_at") or now, "updated_at": d.get("updated_at") or now,
+        "deleted_at": (d.get("deleted_at") or now) if deleted else None, "version": 1,
+    }  # fmt: skip
+
+
+async def _keys(storage: Storage) -> list[dict[str, Any]]:
+    used = {str(d.get("id")): d.get("last_used_at") for d, _ in await docs.latest(storage, "api_key_used")}
+    out = []
+    for d, deleted in await docs.latest(storage, "api_key"):
+        revoked = d.get("revoked_at") or (int(time.time() * 1000) if deleted else None)
+        out.append({
+            "id": d["id"], "name": d.get("name") or "", "scope": d["scope"], "customer_id": d.get("customer_id"),
+            "rate_limits": d.get("rate_limits") or {}, "hash": d["hash"], "created_at": d.get("created_at") or 0,
+            "last_used_at": used.get(str(d["id"])) or d.get("last_used_at"), "revoked_at": revoked, "version": 1,
+        })  # fmt: skip
+    return out
+
+
+def _meter(d: dict[str, Any], deleted: bool) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    definition = {k: v for k, v in d.items() if k not in ("source", "deleted")}
+    return {"code": d["code"], "definition": definition, "created_at": now, "updated_at": now,
+            "deleted_at": now if deleted else None, "version": 1}  # fmt: skip

@@ -1,0 +1,135 @@
+"""The one place that opens, checks and closes every backend, and the typed state the routes read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from starlette.requests import Request
+
+from meterflow.auth.failures import AuthFailures
+from meterflow.auth.keys import KeyStore
+from meterflow.auth.ratelimit import RateLimiter, open_rate_limiter
+from meterflow.config import Settings
+from meterflow.customers import Customers
+from meterflow.ingest.archive import Spool, Store, open_store
+from meterflow.ingest.dedup import Dedup, open_dedup
+from meterflow.ingest.service import IngestService
+from meterflow.metering.catalog import MeterCatalog
+from meterflow.metrics import Metrics
+from meterflow.records import Records, open_records
+from meterflow.records.legacy import import_documents
+from meterflow.storage import Storage, open_storage
+
+log = logging.getLogger("meterflow.runtime")
+
+
+class Backend(Protocol):
+    """What every backend family (storage, dedup, archive store, records, rate limiter) offers."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raises when the backend does not answer."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A backend as /ready reports it; a non-essential one down does not make the server unready."""
+
+    family: str
+    backend: Backend
+    essential: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}:{self.backend.name}"
+
+
+@contextlib.asynccontextmanager
+async def started(*backends: Backend) -> AsyncIterator[None]:
+    """Starts the backends in order and closes the started ones in reverse, whatever happens."""
+    async with contextlib.AsyncExitStack() as stack:
+        for backend in backends:
+            await backend.start()
+            stack.push_async_callback(backend.close)
+        yield
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a request may use, opened once per worker."""
+
+    settings: Settings
+    metrics: Metrics
+    storage: Storage
+    dedup: Dedup
+    records: Records
+    limiter: RateLimiter
+    archive: Store | None
+    spool: Spool | None
+    ingest: IngestService
+    customers: Customers
+    keys: KeyStore
+    auth_failures: AuthFailures
+    meters: MeterCatalog
+
+    def probes(self) -> list[Probe]:
+        probes = [Probe("storage", self.storage), Probe("dedup", self.dedup), Probe("records", self.records),
+                  # Limits fail open and the archive spools: neither makes the server unready.
+                  Probe("ratelimit", self.limiter, essential=False)]  # fmt: skip
+        if self.archive is not None:
+            probes.append(Probe("archive", self.archive, essential=False))
+        return probes
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Runtime]:
+    """A worker's runtime: backends started, records migrated and imported, ingest warmed;
+    at exit the flush queue drained, the spool uploaded once more, every backend closed."""
+    storage, dedup, records = open_storage(settings), open_dedup(settings), open_records(settings)
+    limiter, archive = open_rate_limiter(settings), open_store(settings)
+    metrics = Metrics()
+    spool = Spool(settings, archive, metrics) if archive is not None else None
+    async with started(storage, dedup, records, limiter, *([archive] if archive is not None else [])):
+        await import_documents(storage, records)
+        service = IngestService(settings, storage, dedup, metrics, spool)
+        await service.warm()
+        if spool is not None:
+            spool.start()
+        rt = Runtime(
+            settings=settings, metrics=metrics, storage=storage, dedup=dedup, records=records, limiter=limiter,
+            archive=archive, spool=spool, ingest=service, customers=Customers(records),
+            keys=KeyStore(records, settings.admin_key, settings.key_cache_grace_s),
+            auth_failures=AuthFailures(
+                settings.auth_failures_per_minute, settings.redis_url if settings.dedup == "redis" else None
+            ),
+            meters=MeterCatalog(records, settings.meters),
+        )  # fmt: skip
+        try:
+            yield rt
+        finally:
+            await rt.auth_failures.close()
+            # SIGTERM: Granian has stopped taking requests; flush what is queued.
+            await service.flusher.drain()
+            if spool is not None:
+                await spool.stop()
+                try:  # a last upload; what fails stays spooled for the next start
+                    await asyncio.wait_for(spool.drain_once(), 10)
+                except Exception as e:
+                    log.warning("archive left spooled at shutdown", extra={"error": str(e)[:300]})
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The worker's runtime, as the lifespan stored it."""
+    rt = request.app.state.runtime
+    assert isinstance(rt, Runtime)
+    return rt

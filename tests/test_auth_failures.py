@@ -1,0 +1,75 @@
+"""Failed authentication is limited per client address; unknown keys never grow a cache without bound."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import httpx
+import pytest
+from services import Backend, MeterFlowServer
+
+from meterflow import samples
+from meterflow.auth import keys as keys_module
+from meterflow.auth.keys import KeyStore
+from meterflow.storage.embedded import EmbeddedStorage
+
+LIMIT = 5
+
+
+def random_key() -> str:
+    return "mf_" + "".join(secrets.choice(keys_module.ALPHABET) for _ in range(44))
+
+
+def client(address: str) -> httpx.Client:
+    """A client whose connections come from `address` (any 127.0.0.0/8 address is local on Linux)."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30)
+
+
+def post(c: httpx.Client, server: MeterFlowServer, key: str) -> httpx.Response:
+    return c.post(f"{server.url}/v1/events", content=samples.body([samples.seed_event()]),
+                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})  # fmt: skip
+
+
+def test_an_address_that_guesses_keys_waits(
+    backend: Backend, start_server: Callable[..., MeterFlowServer]
+) -> None:
+    server = start_server(backend, MF_AUTH_FAILURES_PER_MINUTE=str(LIMIT))
+    with client("127.0.0.7") as guesser, client("127.0.0.8") as other:
+        for _ in range(LIMIT):
+            r = post(guesser, server, random_key())
+            assert (r.status_code, r.json()["error"]) == (401, "invalid_api_key")
+        over = post(guesser, server, random_key())
+        assert (over.status_code, over.json()["error"]) == (429, "too_many_auth_failures"), over.text
+        assert 1 <= int(over.headers["Retry-After"]) <= 60
+        assert str(LIMIT) in over.json()["message"]
+        # Even a right key waits: a guess that hits must not get through.
+        right = post(guesser, server, server.auth["Authorization"].removeprefix("Bearer "))
+        assert right.status_code == 429
+        # Other addresses and keyless routes go on.
+        assert post(other, server, server.auth["Authorization"].removeprefix("Bearer ")).status_code == 200
+        assert post(other, server, random_key()).status_code == 401
+        assert guesser.get(f"{server.url}/health").status_code == 200
+
+
+def test_the_address_comes_from_the_trusted_proxy_header(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> None:
+    server = start_server(make_backend("embedded"), MF_AUTH_FAILURES_PER_MINUTE=str(LIMIT),
+                          MF_CLIENT_ADDRESS_HEADER="x-real-ip")  # fmt: skip
+    with httpx.Client(timeout=30) as c:
+        def send(ip: str, key: str) -> int:
+            return c.post(f"{server.url}/v1/events", content=samples.body([samples.seed_event()]),
+                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}",
+                                   "X-Real-IP": ip}).status_code  # fmt: skip
+
+        assert [send("203.0.113.9", random_key()) for _ in range(LIMIT + 1)] == [401] * LIMIT + [429]
+        assert send("198.51.100.4", random_key()) == 401
+
+
+async def test_unknown_keys_do_not_grow_the_cache(chdb_storage: EmbeddedStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keys_module, "CACHE_MAX", 100)
+    store = KeyStore(chdb_storage)
+    for _ in range(300):
+        assert await store.authenticate(random_key()) is None
+    assert len(store._cache) == 100

@@ -1,0 +1,174 @@
+"""Precise answers to a client's mistakes: a 4xx naming the parameter, never a 500 or the store's own text."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from services import Backend, ClickHouse, MeterFlowServer
+
+from meterflow import config
+from meterflow.api.app import bootstrap_admin_key
+from meterflow.auth.keys import KeyStore
+from meterflow.params import EPOCH_MS_MAX
+from meterflow.storage import open_storage
+
+LIST_ROUTES = ["/v1/customers", "/v1/keys", "/v1/meters"]
+USAGE = {"customer_id": "c", "meter": "api_calls", "start": "1", "end": "2"}
+LONG = "a" * 20_000  # past ClickHouse's URL limit (18.16) if it ever reached a query
+
+
+def assert_no_traceback(server: MeterFlowServer) -> None:
+    assert "Traceback" not in server.logs()
+    assert "internal_error" not in server.logs()
+
+
+@pytest.mark.parametrize("route", LIST_ROUTES)
+def test_limit_that_is_not_an_ascii_integer_is_400(server: MeterFlowServer, route: str) -> None:
+    for limit in ["²", "\u0661\u0660", "1_0", " 5", "+5", "5.0", "9" * 40]:
+        r = httpx.get(f"{server.url}{route}", params={"limit": limit}, headers=server.auth)
+        assert r.status_code == 400, (limit, r.text)
+        assert r.json()["error"] == "invalid_parameter" and "`limit`" in r.json()["message"]
+    assert httpx.get(f"{server.url}{route}", params={"limit": "5"}, headers=server.auth).status_code == 200
+    assert_no_traceback(server)
+
+
+DAY = 86_400_000
+
+
+@pytest.mark.parametrize(
+    ("param", "start", "end"),
+    [
+        ("start", "\u00b2", "2"),
+        ("start", "\u0661", "2"),
+        ("start", "-1", str(DAY - 1)),  # before 1970
+        ("start", str(-62135596800000 - DAY), str(-62135596800000)),  # before year 1
+        ("end", str(EPOCH_MS_MAX - DAY), str(EPOCH_MS_MAX + 1)),  # after 9999-01-01
+        ("start", "253402300800000", str(253402300800000 + DAY)),  # year 10000
+        ("start", "9" * 30, "9" * 31),  # past Int64
+    ],
+)
+def test_usage_instant_outside_the_calendar_is_400(server: MeterFlowServer, param: str, start: str, end: str) -> None:
+    for window in (None, "HOUR", "DAY", "MONTH"):
+        extra = {"window": window, "tz": "Pacific/Kiritimati"} if window else {}
+        r = httpx.get(f"{server.url}/v1/usage", params={**USAGE, "start": start, "end": end, **extra},
+                      headers=server.auth)  # fmt: skip
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == "invalid_parameter" and f"`{param}`" in r.json()["message"]
+    assert_no_traceback(server)
+
+
+def test_usage_at_the_edges_of_the_calendar_answers(server: MeterFlowServer) -> None:
+    """The last month before the bound, in the zones furthest from UTC, on both engines."""
+    for tz in ("Pacific/Kiritimati", "Etc/GMT+12"):
+        for window, start, end in [("MONTH", EPOCH_MS_MAX - 40 * 86_400_000, EPOCH_MS_MAX), ("DAY", 0, 86_400_000)]:
+            params = {**USAGE, "start": str(start), "end": str(end), "window": window, "tz": tz}
+            r = httpx.get(f"{server.url}/v1/usage", params=params, headers=server.auth)
+            assert r.status_code == 200, r.text
+            assert r.json()["value"] == 0 and r.json()["series"][-1]["end"] == end
+    assert_no_traceback(server)
+
+
+def test_client_mistakes_never_reach_the_store(server: MeterFlowServer) -> None:
+    """Inputs no stored thing can match are answered before any SQL, never as the store's error."""
+    h = server.auth
+    answers = {
+        "cursor": httpx.get(f"{server.url}/v1/customers", params={"cursor": LONG}, headers=h),
+        "cursor'": httpx.get(f"{server.url}/v1/meters", params={"cursor": "x' OR 1"}, headers=h),
+        "name": httpx.get(f"{server.url}/v1/customers", params={"name": LONG}, headers=h),
+        "email": httpx.get(f"{server.url}/v1/customers", params={"email": LONG}, headers=h),
+        "meter": httpx.get(f"{server.url}/v1/usage", params={**USAGE, "meter": LONG}, headers=h),
+        "code": httpx.get(f"{server.url}/v1/meters/{LONG}", headers=h),
+        "delete code": httpx.delete(f"{server.url}/v1/meters/{LONG}", headers=h),
+        "key_id": httpx.delete(f"{server.url}/v1/keys/{LONG}", headers=h),
+    }
+    expected = {"cursor": 400, "cursor'": 400, "name": 400, "email": 400, "meter": 400, "code": 404,
+                "delete code": 404, "key_id": 404}  # fmt: skip
+    assert {k: r.status_code for k, r in answers.items()} == expected, {k: r.text[:200] for k, r in answers.items()}
+    for what, r in answers.items():
+        assert set(r.json()) == {"error", "message"}
+        assert "ClickHouse" not in r.text and "chdb" not in r.text, what
+    assert_no_traceback(server)
+
+
+@pytest.mark.parametrize("customer_id", ["not an id!", "", "a" * 256, "cust/1", 7])
+def test_key_bound_to_an_invalid_customer_id_is_400(server: MeterFlowServer, customer_id: object) -> None:
+    r = httpx.post(f"{server.url}/v1/keys", json={"scope": "ingest", "customer_id": customer_id}, headers=server.auth)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_key" and "customer_id" in r.json()["message"]
+    assert httpx.get(f"{server.url}/v1/keys", headers=server.auth).json()["data"] == []
+
+
+def chunked_request(server: MeterFlowServer, method: str, path: str) -> bytes:
+    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: {server.auth['Authorization']}\r\nTransfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+    return head.encode()
+
+
+@pytest.mark.parametrize(("method", "path"), [("PUT", "/v1/customers/cust_big"), ("POST", "/v1/meters"),
+                                              ("POST", "/v1/keys")])  # fmt: skip
+def test_admin_body_is_refused_at_the_limit_while_it_streams(server: MeterFlowServer, method: str, path: str) -> None:
+    """1.1 MiB of a body of unknown length (the limit is 1 MiB), then the client goes quiet:
+    the answer is 413 at once. A server that buffers the whole body first waits for the end."""
+    chunk = b"1," * (32 * 1024)
+    deadline = time.monotonic() + 20
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+        s.sendall(chunked_request(server, method, path))
+        for _ in range(18):
+            s.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer and time.monotonic() < deadline:
+            part = s.recv(4096)
+            if not part:
+                break
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+async def test_admin_key_and_data_dir_are_private_from_creation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clickhouse: ClickHouse
+) -> None:
+    """With chmod made a no-op, only a file and a directory created with their final modes pass:
+    no moment exists where the admin key is readable by others."""
+    monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
+    monkeypatch.setattr("os.chmod", lambda *a, **k: None)
+    data = tmp_path / "fresh" / "data"
+    clickhouse.reset_database("mf_bootstrap")  # a store with no key yet (chdb allows one path per process)
+    storage = open_storage(config.Settings(storage="clickhouse", clickhouse_url=clickhouse.url,
+                                           clickhouse_database="mf_bootstrap"))  # fmt: skip
+    old = os.umask(0o022)
+    try:
+        await storage.start()
+        await bootstrap_admin_key(config.Settings(data_dir=str(data)), KeyStore(storage))
+    finally:
+        await storage.close()
+        os.umask(old)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    key = data / "admin.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.read_text().startswith("mf_")
+
+
+def test_first_start_data_dir_is_0700(make_backend: Callable[[str], Backend],
+                                      start_server: Callable[..., MeterFlowServer]) -> None:  # fmt: skip
+    backend = make_backend("embedded")
+    start_server(backend, MF_ADMIN_KEY="")
+    assert backend.data_dir is not None
+    assert stat.S_IMODE(backend.data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((backend.data_dir / "admin.key").stat().st_mode) == 0o600
+
+
+def test_the_largest_valid_customer_is_stored(server: MeterFlowServer) -> None:
+    """The largest customer the rules allow is stored and read back, never refused by the store."""
+    metadata = {"k" * 97 + f"{i:03d}": "v" * 1000 for i in range(100)}  # 100 keys of 100, values of 1000
+    r = httpx.put(f"{server.url}/v1/customers/cust_big", json={"name": "B" * 500, "metadata": metadata},
+                  headers=server.auth, timeout=60)  # fmt: skip
+    assert r.status_code == 201, r.text[:300]
+    got = httpx.get(f"{server.url}/v1/customers/cust_big", headers=server.auth, timeout=60).json()
+    assert got["metadata"] == metadata

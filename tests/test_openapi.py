@@ -1,0 +1,225 @@
+"""/openapi.json: derived from the routes and settings, valid OpenAPI 3.1, and every documented answer happens."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from openapi_spec_validator import validate
+from services import Backend, MeterFlowServer
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from meterflow import samples
+from meterflow.api.app import create_app
+from meterflow.api.auth import requires
+from meterflow.api.openapi import spec
+from meterflow.config import Settings
+
+Probe = Callable[[httpx.Client], httpx.Response | int]
+JSON = {"Content-Type": "application/json"}
+TEXT = {"Content-Type": "text/plain"}
+BIG = b'{"name": "' + b"x" * (1 << 20) + b'"}'
+USAGE = {"customer_id": "c", "meter": "api_calls"}
+METER = {"event_type": "probe", "aggregation": "COUNT"}
+# Path parameters of the generic probes (auth and rate limits answer before the route reads them).
+SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12}
+# Documented answers that need a backing service to fail; the named test stops it and checks them.
+NOT_PROBED_HERE = {503: "tests/test_failures.py::test_clickhouse_down_answers_503_and_marks_nothing"}
+
+
+def status(answer: httpx.Response | int) -> int:
+    return answer if isinstance(answer, int) else answer.status_code
+
+
+def documented(doc: dict[str, Any]) -> set[tuple[str, str, int]]:
+    return {(m.upper(), p, int(s)) for p, ops in doc["paths"].items() for m, op in ops.items() for s in op["responses"]}
+
+
+def test_spec_is_valid_openapi_3_1_and_covers_every_route() -> None:
+    settings = Settings()
+    app = create_app(settings)
+    doc = spec(app.routes, settings)
+    validate(doc)  # raises on any violation of the OpenAPI 3.1 schema
+    routes = {(m, r.path) for r in app.routes if isinstance(r, Route) for m in (r.methods or set()) - {"HEAD"}}
+    assert {(m, p) for m, p, _ in documented(doc)} == routes
+
+
+def test_scope_and_limits_come_from_the_routes_and_settings() -> None:
+    settings = Settings(max_events=50, max_body_bytes=12_345, max_future_ms=120_000, max_age_ms=7 * 86_400_000)
+    doc = spec(create_app(settings).routes, settings)
+    assert doc["components"]["schemas"]["Batch"]["properties"]["events"]["maxItems"] == 50
+    ingest = doc["paths"]["/v1/events"]["post"]
+    assert "12345 bytes" in ingest["responses"]["413"]["description"] and "50 events" in ingest["responses"]["413"]["description"]
+    assert "2 minutes ahead" in doc["components"]["schemas"]["Event"]["properties"]["timestamp"]["description"]
+    assert "7 days old" in doc["components"]["schemas"]["Event"]["properties"]["timestamp"]["description"]
+    assert doc["paths"]["/health"]["get"]["security"] == []  # no key needed
+    assert "401" not in doc["paths"]["/health"]["get"]["responses"]
+    assert "`admin`" in doc["paths"]["/v1/keys"]["post"]["description"]
+    assert "`ingest`" in ingest["description"] and "503" in ingest["responses"]
+    put_meter = doc["paths"]["/v1/meters/{code}"]["put"]["responses"]
+    assert {"200", "201"} <= set(put_meter) and "Retry-After" in put_meter["503"]["headers"]
+
+
+def test_a_route_without_documentation_is_refused() -> None:
+    async def undocumented(request: Request) -> Response:
+        return Response()
+
+    settings = Settings()
+    routes = [*create_app(settings).routes, Route("/v1/new", requires("read", undocumented), methods=["GET"])]
+    with pytest.raises(LookupError, match="/v1/new"):
+        spec(routes, settings)
+
+
+def key(c: httpx.Client, scope: str, **limits: int) -> dict[str, str]:
+    body: dict[str, Any] = {"scope": scope, **({"rate_limits": limits} if limits else {})}
+    r = c.post("/v1/keys", json=body)
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['key']}"}
+
+
+def route_probes(c: httpx.Client) -> dict[tuple[str, str, int], Probe]:
+    """A request per (route, status) that only the route itself answers; in an order that builds its own state."""
+    events = "/v1/events"
+    m, cu, k = "/v1/meters/{code}", "/v1/customers/{customer_id}", "/v1/keys/{key_id}"
+    made: dict[str, str] = {}
+
+    def new_key(c: httpx.Client) -> httpx.Response:
+        r = c.post("/v1/keys", json={"scope": "read"})
+        made["key"] = r.json().get("id", "")
+        return r
+
+    def too_many_rows(c: httpx.Client) -> httpx.Response:
+        """The server answers at most one row per query (MF_USAGE_MAX_RESULT_ROWS=1): a breakdown of two groups."""
+        now = samples.now_ms()
+        two = [{**e, "customer_id": "c_rows"} for e in samples.batch(20, seed=9, prefix="rows", ts=now)]
+        assert c.post(events, content=samples.body(two), headers=JSON).json()["accepted"] == 20
+        return c.get("/v1/usage", params={"customer_id": "c_rows", "meter": "api_calls", "start": now - 60_000,
+                                          "end": now + 60_000, "group_by": "region,endpoint"})  # fmt: skip
+
+    return {
+        ("POST", events, 200): lambda c: c.post(events, content=samples.body([samples.seed_event()]), headers=JSON),
+        ("POST", events, 400): lambda c: c.post(events, content=b"{}", headers=JSON),
+        ("POST", events, 413): lambda c: c.post(events, content=samples.body(samples.batch(1001)), headers=JSON),
+        ("POST", events, 415): lambda c: c.post(events, content=b"{}", headers=TEXT),
+        ("GET", "/v1/meters", 200): lambda c: c.get("/v1/meters"),
+        ("GET", "/v1/meters", 400): lambda c: c.get("/v1/meters", params={"limit": "0"}),
+        ("POST", "/v1/meters", 201): lambda c: c.post("/v1/meters", json={"code": "probe_a", **METER}),
+        ("POST", "/v1/meters", 409): lambda c: c.post("/v1/meters", json={"code": "probe_a", **METER}),
+        ("POST", "/v1/meters", 400): lambda c: c.post("/v1/meters", json={"code": "Bad", **METER}),
+        ("POST", "/v1/meters", 413): lambda c: c.post("/v1/meters", content=BIG, headers=JSON),
+        ("POST", "/v1/meters", 415): lambda c: c.post("/v1/meters", content=b"{}", headers=TEXT),
+        ("GET", m, 200): lambda c: c.get("/v1/meters/api_calls"),
+        ("GET", m, 404): lambda c: c.get("/v1/meters/nope"),
+        ("PUT", m, 201): lambda c: c.put("/v1/meters/probe_b", json=METER),
+        ("PUT", m, 200): lambda c: c.put("/v1/meters/probe_b", json=METER),
+        ("PUT", m, 409): lambda c: c.put("/v1/meters/api_calls", json=METER),
+        ("PUT", m, 400): lambda c: c.put("/v1/meters/probe_b", json={"aggregation": "MEDIAN"}),
+        ("PUT", m, 413): lambda c: c.put("/v1/meters/probe_b", content=BIG, headers=JSON),
+        ("PUT", m, 415): lambda c: c.put("/v1/meters/probe_b", content=b"{}", headers=TEXT),
+        ("DELETE", m, 204): lambda c: c.delete("/v1/meters/probe_b"),
+        ("DELETE", m, 404): lambda c: c.delete("/v1/meters/probe_b"),
+        ("DELETE", m, 409): lambda c: c.delete("/v1/meters/api_calls"),
+        ("GET", "/v1/usage", 200): lambda c: c.get("/v1/usage", params={**USAGE, "start": 1, "end": 2}),
+        ("GET", "/v1/usage", 400): lambda c: c.get("/v1/usage", params=USAGE),
+        ("GET", "/v1/usage", 422): too_many_rows,
+        ("GET", "/v1/customers", 200): lambda c: c.get("/v1/customers"),
+        ("GET", "/v1/customers", 400): lambda c: c.get("/v1/customers", params={"limit": "x"}),
+        ("PUT", cu, 201): lambda c: c.put("/v1/customers/cust_p", json={"name": "P"}),
+        ("PUT", cu, 200): lambda c: c.put("/v1/customers/cust_p", json={"name": "P"}),
+        ("PUT", cu, 400): lambda c: c.put("/v1/customers/cust_p", json={"currency": "euro"}),
+        ("PUT", cu, 413): lambda c: c.put("/v1/customers/cust_p", content=BIG, headers=JSON),
+        ("PUT", cu, 415): lambda c: c.put("/v1/customers/cust_p", content=b"{}", headers=TEXT),
+        ("GET", cu, 200): lambda c: c.get("/v1/customers/cust_p"),
+        ("GET", cu, 400): lambda c: c.get("/v1/customers/bad id!"),
+        ("GET", cu, 404): lambda c: c.get("/v1/customers/cust_none"),
+        ("PATCH", cu, 200): lambda c: c.patch("/v1/customers/cust_p", json={"name": "Q"}),
+        ("PATCH", cu, 400): lambda c: c.patch("/v1/customers/cust_p", json={"email": "nope"}),
+        ("PATCH", cu, 404): lambda c: c.patch("/v1/customers/cust_none", json={"name": "Q"}),
+        ("PATCH", cu, 413): lambda c: c.patch("/v1/customers/cust_p", content=BIG, headers=JSON),
+        ("PATCH", cu, 415): lambda c: c.patch("/v1/customers/cust_p", content=b"{}", headers=TEXT),
+        ("DELETE", cu, 204): lambda c: c.delete("/v1/customers/cust_p"),
+        ("DELETE", cu, 400): lambda c: c.delete("/v1/customers/bad id!"),
+        ("DELETE", cu, 404): lambda c: c.delete("/v1/customers/cust_p"),
+        ("GET", "/v1/keys", 200): lambda c: c.get("/v1/keys"),
+        ("GET", "/v1/keys", 400): lambda c: c.get("/v1/keys", params={"limit": "501"}),
+        ("POST", "/v1/keys", 201): new_key,
+        ("POST", "/v1/keys", 400): lambda c: c.post("/v1/keys", json={"scope": "root"}),
+        ("POST", "/v1/keys", 413): lambda c: c.post("/v1/keys", content=BIG, headers=JSON),
+        ("POST", "/v1/keys", 415): lambda c: c.post("/v1/keys", content=b"{}", headers=TEXT),
+        ("DELETE", k, 204): lambda c: c.delete(f"/v1/keys/{made['key']}"),
+        ("DELETE", k, 404): lambda c: c.delete(f"/v1/keys/{made['key']}"),
+        ("GET", "/health", 200): lambda c: c.get("/health"),
+        ("GET", "/ready", 200): lambda c: c.get("/ready"),
+        ("GET", "/metrics", 200): lambda c: c.get("/metrics"),
+        ("GET", "/openapi.json", 200): lambda c: c.get("/openapi.json"),
+    }
+
+
+def call(method: str, url: str, headers: dict[str, str], times: int = 1) -> Probe:
+    def probe(c: httpx.Client) -> httpx.Response:
+        for _ in range(times - 1):
+            c.request(method, url, headers=headers)
+        return c.request(method, url, headers=headers)
+
+    return probe
+
+
+def stalled(server: MeterFlowServer, method: str, path: str) -> Probe:
+    """A body that stops arriving: the route's answer once the server's body timeout passes."""
+
+    def probe(c: httpx.Client) -> int:
+        url = path.format(**SAMPLE)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:  # 30 s: the deadline
+            s.sendall(f"{method} {url} HTTP/1.1\r\nHost: x\r\nAuthorization: {server.auth['Authorization']}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())  # fmt: skip
+            head = s.recv(64)
+        return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else 0
+
+    return probe
+
+
+def guard_probes(c: httpx.Client, doc: dict[str, Any]) -> dict[tuple[str, str, int], Probe]:
+    """401, 403 and 429 on every route that needs a key: `requires` answers them before the route runs."""
+    probes: dict[tuple[str, str, int], Probe] = {}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if not op["security"]:
+                continue
+            url = path.format(**SAMPLE)
+            needed = "admin" if "`admin` (or" in op["description"] else op["description"].split("`")[1]
+            wrong = key(c, "read" if needed != "read" else "ingest")
+            limited = key(c, needed, requests_per_s=1, requests_burst=1)
+
+            m = method.upper()
+            probes[(m, path, 401)] = call(m, url, {"Authorization": ""})
+            probes[(m, path, 403)] = call(m, url, wrong)
+            probes[(m, path, 429)] = call(m, url, limited, times=2)  # a burst of 1: the second is refused
+    return probes
+
+
+def test_every_documented_answer_is_one_the_route_gives(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> None:
+    server = start_server(make_backend("embedded"), MF_HTTP_BODY_TIMEOUT_S="1", MF_USAGE_MAX_RESULT_ROWS="1")
+    with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
+        served = c.get("/openapi.json")
+        assert served.status_code == 200
+        doc = orjson.loads(served.content)
+        validate(doc)
+        probes = {**route_probes(c), **guard_probes(c, doc)}
+        for path, ops in doc["paths"].items():
+            for method, op in ops.items():
+                if "requestBody" in op:
+                    probes[(method.upper(), path, 408)] = stalled(server, method.upper(), path)
+        expected = documented(doc)
+        not_probed = {x for x in expected if x[2] in NOT_PROBED_HERE}
+        # A code documented without a probe, or probed without documentation, fails here.
+        assert set(probes) == expected - not_probed, (expected - not_probed) ^ set(probes)
+        answers = {what: status(probe(c)) for what, probe in probes.items()}
+    assert {what: status for what, status in answers.items() if status != what[2]} == {}
