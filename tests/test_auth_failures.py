@@ -12,7 +12,7 @@ from services import Backend, MeterFlowServer
 from meterflow import samples
 from meterflow.auth import keys as keys_module
 from meterflow.auth.keys import KeyStore
-from meterflow.storage.embedded import EmbeddedStorage
+from meterflow.records import Records
 
 LIMIT = 5
 
@@ -67,9 +67,9 @@ def test_the_address_comes_from_the_trusted_proxy_header(
         assert send("198.51.100.4", random_key()) == 401
 
 
-async def test_unknown_keys_do_not_grow_the_cache(chdb_storage: EmbeddedStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unknown_keys_do_not_grow_the_cache(records: Records, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(keys_module, "CACHE_MAX", 100)
-    store = KeyStore(chdb_storage)
+    store = KeyStore(records)
     for _ in range(300):
         assert await store.authenticate(random_key()) is None
     assert len(store._cache) == 100

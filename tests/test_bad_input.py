@@ -11,13 +11,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from services import Backend, ClickHouse, MeterFlowServer
+from services import Backend, MeterFlowServer
 
 from meterflow import config
 from meterflow.api.app import bootstrap_admin_key
 from meterflow.auth.keys import KeyStore
 from meterflow.params import EPOCH_MS_MAX
-from meterflow.storage import open_storage
+from meterflow.records import open_records
+from meterflow.runtime import started
 
 LIST_ROUTES = ["/v1/customers", "/v1/keys", "/v1/meters"]
 USAGE = {"customer_id": "c", "meter": "api_calls", "start": "1", "end": "2"}
@@ -131,23 +132,19 @@ def test_admin_body_is_refused_at_the_limit_while_it_streams(server: MeterFlowSe
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
-async def test_admin_key_and_data_dir_are_private_from_creation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clickhouse: ClickHouse
-) -> None:
+async def test_admin_key_and_data_dir_are_private_from_creation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With chmod made a no-op, only a file and a directory created with their final modes pass:
     no moment exists where the admin key is readable by others."""
     monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
     monkeypatch.setattr("os.chmod", lambda *a, **k: None)
     data = tmp_path / "fresh" / "data"
-    clickhouse.reset_database("mf_bootstrap")  # a store with no key yet (chdb allows one path per process)
-    storage = open_storage(config.Settings(storage="clickhouse", clickhouse_url=clickhouse.url,
-                                           clickhouse_database="mf_bootstrap"))  # fmt: skip
+    # The records live outside the data directory, so bootstrap_admin_key is what creates it.
+    records = open_records(config.Settings(database_url=f"sqlite:///{tmp_path / 'records.db'}"))
     old = os.umask(0o022)
     try:
-        await storage.start()
-        await bootstrap_admin_key(config.Settings(data_dir=str(data)), KeyStore(storage))
+        async with started(records):
+            await bootstrap_admin_key(config.Settings(data_dir=str(data)), KeyStore(records))
     finally:
-        await storage.close()
         os.umask(old)
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     key = data / "admin.key"
