@@ -8,7 +8,7 @@ from starlette.responses import Response
 from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, Param, operation
 from meterflow.api.responses import json_body, json_response, page_params
-from meterflow.customers import ID_RE, CustomerError, Customers, validate
+from meterflow.customers import ID_RE, NUL, NUL_MESSAGE, CustomerError, Customers, validate
 from meterflow.records import IfMatch
 from meterflow.records.versions import etag
 from meterflow.runtime import runtime_of
@@ -90,6 +90,8 @@ async def list_customers(request: Request) -> Response:
     for name in ("name", "email"):
         if len(q.get(name, "")) > FILTER_MAX:
             raise ApiError(400, "invalid_parameter", f"`{name}` is longer than {FILTER_MAX} characters, the limit.")
+        if NUL in q.get(name, ""):
+            raise ApiError(400, "invalid_parameter", NUL_MESSAGE.format(name))
     rows = await _store(request).list(cursor, limit + 1, q.get("name", ""), q.get("email", ""))
     more = len(rows) > limit
     rows = rows[:limit]

@@ -9,6 +9,7 @@ from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.auth.keys import KeyError_, check_rate_limits
+from meterflow.customers import NUL, NUL_MESSAGE
 from meterflow.records import IfMatch
 from meterflow.records.versions import etag
 from meterflow.runtime import runtime_of
@@ -26,6 +27,8 @@ async def create_key(request: Request) -> Response:
     customer = doc.get("customer_id")
     if not isinstance(name, str) or (customer is not None and not isinstance(customer, str)):
         raise ApiError(400, "invalid_key", "`name` and `customer_id` must be strings.")
+    if NUL in name:
+        raise ApiError(400, "invalid_key", NUL_MESSAGE.format("name"))
     try:
         limits = check_rate_limits(doc.get("rate_limits"))
         key, secret = await keys.create(str(doc.get("scope")), name, customer, limits)
