@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
-from meterflow.api.openapi import PAGE, Param, operation
+from meterflow.api.openapi import PAGE, STALE, Param, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.customers import ID_RE, NUL, NUL_MESSAGE, CustomerError, Customers, validate
 from meterflow.records import IfMatch
@@ -42,7 +42,8 @@ def _fields(doc: object, partial: bool) -> dict[str, object]:
         raise ApiError(400, "invalid_customer", e.message) from None
 
 
-@operation("Create or replace a customer", {200: "Replaced", 201: "Created"}, body="Customer", result="Customer")
+@operation("Create or replace a customer", {200: "Replaced", 201: "Created", **STALE}, body="Customer",
+           result="Customer")  # fmt: skip
 async def put_customer(request: Request) -> Response:
     cid = _id(request)
     doc = await json_body(request)
@@ -52,7 +53,7 @@ async def put_customer(request: Request) -> Response:
     return _answer(customer, 201 if created else 200)
 
 
-@operation("Change some fields of a customer", {200: "Changed", 404: "There is no such customer."},
+@operation("Change some fields of a customer", {200: "Changed", 404: "There is no such customer.", **STALE},
            body="Customer", result="Customer")  # fmt: skip
 async def patch_customer(request: Request) -> Response:
     cid = _id(request)
@@ -73,7 +74,7 @@ async def get_customer(request: Request) -> Response:
 
 
 @operation("Delete a customer (soft: kept for past invoices)", {
-    204: "Deleted", 400: "The id is not a valid customer id.", 404: "There is no such customer."})  # fmt: skip
+    204: "Deleted", 400: "The id is not a valid customer id.", 404: "There is no such customer.", **STALE})  # fmt: skip
 async def delete_customer(request: Request) -> Response:
     cid = _id(request)
     if not await _store(request).delete(cid, _if_match(request)):

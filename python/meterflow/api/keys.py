@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
-from meterflow.api.openapi import PAGE, operation
+from meterflow.api.openapi import PAGE, STALE, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.auth.keys import KeyError_, check_rate_limits
 from meterflow.customers import NUL, NUL_MESSAGE
@@ -48,7 +48,7 @@ async def list_keys(request: Request) -> Response:
     return json_response({"data": rows, "next_cursor": rows[-1]["id"] if more and rows else None})
 
 
-@operation("Revoke an API key", {204: "Revoked", 404: "There is no active key with this id."})
+@operation("Revoke an API key", {204: "Revoked", 404: "There is no active key with this id.", **STALE})
 async def revoke_key(request: Request) -> Response:
     keys = runtime_of(request).keys
     if not await keys.revoke(request.path_params["key_id"], IfMatch.parse(request.headers.get("if-match"))):
