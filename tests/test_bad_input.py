@@ -6,6 +6,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -278,3 +280,18 @@ async def test_a_value_or_constraint_the_database_refuses_is_a_4xx(records: Reco
                 await conn.execute(sa.insert(api_keys).values({**row, "id": "n" * 12, "hash": "n", "name": "\x00"}))
         answer = await errors.record_rejected(request, nul.value)
         assert answer.status_code == 400 and json.loads(bytes(answer.body))["error"] == "invalid_value"
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["keys", "create", "--scope", "read"]])
+def test_cli_first_run_creates_the_data_dir_0700(tmp_path: Path, command: list[str]) -> None:
+    """The CLI's first touch of a fresh data directory is the records database: it too creates it private."""
+    data = tmp_path / "fresh" / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MF_")} | {"MF_DATA_DIR": str(data)}
+    old = os.umask(0o022)  # the child inherits it: a plain mkdir would make 0755
+    try:
+        out = subprocess.run([sys.executable, "-m", "meterflow.cli", *command], env=env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    finally:
+        os.umask(old)
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700

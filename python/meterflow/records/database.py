@@ -14,7 +14,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from meterflow.config import Settings
+from meterflow.config import Settings, private_dir
 from meterflow.records import migrate
 
 log = logging.getLogger("meterflow.records")
@@ -66,7 +66,8 @@ class Records:
     def _create_engine(self) -> AsyncEngine:
         if self.name == "sqlite":
             if self.url.database:
-                Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+                # The data directory (by default) holds the admin key too: created 0700, never by a plain mkdir.
+                private_dir(Path(self.url.database).parent)
             engine = create_async_engine(self.url, connect_args={"timeout": 10})
 
             @event.listens_for(engine.sync_engine, "connect")
