@@ -46,8 +46,10 @@ async def ready(request: Request) -> Response:
         # The archive never blocks ingestion: its state is reported, not a reason for 503.
         objects, size = spool.depth()
         check = next(r for p, r in zip(probes, results, strict=True) if p.family == "archive")
+        # A code, never the store's own text (/ready needs no key); the uploader logs the detail.
+        last_error = "upload_failed" if spool.last_error else None
         body["archive"] = {**check, "spool_objects": objects, "spool_bytes": size,
-                           "spool_max_bytes": spool.max_bytes, "last_error": spool.last_error}  # fmt: skip
+                           "spool_max_bytes": spool.max_bytes, "last_error": last_error}  # fmt: skip
         if size >= spool.max_bytes:
             ok = False
             body["status"] = "unavailable"
