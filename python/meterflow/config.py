@@ -87,6 +87,15 @@ class Settings:
     usage_max_query_bytes: int = 262_144
     usage_max_result_rows: int = 100_000
     usage_max_concurrent_queries: int = 4
+    # Invoices fall due this many days after they are issued.
+    invoice_due_days: int = 30
+    # Webhook retries: the first after webhook_backoff_ms, doubling up to webhook_backoff_max_ms,
+    # given up webhook_retry_for_s after the event; each attempt waits webhook_timeout_ms at most.
+    webhook_backoff_ms: int = 5_000
+    webhook_backoff_max_ms: int = 3_600_000
+    webhook_retry_for_s: int = 86_400
+    webhook_timeout_ms: int = 10_000
+    webhook_poll_ms: int = 1_000
     # Meters defined as code (TOML `[[meters]]`); the seed's catalog by default.
     meters: tuple[Meter, ...] = dataclasses.field(default_factory=_default_meters)
 
@@ -98,7 +107,8 @@ class Settings:
             "rate_requests_burst", "rate_events_per_s", "rate_events_burst", "spool_max_bytes",
             "usage_max_filter_values", "usage_max_execution_s", "usage_max_query_bytes", "usage_max_result_rows",
             "usage_max_concurrent_queries", "auth_failures_per_minute", "http_max_connections",
-            "http_body_timeout_s", "key_cache_grace_s",
+            "http_body_timeout_s", "key_cache_grace_s", "invoice_due_days", "webhook_backoff_ms",
+            "webhook_backoff_max_ms", "webhook_retry_for_s", "webhook_timeout_ms", "webhook_poll_ms",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

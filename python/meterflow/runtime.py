@@ -14,6 +14,9 @@ from starlette.requests import Request
 from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore
 from meterflow.auth.ratelimit import RateLimiter, open_rate_limiter
+from meterflow.billing.invoices import Invoices
+from meterflow.billing.outbox import Schedule, Sender
+from meterflow.billing.webhooks import Webhooks
 from meterflow.config import Settings
 from meterflow.customers import Customers
 from meterflow.ingest.archive import Spool, Store, open_store
@@ -81,6 +84,8 @@ class Runtime:
     keys: KeyStore
     auth_failures: AuthFailures
     meters: MeterCatalog
+    invoices: Invoices
+    webhooks: Webhooks
 
     def probes(self) -> list[Probe]:
         probes = [Probe("storage", self.storage), Probe("dedup", self.dedup), Probe("records", self.records),
@@ -113,10 +118,14 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
                 settings.auth_failures_per_minute, settings.redis_url if settings.dedup == "redis" else None
             ),
             meters=MeterCatalog(records, settings.meters),
+            invoices=Invoices(records, archive, settings.invoice_due_days), webhooks=Webhooks(records),
         )  # fmt: skip
+        sender = Sender(records, webhook_schedule(settings))
+        sender.start()
         try:
             yield rt
         finally:
+            await sender.stop()
             await rt.auth_failures.close()
             # SIGTERM: Granian has stopped taking requests; flush what is queued.
             await service.flusher.drain()
@@ -126,6 +135,12 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
                     await asyncio.wait_for(spool.drain_once(), 10)
                 except Exception as e:
                     log.warning("archive left spooled at shutdown", extra={"error": str(e)[:300]})
+
+
+def webhook_schedule(settings: Settings) -> Schedule:
+    return Schedule(first_ms=settings.webhook_backoff_ms, max_ms=settings.webhook_backoff_max_ms,
+                    give_up_ms=settings.webhook_retry_for_s * 1000, timeout_ms=settings.webhook_timeout_ms,
+                    poll_ms=settings.webhook_poll_ms)  # fmt: skip
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -18,10 +18,12 @@ from meterflow.api.auth import requires
 from meterflow.api.customers import delete_customer, get_customer, list_customers, patch_customer, put_customer
 from meterflow.api.events import post_events
 from meterflow.api.health import health, metrics, ready
+from meterflow.api.invoices import finalize_invoice, get_invoice, list_invoices, mark_invoice_paid, void_invoice
 from meterflow.api.keys import create_key, list_keys, revoke_key
 from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
 from meterflow.api.openapi import openapi
 from meterflow.api.usage import get_usage
+from meterflow.api.webhooks import create_webhook, delete_webhook, list_deliveries, list_webhooks
 from meterflow.auth.keys import KeyStore
 from meterflow.logs import setup_logging
 from meterflow.records import RecordsUnavailable, StaleVersion
@@ -61,6 +63,15 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         Route("/v1/keys", requires("admin", list_keys), methods=["GET"]),
         Route("/v1/keys", requires("admin", create_key), methods=["POST"]),
         Route("/v1/keys/{key_id}", requires("admin", revoke_key), methods=["DELETE"]),
+        Route("/v1/invoices", requires("read", list_invoices), methods=["GET"]),
+        Route("/v1/invoices/{invoice_id}", requires("read", get_invoice), methods=["GET"]),
+        Route("/v1/invoices/{invoice_id}/finalize", requires("admin", finalize_invoice), methods=["POST"]),
+        Route("/v1/invoices/{invoice_id}/void", requires("admin", void_invoice), methods=["POST"]),
+        Route("/v1/invoices/{invoice_id}/mark_paid", requires("admin", mark_invoice_paid), methods=["POST"]),
+        Route("/v1/webhooks", requires("admin", list_webhooks), methods=["GET"]),
+        Route("/v1/webhooks", requires("admin", create_webhook), methods=["POST"]),
+        Route("/v1/webhooks/{webhook_id}", requires("admin", delete_webhook), methods=["DELETE"]),
+        Route("/v1/webhooks/{webhook_id}/deliveries", requires("admin", list_deliveries), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", requires("read", metrics), methods=["GET"]),

@@ -281,6 +281,44 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 },
             },
         },
+        "WebhookRequest": {
+            "type": "object",
+            "required": ["url"],
+            "properties": {
+                "url": {"type": "string", "format": "uri"},
+                "events": {"type": "array", "items": {"enum": ["invoice.finalized", "invoice.voided", "invoice.paid"]}},
+                "description": {"type": "string", "maxLength": 500},
+            },
+        },
+        "Webhook": {
+            "type": "object",
+            "required": ["id", "url", "events"],
+            "properties": {
+                "id": {"type": "string"},
+                "url": {"type": "string"},
+                "events": {"type": "array", "items": {"type": "string"}},
+                "secret": {"type": "string", "description": "whsec_...; only in the answer that registers it."},
+            },
+        },
+        "Invoice": {
+            "type": "object",
+            "required": ["id", "number", "status", "customer_id", "currency", "lines", "total"],
+            "description": "The upcoming invoice's shape plus id, number (MF-YYYY-NNNNNN once finalized), "
+            "status and dates. Amounts are decimal strings.",
+            "properties": {
+                "id": {"type": "string"},
+                "number": {"type": ["string", "null"]},
+                "status": {"enum": ["draft", "finalized", "paid", "void"]},
+                "customer_id": {"type": "string"},
+                "currency": {"type": "string"},
+                "lines": {"type": "array", "items": OBJECT},
+                "subtotal": {"type": "string"},
+                "minimum_adjustment": {"type": "string"},
+                "total": {"type": "string"},
+                "issued_at": {"type": ["integer", "null"]},
+                "due_at": {"type": ["integer", "null"]},
+            },
+        },
         "Page": {
             "type": "object",
             "required": ["data", "next_cursor"],
