@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import datetime as dt
 import hashlib
 import hmac
 import secrets
-import builtins
 import time
 from collections.abc import Sequence
 from typing import Any
