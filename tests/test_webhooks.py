@@ -4,22 +4,25 @@ delivery, the delivery log, a restart that keeps pending deliveries; receivers a
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
 from invoice_samples import draft
-from services import free_port, until
+from services import Backend, MeterFlowServer, free_port, until
 from standardwebhooks import Webhook
 
 from meterflow.billing.invoices import Invoices
 from meterflow.billing.outbox import Schedule, Sender
 from meterflow.billing.webhooks import Webhooks, new_secret, sign
-from meterflow.records import Records
+from meterflow.config import Settings
+from meterflow.records import Records, open_records
 from meterflow.records.tables import webhook_deliveries
+from meterflow.runtime import started
 
 FAST = Schedule(first_ms=50, max_ms=200, give_up_ms=60_000, timeout_ms=2_000, poll_ms=20)
 
@@ -172,3 +175,54 @@ async def test_give_up_after_the_retry_window(records: Records) -> None:
 async def all_failed(records: Records) -> bool:
     rows = await deliveries(records)
     return bool(rows) and all(r["status"] == "failed" and r["attempts"] >= 2 for r in rows)
+
+
+FAST_ENV = {"MF_WEBHOOK_BACKOFF_MS": "100", "MF_WEBHOOK_BACKOFF_MAX_MS": "200", "MF_WEBHOOK_POLL_MS": "50"}
+
+
+async def test_http_api_and_a_restart_keep_pending_deliveries(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> None:
+    backend = make_backend("embedded")
+    server = start_server(backend, **FAST_ENV)
+    down = Receiver()
+    async with httpx.AsyncClient(base_url=server.url, headers=server.auth, timeout=30) as c:
+        made = await c.post("/v1/webhooks", json={"url": down.url, "events": ["invoice.finalized"]})
+        assert made.status_code == 201 and made.json()["secret"].startswith("whsec_")
+        hook = made.json()
+        listed = (await c.get("/v1/webhooks")).json()["data"]
+        assert [w["id"] for w in listed] == [hook["id"]] and "secret" not in listed[0]  # shown once only
+        bad = await c.post("/v1/webhooks", json={"url": "ftp://x"})
+        assert bad.status_code == 400 and "`url`" in bad.json()["message"]
+
+        records = open_records(Settings(data_dir=backend.env["MF_DATA_DIR"]))
+        async with started(records):
+            d = await draft(Invoices(records, None))
+        finalized = await c.post(f"/v1/invoices/{d['id']}/finalize")
+        assert finalized.status_code == 200, finalized.text
+        again = await c.post(f"/v1/invoices/{d['id']}/finalize")
+        assert again.status_code == 409 and again.json()["error"] == "invalid_status"
+        assert "finalized" in again.json()["message"]
+        listed = (await c.get("/v1/invoices", params={"status": "finalized", "customer_id": "cust_1"})).json()
+        assert [i["number"] for i in listed["data"]] == [finalized.json()["number"]]
+
+        async def retried() -> bool:
+            log = (await c.get(f"/v1/webhooks/{hook['id']}/deliveries")).json()["data"]
+            return len(log) == 1 and log[0]["status"] == "pending" and len(log[0]["attempts"]) >= 2
+
+        await until(retried, "the delivery retried while the receiver is down")
+    server.stop()
+
+    server = start_server(backend, **FAST_ENV)  # the same data directory: the outbox survived
+    await down.start()
+    try:
+        await until(lambda: len(down.accepted) == 1, "delivered after the restart")
+        headers, body = down.accepted[0]
+        assert Webhook(hook["secret"]).verify(body, headers)["data"]["id"] == d["id"]
+        async with httpx.AsyncClient(base_url=server.url, headers=server.auth, timeout=30) as c:
+            log = (await c.get(f"/v1/webhooks/{hook['id']}/deliveries")).json()["data"]
+            assert log[0]["status"] == "delivered" and log[0]["attempts"][-1]["status_code"] == 204
+            assert (await c.delete(f"/v1/webhooks/{hook['id']}")).status_code == 204
+            assert (await c.delete(f"/v1/webhooks/{hook['id']}")).status_code == 404
+    finally:
+        await down.stop()
