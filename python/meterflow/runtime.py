@@ -14,6 +14,8 @@ from starlette.requests import Request
 from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore
 from meterflow.auth.ratelimit import RateLimiter, open_rate_limiter
+from meterflow.billing.catalog import PlanCatalog
+from meterflow.billing.subscriptions import Subscriptions
 from meterflow.config import Settings
 from meterflow.customers import Customers
 from meterflow.ingest.archive import Spool, Store, open_store
@@ -81,6 +83,8 @@ class Runtime:
     keys: KeyStore
     auth_failures: AuthFailures
     meters: MeterCatalog
+    plans: PlanCatalog
+    subscriptions: Subscriptions
 
     def probes(self) -> list[Probe]:
         probes = [Probe("storage", self.storage), Probe("dedup", self.dedup), Probe("records", self.records),
@@ -101,6 +105,9 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
     spool = Spool(settings, archive, metrics) if archive is not None else None
     async with started(storage, dedup, records, limiter, *([archive] if archive is not None else [])):
         await import_documents(storage, records)
+        meters = MeterCatalog(records, settings.meters)
+        plans = PlanCatalog(records, meters, settings.plans)
+        await plans.start()
         service = IngestService(settings, storage, dedup, metrics, spool)
         await service.warm()
         if spool is not None:
@@ -112,7 +119,7 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
             auth_failures=AuthFailures(
                 settings.auth_failures_per_minute, settings.redis_url if settings.dedup == "redis" else None
             ),
-            meters=MeterCatalog(records, settings.meters),
+            meters=meters, plans=plans, subscriptions=Subscriptions(records, plans),
         )  # fmt: skip
         try:
             yield rt
