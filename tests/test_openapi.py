@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,8 +34,18 @@ BIG = b'{"name": "' + b"x" * (1 << 20) + b'"}'
 USAGE = {"customer_id": "c", "meter": "api_calls"}
 METER = {"event_type": "probe", "aggregation": "COUNT"}
 # Path parameters of the generic probes (auth and rate limits answer before the route reads them).
-SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12, "invoice_id": "inv_" + "0" * 24,
-          "webhook_id": "wh_" + "0" * 24}
+SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12, "subscription_id": "sub_probe",
+          "invoice_id": "inv_" + "0" * 24, "webhook_id": "wh_" + "0" * 24}
+PLAN = {"currency": "EUR", "charges": [{"type": "unit", "meter": "api_calls", "unit_amount": "0.001"}]}
+DIMENSIONAL = {"currency": "EUR", "charges": [{"meter": "api_calls", "price_by": "region",
+                                              "prices": {"eu-west-1": {"type": "unit", "unit_amount": "1"}}}]}
+# A plan of the config file: read-only through the API.
+CONFIG = """
+[[plans]]
+code = "config_plan"
+currency = "EUR"
+charges = [{type = "flat", amount = "1.00"}]
+"""
 # Documented answers that need a backing service to fail; the named test stops it and checks them.
 NOT_PROBED_HERE = {503: "tests/test_failures.py::test_clickhouse_down_answers_503_and_marks_nothing"}
 
@@ -137,7 +148,83 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         return c.get("/v1/usage", params={"customer_id": "c_rows", "meter": "api_calls", "start": now - 60_000,
                                           "end": now + 60_000, "group_by": "region,endpoint"})  # fmt: skip
 
+    pl, sub = "/v1/plans/{code}", "/v1/subscriptions/{subscription_id}"
+    up = "/v1/customers/{customer_id}/upcoming_invoice"
+
+    def subscribe(c: httpx.Client) -> httpx.Response:
+        assert c.put("/v1/customers/cust_sub", json={"name": "S"}).status_code in (200, 201)
+        r = c.post("/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "probe_p", "start": 0})
+        made["sub"] = r.json().get("id", "")
+        return r
+
+    def change(c: httpx.Client) -> httpx.Response:
+        r = c.post(f"/v1/subscriptions/{made['sub']}/change", json={"plan": "probe_p", "at": 1000})
+        made["new"] = r.json().get("subscription", {}).get("id", "")
+        return r
+
+    def expensive_invoice(c: httpx.Client) -> httpx.Response:
+        """A dimensional charge needs a breakdown: two regions are two rows, over the limit of one."""
+        now = samples.now_ms()
+        assert c.post("/v1/plans", json={"code": "probe_dim", **DIMENSIONAL}).status_code == 201
+        assert c.put("/v1/customers/c_dim", json={"name": "D"}).status_code in (200, 201)
+        assert c.post("/v1/subscriptions", json={"customer_id": "c_dim", "plan": "probe_dim",
+                                                 "start": 0}).status_code == 201  # fmt: skip
+        two = [{**e, "customer_id": "c_dim"} for e in samples.batch(20, seed=11, prefix="dim", ts=now)]
+        assert c.post(events, content=samples.body(two), headers=JSON).json()["accepted"] == 20
+        return c.get(up.format(customer_id="c_dim"))
+
     return {
+        ("GET", "/v1/plans", 200): lambda c: c.get("/v1/plans"),
+        ("GET", "/v1/plans", 400): lambda c: c.get("/v1/plans", params={"limit": "0"}),
+        ("POST", "/v1/plans", 201): lambda c: c.post("/v1/plans", json={"code": "probe_p", **PLAN}),
+        ("POST", "/v1/plans", 409): lambda c: c.post("/v1/plans", json={"code": "probe_p", **PLAN}),
+        ("POST", "/v1/plans", 400): lambda c: c.post("/v1/plans", json={"code": "probe_q", **PLAN, "currency": "EURO"}),
+        ("POST", "/v1/plans", 413): lambda c: c.post("/v1/plans", content=BIG, headers=JSON),
+        ("POST", "/v1/plans", 415): lambda c: c.post("/v1/plans", content=b"{}", headers=TEXT),
+        ("GET", pl, 200): lambda c: c.get("/v1/plans/probe_p"),
+        ("GET", pl, 404): lambda c: c.get("/v1/plans/nope"),
+        ("PUT", pl, 201): lambda c: c.put("/v1/plans/probe_r", json=PLAN),
+        ("PUT", pl, 200): lambda c: c.put("/v1/plans/probe_r", json=PLAN),
+        ("PUT", pl, 409): lambda c: c.put("/v1/plans/config_plan", json=PLAN),
+        ("PUT", pl, 400): lambda c: c.put("/v1/plans/probe_r", json={**PLAN, "interval": "week"}),
+        ("PUT", pl, 413): lambda c: c.put("/v1/plans/probe_r", content=BIG, headers=JSON),
+        ("PUT", pl, 415): lambda c: c.put("/v1/plans/probe_r", content=b"{}", headers=TEXT),
+        ("DELETE", pl, 204): lambda c: c.delete("/v1/plans/probe_r"),
+        ("DELETE", pl, 404): lambda c: c.delete("/v1/plans/probe_r"),
+        ("DELETE", pl, 409): lambda c: c.delete("/v1/plans/config_plan"),
+        ("POST", "/v1/subscriptions", 201): subscribe,
+        ("POST", "/v1/subscriptions", 409): lambda c: c.post(
+            "/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "probe_p", "start": 1}),
+        ("POST", "/v1/subscriptions", 400): lambda c: c.post(
+            "/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "nope"}),
+        ("POST", "/v1/subscriptions", 413): lambda c: c.post("/v1/subscriptions", content=BIG, headers=JSON),
+        ("POST", "/v1/subscriptions", 415): lambda c: c.post("/v1/subscriptions", content=b"{}", headers=TEXT),
+        ("GET", "/v1/subscriptions", 200): lambda c: c.get("/v1/subscriptions", params={"customer_id": "cust_sub"}),
+        ("GET", "/v1/subscriptions", 400): lambda c: c.get("/v1/subscriptions", params={"customer_id": "bad id"}),
+        ("GET", sub, 200): lambda c: c.get(f"/v1/subscriptions/{made['sub']}"),
+        ("GET", sub, 404): lambda c: c.get("/v1/subscriptions/sub_none"),
+        ("GET", up, 200): lambda c: c.get(up.format(customer_id="cust_sub")),
+        ("GET", up, 400): lambda c: c.get(up.format(customer_id="cust_sub"), params={"subscription_id": "x"}),
+        ("GET", up, 404): lambda c: c.get(up.format(customer_id="cust_none")),
+        ("GET", up, 422): expensive_invoice,
+        ("POST", sub + "/change", 200): change,
+        ("POST", sub + "/change", 400): lambda c: c.post(f"/v1/subscriptions/{made['sub']}/change",
+                                                         json={"plan": "probe_p", "at": "soon"}),
+        ("POST", sub + "/change", 404): lambda c: c.post("/v1/subscriptions/sub_none/change", json={"plan": "probe_p"}),
+        ("POST", sub + "/change", 409): lambda c: c.post(f"/v1/subscriptions/{made['sub']}/change",
+                                                         json={"plan": "probe_p", "at": 2000}),
+        ("POST", sub + "/change", 413): lambda c: c.post("/v1/subscriptions/sub_none/change", content=BIG,
+                                                         headers=JSON),
+        ("POST", sub + "/change", 415): lambda c: c.post("/v1/subscriptions/sub_none/change", content=b"{}",
+                                                         headers=TEXT),
+        ("POST", sub + "/cancel", 200): lambda c: c.post(f"/v1/subscriptions/{made['new']}/cancel", json={}),
+        ("POST", sub + "/cancel", 400): lambda c: c.post(f"/v1/subscriptions/{made['new']}/cancel", json={"at": -1}),
+        ("POST", sub + "/cancel", 404): lambda c: c.post("/v1/subscriptions/sub_none/cancel", json={}),
+        ("POST", sub + "/cancel", 409): lambda c: c.post(f"/v1/subscriptions/{made['new']}/cancel", json={}),
+        ("POST", sub + "/cancel", 413): lambda c: c.post("/v1/subscriptions/sub_none/cancel", content=BIG,
+                                                         headers=JSON),
+        ("POST", sub + "/cancel", 415): lambda c: c.post("/v1/subscriptions/sub_none/cancel", content=b"{}",
+                                                         headers=TEXT),
         ("POST", events, 200): lambda c: c.post(events, content=samples.body([samples.seed_event()]), headers=JSON),
         ("POST", events, 400): lambda c: c.post(events, content=b"{}", headers=JSON),
         ("POST", events, 413): lambda c: c.post(events, content=samples.body(samples.batch(1001)), headers=JSON),
@@ -263,10 +350,13 @@ def guard_probes(c: httpx.Client, doc: dict[str, Any]) -> dict[tuple[str, str, i
 
 
 def test_every_documented_answer_is_one_the_route_gives(
-    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer], tmp_path: Path
 ) -> None:
+    config = tmp_path / "plans.toml"
+    config.write_text(CONFIG)
     backend = make_backend("embedded")
-    server = start_server(backend, MF_HTTP_BODY_TIMEOUT_S="1", MF_USAGE_MAX_RESULT_ROWS="1")
+    server = start_server(backend, MF_HTTP_BODY_TIMEOUT_S="1", MF_USAGE_MAX_RESULT_ROWS="1",
+                          MF_CONFIG=str(config))  # fmt: skip
     with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
         served = c.get("/openapi.json")
         assert served.status_code == 200

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
+from meterflow.billing.plans import Plan, PlanError, parse_plan
 from meterflow.metering.meters import DEFAULT_METERS, Meter, MeterError, parse_meter
 
 DAY_MS = 86_400_000
@@ -98,6 +99,8 @@ class Settings:
     webhook_poll_ms: int = 1_000
     # Meters defined as code (TOML `[[meters]]`); the seed's catalog by default.
     meters: tuple[Meter, ...] = dataclasses.field(default_factory=_default_meters)
+    # Plans defined as code (TOML `[[plans]]`), priced against the config's meters; read-only through the API.
+    plans: tuple[Plan, ...] = ()
 
     def __post_init__(self) -> None:
         positive = (
@@ -206,6 +209,22 @@ def _meters(path: str, raw: Any) -> tuple[Meter, ...]:
     return tuple(out)
 
 
+def _plans(path: str, raw: Any, meters: tuple[Meter, ...]) -> tuple[Plan, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: `plans` must be an array of tables ([[plans]]).")
+    by_code = {m.code: m for m in meters}
+    out: list[Plan] = []
+    for i, doc in enumerate(raw):
+        try:
+            p = parse_plan(doc, by_code)
+        except PlanError as e:
+            raise ConfigError(f"{path}: plans[{i}].{e.field}: {e.message}") from None
+        if any(o.code == p.code for o in out):
+            raise ConfigError(f"{path}: plans[{i}].code: {p.code!r} is defined twice.")
+        out.append(p)
+    return tuple(out)
+
+
 def load(
     env: Mapping[str, str] | None = None,
     config_file: str | None = None,
@@ -227,8 +246,10 @@ def load(
         section = doc.get("meterflow", doc)
         if "meters" in doc:
             values["meters"] = _meters(path, doc["meters"])
+        if "plans" in doc:
+            values["plans"] = _plans(path, doc["plans"], values.get("meters") or _default_meters())
         for key, raw in section.items():
-            if key == "meters" or isinstance(raw, dict):
+            if key in ("meters", "plans") or isinstance(raw, dict):
                 continue
             if key not in known:
                 raise ConfigError(f"{path}: unknown setting {key!r}.")

@@ -14,8 +14,10 @@ from starlette.requests import Request
 from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore
 from meterflow.auth.ratelimit import RateLimiter, open_rate_limiter
+from meterflow.billing.catalog import PlanCatalog
 from meterflow.billing.invoices import Invoices
 from meterflow.billing.outbox import Schedule, Sender
+from meterflow.billing.subscriptions import Subscriptions
 from meterflow.billing.webhooks import Webhooks
 from meterflow.config import Settings
 from meterflow.customers import Customers
@@ -86,6 +88,8 @@ class Runtime:
     meters: MeterCatalog
     invoices: Invoices
     webhooks: Webhooks
+    plans: PlanCatalog
+    subscriptions: Subscriptions
 
     def probes(self) -> list[Probe]:
         probes = [Probe("storage", self.storage), Probe("dedup", self.dedup), Probe("records", self.records),
@@ -106,6 +110,9 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
     spool = Spool(settings, archive, metrics) if archive is not None else None
     async with started(storage, dedup, records, limiter, *([archive] if archive is not None else [])):
         await import_documents(storage, records)
+        meters = MeterCatalog(records, settings.meters)
+        plans = PlanCatalog(records, meters, settings.plans)
+        await plans.start()
         service = IngestService(settings, storage, dedup, metrics, spool)
         await service.warm()
         if spool is not None:
@@ -117,7 +124,7 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
             auth_failures=AuthFailures(
                 settings.auth_failures_per_minute, settings.redis_url if settings.dedup == "redis" else None
             ),
-            meters=MeterCatalog(records, settings.meters),
+            meters=meters, plans=plans, subscriptions=Subscriptions(records, plans),
             invoices=Invoices(records, archive, settings.invoice_due_days), webhooks=Webhooks(records),
         )  # fmt: skip
         sender = Sender(records, webhook_schedule(settings))

@@ -22,6 +22,15 @@ from meterflow.api.invoices import finalize_invoice, get_invoice, list_invoices,
 from meterflow.api.keys import create_key, list_keys, revoke_key
 from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
 from meterflow.api.openapi import openapi
+from meterflow.api.plans import create_plan, delete_plan, get_plan, list_plans, put_plan
+from meterflow.api.subscriptions import (
+    cancel_subscription,
+    change_subscription,
+    create_subscription,
+    get_subscription,
+    list_subscriptions,
+    upcoming_invoice,
+)
 from meterflow.api.usage import get_usage
 from meterflow.api.webhooks import create_webhook, delete_webhook, list_deliveries, list_webhooks
 from meterflow.auth.keys import KeyStore
@@ -60,6 +69,17 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         Route("/v1/customers/{customer_id}", requires("admin", put_customer), methods=["PUT"]),
         Route("/v1/customers/{customer_id}", requires("admin", patch_customer), methods=["PATCH"]),
         Route("/v1/customers/{customer_id}", requires("admin", delete_customer), methods=["DELETE"]),
+        Route("/v1/customers/{customer_id}/upcoming_invoice", requires("read", upcoming_invoice), methods=["GET"]),
+        Route("/v1/plans", requires("read", list_plans), methods=["GET"]),
+        Route("/v1/plans", requires("admin", create_plan), methods=["POST"]),
+        Route("/v1/plans/{code}", requires("read", get_plan), methods=["GET"]),
+        Route("/v1/plans/{code}", requires("admin", put_plan), methods=["PUT"]),
+        Route("/v1/plans/{code}", requires("admin", delete_plan), methods=["DELETE"]),
+        Route("/v1/subscriptions", requires("read", list_subscriptions), methods=["GET"]),
+        Route("/v1/subscriptions", requires("admin", create_subscription), methods=["POST"]),
+        Route("/v1/subscriptions/{subscription_id}", requires("read", get_subscription), methods=["GET"]),
+        Route("/v1/subscriptions/{subscription_id}/cancel", requires("admin", cancel_subscription), methods=["POST"]),
+        Route("/v1/subscriptions/{subscription_id}/change", requires("admin", change_subscription), methods=["POST"]),
         Route("/v1/keys", requires("admin", list_keys), methods=["GET"]),
         Route("/v1/keys", requires("admin", create_key), methods=["POST"]),
         Route("/v1/keys/{key_id}", requires("admin", revoke_key), methods=["DELETE"]),

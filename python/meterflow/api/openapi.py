@@ -324,6 +324,73 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "required": ["data", "next_cursor"],
             "properties": {"data": {"type": "array", "items": OBJECT}, "next_cursor": {"type": ["string", "null"]}},
         },
+        "Plan": {
+            "type": "object",
+            "required": ["code", "currency", "charges"],
+            "description": "Amounts and quantities are decimal strings. Charge types: flat, unit, graduated, "
+            "volume, package; a usage charge may price each value of a group-by property (`price_by`, `prices`, "
+            "`default`).",
+            "properties": {
+                "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,62}$"},
+                "name": {"type": "string"},
+                "description": {"type": "string"},
+                "currency": {"type": "string", "description": "ISO 4217"},
+                "interval": {"enum": ["month", "year"]},
+                "minimum": {"type": "string"},
+                "charges": {"type": "array", "items": OBJECT},
+            },
+        },
+        "Subscription": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "customer_id": ID,
+                "plan": {"type": "string"},
+                "plan_version": {"type": "integer"},
+                "start": {"type": "integer"},
+                "end": {"type": ["integer", "null"]},
+                "status": {"enum": ["scheduled", "active", "ended"]},
+            },
+        },
+        "SubscriptionRequest": {
+            "type": "object",
+            "required": ["customer_id", "plan"],
+            "properties": {
+                "customer_id": ID,
+                "plan": {"type": "string"},
+                "start": {"type": "integer", "description": "Epoch ms; default now."},
+            },
+        },
+        "CancelRequest": {"type": "object", "properties": {"at": {"type": "integer", "description": "Default now."}}},
+        "ChangeRequest": {
+            "type": "object",
+            "required": ["plan"],
+            "properties": {"plan": {"type": "string"}, "at": {"type": "integer", "description": "Default now."}},
+        },
+        "PlanChange": {
+            "type": "object",
+            "properties": {
+                "ended": {"$ref": "#/components/schemas/Subscription"},
+                "subscription": {"$ref": "#/components/schemas/Subscription"},
+            },
+        },
+        "UpcomingInvoice": {
+            "type": "object",
+            "required": [
+                "customer_id",
+                "subscription_id",
+                "plan",
+                "currency",
+                "period",
+                "lines",
+                "subtotal",
+                "minimum_adjustment",
+                "total",
+            ],
+            "description": "Money and quantities are decimal strings; each line is rounded to the currency's minor "
+            "unit half up, the subtotal is their sum, a minimum tops it up.",
+            "properties": {"lines": {"type": "array", "items": OBJECT}, "period": OBJECT, "billing_period": OBJECT},
+        },
         "Usage": {
             "type": "object",
             "required": ["customer_id", "meter", "period", "value", "aggregation"],

@@ -154,3 +154,45 @@ invoice_numbers = sa.Table(
     sa.Column("year", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("last", sa.Integer, nullable=False),
 )
+
+# Plans made through the API (config plans live in the config file). `version` is the
+# record's (the ETag); `plan_version` the definition in force for new subscriptions.
+plans = sa.Table(
+    "plans",
+    metadata,
+    sa.Column("code", record_id(63), primary_key=True),
+    sa.Column("plan_version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("archived_at", sa.BigInteger),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+# Every definition a plan has had that a subscription may bill with; config plans
+# are recorded here too (once per distinct definition), so subscriptions name them alike.
+plan_versions = sa.Table(
+    "plan_versions",
+    metadata,
+    sa.Column("code", record_id(63), primary_key=True),
+    sa.Column("plan_version", sa.Integer, primary_key=True),
+    sa.Column("definition", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+# A customer on one version of a plan over [start_at, end_at) (end_at NULL: open).
+subscriptions = sa.Table(
+    "subscriptions",
+    metadata,
+    sa.Column("id", record_id(40), primary_key=True),
+    sa.Column("customer_id", record_id(), nullable=False, index=True),
+    sa.Column("plan_code", record_id(63), nullable=False),
+    sa.Column("plan_version", sa.Integer, nullable=False),
+    sa.Column("start_at", sa.BigInteger, nullable=False),
+    sa.Column("end_at", sa.BigInteger),
+    sa.Column("end_reason", sa.String(16)),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.ForeignKeyConstraint(["plan_code", "plan_version"], ["plan_versions.code", "plan_versions.plan_version"]),
+    sa.CheckConstraint("end_at IS NULL OR end_at >= start_at", name="subscriptions_ends_after_start"),
+)
