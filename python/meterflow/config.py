@@ -88,8 +88,11 @@ class Settings:
     usage_max_query_bytes: int = 262_144
     usage_max_result_rows: int = 100_000
     usage_max_concurrent_queries: int = 4
-    # Invoices fall due this many days after they are issued.
+    # Invoices fall due this many days after they are issued; a period is closed this long after its end,
+    # by a pass of every worker each invoice_close_interval_s.
     invoice_due_days: int = 30
+    invoice_grace_s: int = 3600
+    invoice_close_interval_s: int = 60
     # Webhook retries: the first after webhook_backoff_ms, doubling up to webhook_backoff_max_ms,
     # given up webhook_retry_for_s after the event; each attempt waits webhook_timeout_ms at most.
     webhook_backoff_ms: int = 5_000
@@ -110,12 +113,15 @@ class Settings:
             "rate_requests_burst", "rate_events_per_s", "rate_events_burst", "spool_max_bytes",
             "usage_max_filter_values", "usage_max_execution_s", "usage_max_query_bytes", "usage_max_result_rows",
             "usage_max_concurrent_queries", "auth_failures_per_minute", "http_max_connections",
-            "http_body_timeout_s", "key_cache_grace_s", "invoice_due_days", "webhook_backoff_ms",
+            "http_body_timeout_s", "key_cache_grace_s", "invoice_due_days", "invoice_close_interval_s",
+            "webhook_backoff_ms",
             "webhook_backoff_max_ms", "webhook_retry_for_s", "webhook_timeout_ms", "webhook_poll_ms",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MF_{name.upper()} must be a positive integer, got {getattr(self, name)}.")
+        if self.invoice_grace_s < 0:
+            raise ConfigError(f"MF_INVOICE_GRACE_S must be 0 or more, got {self.invoice_grace_s}.")
         if not 1 <= self.http_header_timeout_s <= 60:
             raise ConfigError(f"MF_HTTP_HEADER_TIMEOUT_S must be from 1 to 60, got {self.http_header_timeout_s}.")
         if not 1 <= self.port <= 65535:

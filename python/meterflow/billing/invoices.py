@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from meterflow.billing.periods import Period
 from meterflow.billing.rating import PricedPeriod
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.webhooks import enqueue
@@ -81,25 +82,37 @@ class Invoices:
     async def create_draft(
         self, customer_id: str, subscription_id: str, priced: PricedPeriod
     ) -> tuple[dict[str, Any], bool]:
-        """The period's draft; (invoice, created). The unique (subscription, period start) makes a second
-        draft of the same period impossible: the loser of a race gets the winner's invoice."""
+        """The draft of a priced period; (invoice, created)."""
+        return await self.create_draft_document(
+            customer_id, subscription_id, priced.period.period, priced.currency, priced_period_json(priced)
+        )
+
+    async def create_draft_document(
+        self, customer_id: str, subscription_id: str, period: Period, currency: str, document: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        """The period's draft with `document` (the priced period's JSON, late lines included); (invoice,
+        created). The unique (subscription, period start) makes a second draft of the same period
+        impossible: the loser of a race gets the winner's invoice."""
         row = {"id": "inv_" + secrets.token_hex(12), "customer_id": customer_id, "subscription_id": subscription_id,
-               "period_start": priced.period.period.start, "period_end": priced.period.period.end, "status": "draft",
-               "number": None, "currency": priced.currency, "total": str(priced.total),
-               "document": priced_period_json(priced), "created_at": _now_ms(), "issued_at": None, "due_at": None,
-               "paid_at": None, "voided_at": None, "version": 1}  # fmt: skip
+               "period_start": period.start, "period_end": period.end, "status": "draft", "number": None,
+               "currency": currency, "total": document["total"], "document": document, "created_at": _now_ms(),
+               "issued_at": None, "due_at": None, "paid_at": None, "voided_at": None, "version": 1}  # fmt: skip
         try:
             async with self._db.begin() as conn:
                 await conn.execute(sa.insert(invoices).values(row))
         except IntegrityError:
-            q = sa.select(invoices).where(invoices.c.subscription_id == subscription_id,
-                                          invoices.c.period_start == row["period_start"])  # fmt: skip
-            async with self._db.connect() as conn:
-                existing = (await conn.execute(q)).mappings().first()
+            existing = await self.of_period(subscription_id, period.start)
             if existing is None:
                 raise
-            return public(plain(existing)), False
+            return existing, False
         return public(row), True
+
+    async def of_period(self, subscription_id: str, period_start: int) -> dict[str, Any] | None:
+        q = sa.select(invoices).where(invoices.c.subscription_id == subscription_id,
+                                      invoices.c.period_start == period_start)  # fmt: skip
+        async with self._db.connect() as conn:
+            row = (await conn.execute(q)).mappings().first()
+        return public(plain(row)) if row is not None else None
 
     async def get(self, invoice_id: str) -> dict[str, Any] | None:
         async with self._db.connect() as conn:
