@@ -15,6 +15,7 @@ from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore
 from meterflow.auth.ratelimit import RateLimiter, open_rate_limiter
 from meterflow.billing.catalog import PlanCatalog
+from meterflow.billing.closing import close_periodically
 from meterflow.billing.invoices import Invoices
 from meterflow.billing.outbox import Schedule, Sender
 from meterflow.billing.subscriptions import Subscriptions
@@ -129,9 +130,13 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
         )  # fmt: skip
         sender = Sender(records, webhook_schedule(settings))
         sender.start()
+        closing = asyncio.create_task(close_periodically(rt, settings.invoice_close_interval_s), name="closing")
         try:
             yield rt
         finally:
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
             await sender.stop()
             await rt.auth_failures.close()
             # SIGTERM: Granian has stopped taking requests; flush what is queued.
@@ -142,6 +147,30 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
                     await asyncio.wait_for(spool.drain_once(), 10)
                 except Exception as e:
                     log.warning("archive left spooled at shutdown", extra={"error": str(e)[:300]})
+
+
+@dataclass(frozen=True)
+class ClosingRuntime:
+    """What `meterflow invoices close` needs, without the ingest path: records, storage, catalogs, invoices."""
+
+    settings: Settings
+    storage: Storage
+    records: Records
+    meters: MeterCatalog
+    plans: PlanCatalog
+    subscriptions: Subscriptions
+    invoices: Invoices
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def opened(cls, settings: Settings, archive: Store | None) -> AsyncIterator[ClosingRuntime]:
+        storage, records = open_storage(settings), open_records(settings)
+        async with started(storage, records, *([archive] if archive is not None else [])):
+            meters = MeterCatalog(records, settings.meters)
+            plans = PlanCatalog(records, meters, settings.plans)
+            await plans.start()
+            yield cls(settings, storage, records, meters, plans, Subscriptions(records, plans),
+                      Invoices(records, archive, settings.invoice_due_days))  # fmt: skip
 
 
 def webhook_schedule(settings: Settings) -> Schedule:

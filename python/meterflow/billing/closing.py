@@ -18,6 +18,7 @@ for <period>" with the difference in quantity and in amount.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -200,3 +201,16 @@ def _line_key(ln: dict[str, Any]) -> str:
 
 def _dimension(ln: dict[str, Any]) -> dict[str, Any]:
     return {"dimension": ln["dimension"]} if "dimension" in ln else {}
+
+
+async def close_periodically(deps: ClosingDeps, interval_s: int) -> None:
+    """The server's closing task: a pass over every subscription each `interval_s`, until cancelled."""
+    closer = Closer(deps)
+    while True:
+        try:
+            report = await closer.run(_now_ms())
+            if report.closed:
+                log.info("periods closed", extra={"closed": report.closed, "skipped": report.skipped})
+        except Exception as e:  # a backend may be down: the next pass tries again
+            log.warning("closing pass failed", extra={"error": str(e)[:300]})
+        await asyncio.sleep(interval_s)
