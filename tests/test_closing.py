@@ -156,6 +156,7 @@ def test_two_servers_and_the_cli_close_100_periods_once_with_gapless_numbers(
         cli.stop()
         for s in servers:
             s.stop()
+    print((setup.workdir / "close.log").read_text().strip().splitlines()[-1])  # how many the CLI closed
     year = dt.datetime.now(dt.UTC).year
     assert len(done) == 100 and {i["customer_id"] for i in done} == {f"cust_{i:03d}" for i in range(100)}
     assert sorted(i["number"] for i in done) == [f"MF-{year}-{n:06d}" for n in range(1, 101)]
