@@ -35,8 +35,9 @@ from meterflow.billing.periods import Period, periods_between
 from meterflow.billing.preview import BillingContext, PricingDeps, billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.subscriptions import Subscription
-from meterflow.records import Records, plain
+from meterflow.records import Records, RecordsUnavailable, plain
 from meterflow.records.tables import invoices
+from meterflow.storage import StorageError
 
 log = logging.getLogger("meterflow.closing")
 
@@ -67,6 +68,7 @@ class CloseReport:
     due: int = 0
     closed: int = 0  # finalized by this closer
     skipped: int = 0  # closed by another closer meanwhile
+    failed: int = 0  # could not be priced or stored now (logged); the next pass tries again
 
 
 def _now_ms() -> int:
@@ -184,10 +186,18 @@ class Closer:
         due = await self.due(at, customer_id)
         report = CloseReport(due=len(due))
         for i, d in enumerate(due, 1):
-            if await self.close(d) is not None:
-                report.closed += 1
+            try:
+                closed = await self.close(d)
+            except (StorageError, RecordsUnavailable, LookupError, ValueError) as e:
+                # One period that cannot be priced (a meter gone, a backend down) does not hold up the others.
+                log.warning("period not closed", extra={"subscription": d.subscription.id,
+                                                        "period_start": d.period.start, "error": str(e)[:300]})
+                report.failed += 1
             else:
-                report.skipped += 1
+                if closed is not None:
+                    report.closed += 1
+                else:
+                    report.skipped += 1
             if progress is not None:
                 progress(i, len(due))
         return report
