@@ -99,10 +99,18 @@ def test_late_usage_lands_on_the_next_invoice_and_the_closed_one_never_changes(
         assert c.post("/v1/events", json={"events": late}).json()["accepted"] == 1
         current = [event("t_now", "cust_late", this + 1, 100)]
         assert c.post("/v1/events", json={"events": current}).json()["accepted"] == 1
+        # Within its grace the period has a draft, without a number; an event stored after the draft is on
+        # the invoice all the same: the draft is priced again when it is finalized.
+        assert "1 drafted" in close(server, "--at", str(nxt + 600_000)).stderr
+        draft = next(i for i in invoices_of(c, customer_id="cust_late") if i["id"] != first["id"])
+        assert draft["status"] == "draft" and draft["number"] is None
+        grace = [event("t_grace", "cust_late", this + 2, 100)]
+        assert c.post("/v1/events", json={"events": grace}).json()["accepted"] == 1
         close(server, "--at", str(nxt + 2 * 3_600_000))
 
         assert c.get(f"/v1/invoices/{first['id']}").content == before  # byte-identical
         second = next(i for i in invoices_of(c, customer_id="cust_late") if i["id"] != first["id"])
+        assert second["id"] == draft["id"] and second["status"] == "finalized"
         assert second["period"] == {"start": this, "end": nxt}
         late_lines = [ln for ln in second["lines"] if "late_for" in ln]
         label = dt.datetime.fromtimestamp(last / 1000, dt.UTC).strftime("%Y-%m")
@@ -114,7 +122,7 @@ def test_late_usage_lands_on_the_next_invoice_and_the_closed_one_never_changes(
         period_now = reference_price(PLAN, {"api_calls": {"total": "7"}, "bandwidth": {"total": "42000"}}, 1, 1)
         period_then = reference_price(PLAN, {"api_calls": {"total": "6"}, "bandwidth": {"total": "12000"}}, 1, 1)
         assert sum(Fraction(ln["amount"]) for ln in late_lines) == period_now["subtotal"] - period_then["subtotal"]
-        base = reference_total(1, 100, this, nxt)
+        base = reference_total(2, 200, this, nxt)
         assert Fraction(second["total"]) == base + Fraction("30.50")
         # Billed once: a third close bills no late usage for last month again.
         close(server, "--at", str(nxt + 40 * DAY))

@@ -196,7 +196,8 @@ def _invoices_close(args: argparse.Namespace) -> int:
         async with ClosingRuntime.opened(settings, archive) as rt:
             report = await Closer(rt).run(at, args.customer, progress)
         failed = f"; {report.failed} failed (see the log)" if report.failed else ""
-        sys.stderr.write(f"\ninvoices close: {report.due} periods due; {report.closed} closed here, "
+        drafted = f", {report.drafted} drafted (in their grace)" if report.drafted else ""
+        sys.stderr.write(f"\ninvoices close: {report.due} periods due; {report.closed} closed here{drafted}, "
                          f"{report.skipped} by another closer{failed}.\n")  # fmt: skip
         return 1 if report.failed else 0
 

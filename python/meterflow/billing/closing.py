@@ -1,8 +1,10 @@
 """Closing periods: each ended subscription period becomes one finalized invoice, with late usage of earlier ones.
 
-A period is due `invoice_grace_s` after its end. Any number of closers (the
-periodic task of every worker on every host, and `meterflow invoices close`)
-may run at once: the unique (subscription, period start) lets one draft in,
+A period gets a draft invoice at its end (`POST .../finalize` may finalize it
+early); `invoice_grace_s` after its end the draft is priced again and
+finalized, so events that arrive a little late are on it. Any number of
+closers (the periodic task of every worker on every host, and `meterflow
+invoices close`) may run at once: the unique (subscription, period start) lets one draft in,
 and finalizing locks the invoice row and checks it is still a draft, so a
 period is invoiced and numbered exactly once. A closer that dies after its
 draft leaves it for the next pass, which finalizes it.
@@ -26,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
 
@@ -53,12 +55,16 @@ class ClosingDeps(PricingDeps, Protocol):
     def invoices(self) -> Invoices: ...
 
 
+Outcome = Literal["finalized", "drafted", "skipped"]
+
+
 @dataclass(frozen=True)
 class Due:
     """A subscription's ended calendar period that has no finalized invoice yet."""
 
     context: BillingContext
     period: Period
+    final: bool = True  # its grace has passed: finalize (else: draft only)
 
     @property
     def subscription(self) -> Subscription:
@@ -69,6 +75,7 @@ class Due:
 class CloseReport:
     due: int = 0
     closed: int = 0  # finalized by this closer
+    drafted: int = 0  # drafted by this closer, to be finalized when their grace has passed
     skipped: int = 0  # closed by another closer meanwhile
     failed: int = 0  # could not be priced or stored now (logged); the next pass tries again
 
@@ -88,7 +95,9 @@ class Closer:
         self._grace_ms = deps.settings.invoice_grace_s * 1000
 
     async def due(self, at: int, customer_id: str | None = None) -> list[Due]:
-        """Every period that ended `grace` before `at` and is not finalized yet, by subscription id."""
+        """Every period that ended by `at` without a finalized invoice, by subscription id: those that
+        ended `grace` before `at` to finalize, the younger ones to draft if they have no draft yet."""
+        boundary = at - self._grace_ms
         out: list[Due] = []
         after = ""
         while True:
@@ -96,31 +105,32 @@ class Closer:
             if not subs:
                 return out
             after = subs[-1].id
-            closed = await self._closed_starts([s.id for s in subs])
+            known = await self._invoiced([s.id for s in subs])
             for sub in subs:
-                boundary = at - self._grace_ms
-                end = boundary if sub.end is None else min(sub.end, boundary)
+                end = at if sub.end is None else min(sub.end, at)
                 if end <= sub.start:
                     continue
                 ctx = await billing_context(self._deps, sub)
                 for period in periods_between(ctx.plan.interval, ctx.tz, sub.start, end):
-                    if period.end <= boundary and period.start not in closed.get(sub.id, set()):
-                        out.append(Due(ctx, period))
+                    if period.end > at:
+                        continue
+                    status = known.get((sub.id, period.start))
+                    final = period.end <= boundary
+                    if status is None or (final and status == "draft"):
+                        out.append(Due(ctx, period, final))
 
-    async def _closed_starts(self, sub_ids: list[str]) -> dict[str, set[int]]:
-        q = sa.select(invoices.c.subscription_id, invoices.c.period_start).where(
-            invoices.c.subscription_id.in_(sub_ids), invoices.c.status != "draft")
+    async def _invoiced(self, sub_ids: list[str]) -> dict[tuple[str, int], str]:
+        """(subscription, period start) -> status of its invoice."""
+        q = sa.select(invoices.c.subscription_id, invoices.c.period_start, invoices.c.status).where(
+            invoices.c.subscription_id.in_(sub_ids))
         async with self._deps.records.connect() as conn:
             rows = (await conn.execute(q)).all()
-        out: dict[str, set[int]] = {}
-        for r in rows:
-            out.setdefault(r.subscription_id, set()).add(int(r.period_start))
-        return out
+        return {(r.subscription_id, int(r.period_start)): str(r.status) for r in rows}
 
-    async def close(self, due: Due) -> dict[str, Any] | None:
-        """Drafts and finalizes the period's invoice; None when another closer has it."""
+    async def close(self, due: Due) -> Outcome:
+        """Drafts the period's invoice and, once its grace has passed, finalizes it."""
         async with self._period_lock(due) as mine:
-            return await self._close(due) if mine else None
+            return await self._close(due) if mine else "skipped"
 
     @contextlib.asynccontextmanager
     async def _period_lock(self, due: Due) -> AsyncIterator[bool]:
@@ -143,29 +153,41 @@ class Closer:
                                        {"cls": _CLOSING_LOCK, "key": key})  # fmt: skip
                     await conn.commit()
 
-    async def _close(self, due: Due) -> dict[str, Any] | None:
+    async def _close(self, due: Due) -> Outcome:
         store = self._deps.invoices
         sub = due.subscription
         existing = await store.of_period(sub.id, due.period.start)
+        if existing is not None and (existing["status"] != "draft" or not due.final):
+            return "skipped"  # closed meanwhile, or drafted and still in its grace
+        # Priced now: a draft made at the period's end is priced again when it is finalized, so
+        # events that arrive within the grace are on it.
+        currency, document = await self.document(due)
         if existing is None:
-            priced = await price_service_period(self._deps, due.context, due.period)
-            document = priced_period_json(priced)
-            late = await self.late_lines(due.context, due.period.start)
-            if late:
-                extra = sum((Decimal(ln["amount"]) for ln in late), Decimal(0))
-                document["lines"] += late
-                document["late_usage"] = money_text(extra, priced.currency)
-                document["total"] = money_text(priced.total + extra, priced.currency)
-            existing, created = await store.create_draft_document(
-                sub.customer_id, sub.id, due.period, priced.currency, document)
+            existing, created = await store.create_draft_document(sub.customer_id, sub.id, due.period, currency,
+                                                                  document)  # fmt: skip
             if not created:
-                return None  # another closer drafted it; it finalizes it (or the next pass does)
-        if existing["status"] != "draft":
-            return None
+                return "skipped"  # another closer drafted it
+        elif (existing := await store.refresh_draft(existing["id"], document)) is None:
+            return "skipped"  # finalized meanwhile
+        if not due.final:
+            return "drafted"
         try:
-            return await store.transition(existing["id"], "finalize")
+            await store.transition(existing["id"], "finalize")
         except WrongStatus:
-            return None
+            return "skipped"
+        return "finalized"
+
+    async def document(self, due: Due) -> tuple[str, dict[str, Any]]:
+        """(currency, the invoice document): the period priced, with late usage of earlier periods."""
+        priced = await price_service_period(self._deps, due.context, due.period)
+        document = priced_period_json(priced)
+        late = await self.late_lines(due.context, due.period.start)
+        if late:
+            extra = sum((Decimal(ln["amount"]) for ln in late), Decimal(0))
+            document["lines"] += late
+            document["late_usage"] = money_text(extra, priced.currency)
+            document["total"] = money_text(priced.total + extra, priced.currency)
+        return priced.currency, document
 
     async def late_lines(self, ctx: BillingContext, before: int) -> list[dict[str, Any]]:
         """Lines for usage of earlier finalized periods that their invoices (and late lines since) did not bill."""
@@ -214,15 +236,17 @@ class Closer:
         report = CloseReport(due=len(due))
         for i, d in enumerate(due, 1):
             try:
-                closed = await self.close(d)
+                outcome = await self.close(d)
             except (StorageError, RecordsUnavailable, LookupError, ValueError) as e:
                 # One period that cannot be priced (a meter gone, a backend down) does not hold up the others.
                 log.warning("period not closed", extra={"subscription": d.subscription.id,
                                                         "period_start": d.period.start, "error": str(e)[:300]})
                 report.failed += 1
             else:
-                if closed is not None:
+                if outcome == "finalized":
                     report.closed += 1
+                elif outcome == "drafted":
+                    report.drafted += 1
                 else:
                     report.skipped += 1
             if progress is not None:
@@ -246,8 +270,9 @@ async def close_periodically(deps: ClosingDeps, interval_s: int) -> None:
     while True:
         try:
             report = await closer.run(_now_ms())
-            if report.closed:
-                log.info("periods closed", extra={"closed": report.closed, "skipped": report.skipped})
+            if report.closed or report.drafted or report.failed:
+                log.info("periods closed", extra={"closed": report.closed, "drafted": report.drafted,
+                                                  "skipped": report.skipped, "failed": report.failed})
         except Exception as e:  # a backend may be down: the next pass tries again
             log.warning("closing pass failed", extra={"error": str(e)[:300]})
         await asyncio.sleep(interval_s)

@@ -107,6 +107,16 @@ class Invoices:
             return existing, False
         return public(row), True
 
+    async def refresh_draft(self, invoice_id: str, document: dict[str, Any]) -> dict[str, Any] | None:
+        """The draft with a new document; None if it is no longer a draft."""
+        async with self._db.begin() as conn:
+            done = await conn.execute(
+                sa.update(invoices)
+                .where(invoices.c.id == invoice_id, invoices.c.status == "draft")
+                .values(document=document, total=document["total"], version=invoices.c.version + 1)
+            )
+        return await self.get(invoice_id) if done.rowcount == 1 else None
+
     async def of_period(self, subscription_id: str, period_start: int) -> dict[str, Any] | None:
         q = sa.select(invoices).where(invoices.c.subscription_id == subscription_id,
                                       invoices.c.period_start == period_start)  # fmt: skip
