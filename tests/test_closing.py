@@ -90,6 +90,7 @@ def test_late_usage_lands_on_the_next_invoice_and_the_closed_one_never_changes(
         assert "1 closed here" in report.stderr and "invoices close [" in report.stderr  # the progress bar
         [first] = invoices_of(c, customer_id="cust_late")
         assert first["status"] == "finalized" and first["period"] == {"start": last, "end": this}
+        assert first["plan"] == "pro" and first["plan_version"] == sub.json()["plan_version"]
         # 49 + (6 - 2) x 0.5 + (12000 - 5000) x 0.001 + 1 = 59.00, topped up to the 60.00 minimum
         assert Fraction(first["total"]) == reference_total(6, 12000, last, this) == 60
         before = c.get(f"/v1/invoices/{first['id']}").content

@@ -180,7 +180,8 @@ class Closer:
     async def document(self, due: Due) -> tuple[str, dict[str, Any]]:
         """(currency, the invoice document): the period priced, with late usage of earlier periods."""
         priced = await price_service_period(self._deps, due.context, due.period)
-        document = priced_period_json(priced)
+        # The plan version is frozen with the lines: a later version of the plan does not change this invoice.
+        document = {**priced_period_json(priced), "plan_version": due.subscription.plan_version}
         late = await self.late_lines(due.context, due.period.start)
         if late:
             extra = sum((Decimal(ln["amount"]) for ln in late), Decimal(0))
