@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from meterflow.api.responses import read_body
 from meterflow.auth.keys import Principal
 from meterflow.config import data_dir
 from meterflow.dashboard.render import page as render
@@ -87,8 +89,21 @@ def signed_in(page: Page, *, change: bool = False) -> Page:
     return guarded
 
 
+FORM_MAX = 16_384  # bytes of a dashboard form (a key, a name, a token)
+
+
+async def form_of(request: Request) -> dict[str, str]:
+    """The url-encoded form of a POST, read once, at most FORM_MAX bytes (413 past it); a repeated name: the last."""
+    cached = getattr(request.state, "form", None)
+    if cached is None:
+        body = await read_body(request, FORM_MAX, runtime_of(request).settings.http_body_timeout_s)
+        cached = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        request.state.form = cached
+    return cached  # type: ignore[no-any-return]
+
+
 async def check_csrf(request: Request, signer: Signer, session: Session) -> None:
-    form = await request.form()
+    form = await form_of(request)
     token = form.get("csrf")
     if not isinstance(token, str) or not signer.csrf_ok(session, token):
         raise Refused(403, "The form's `csrf` token is missing or wrong; reload the page and try again.")

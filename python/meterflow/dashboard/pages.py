@@ -15,7 +15,7 @@ from meterflow.api.auth import client_address
 from meterflow.api.health import _check
 from meterflow.auth.keys import SCOPES, KeyError_
 from meterflow.customers import ID_RE
-from meterflow.dashboard.guard import principal_of, secure, set_session, signed_in, signer_of, to_signin
+from meterflow.dashboard.guard import form_of, principal_of, secure, set_session, signed_in, signer_of, to_signin
 from meterflow.dashboard.render import page
 from meterflow.metering.events import EventsError, list_events, parse_query
 from meterflow.metering.meters import Meter
@@ -50,7 +50,7 @@ async def signin_form(request: Request, error: str = "", status: int = 200) -> R
 
 async def signin(request: Request) -> Response:
     rt = runtime_of(request)
-    form = await request.form()
+    form = await form_of(request)
     token, raw = form.get("csrf"), form.get("key")
     expected = request.cookies.get(SIGNIN_COOKIE, "")
     if not (isinstance(token, str) and expected and hmac.compare_digest(token.encode(), expected.encode())):
@@ -211,7 +211,7 @@ async def keys(request: Request) -> Response:
 
 
 async def _create_key(request: Request) -> Response:
-    form = await request.form()
+    form = await form_of(request)
     scope, name = str(form.get("scope", "")), str(form.get("name", ""))[:200]
     customer = str(form.get("customer_id", "")).strip() or None
     try:

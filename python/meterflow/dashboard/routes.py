@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from meterflow.dashboard import pages
-
-
-async def _root(_: object) -> Response:
-    return RedirectResponse("/dashboard/", status_code=308)
 
 
 def dashboard_mount() -> Mount:
