@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from services import MeterFlowServer, wait_for
 
 from meterflow import samples
@@ -126,7 +126,7 @@ def test_pages_show_readable_numbers_and_the_data(session: Callable[..., Page], 
     assert page.locator("table.list tbody tr").count() == 6
     page.goto(dash.url + "/dashboard/customers")
     page.fill("#q", "dash board")
-    page.wait_for_function("document.querySelectorAll('#customers tbody tr').length === 1")
+    expect(page.locator("#customers tbody tr")).to_have_count(1)
     assert CUSTOMER in page.locator("#customers").inner_text()
     # Events explorer: newest first, each with its properties.
     page.goto(dash.url + f"/dashboard/events?customer_id={CUSTOMER}")
@@ -153,8 +153,9 @@ def test_usage_chart_draws_the_usage_the_api_gives(session: Callable[..., Page],
     assert sum(ys) == 30 and len({y for y in ys if y}) > 1  # a line with ups and downs, all events in it
     # The pickers redraw through htmx: a day window over 30 days.
     page.select_option("select[name=window]", "DAY")
-    page.wait_for_function("window.mfCharts['usage-api_calls'] && window.mfCharts['usage-api_calls'].data[0].length"
-                           " >= 30")  # fmt: skip
+    page.select_option("select[name=period]", "30d")
+    # (Polled from here: the page's CSP forbids the string eval wait_for_function would use.)
+    wait_for(lambda: page.evaluate("window.mfCharts['usage-api_calls'].data[0].length") >= 30, "the day chart", 30)
     day = orjson.loads(page.locator("#usage-api_calls").inner_text())
     assert day["window"] == "DAY" and sum(Decimal(str(s["value"])) for s in day["series"]) == 30
 
