@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -66,7 +67,8 @@ class Metrics:
         values = sorted(self._samples.get(name, ()))
         if not values:
             return None
-        return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
+        rank = math.ceil(round(q * len(values), 9))  # round: 0.99 * 100 is 99.00000000000001
+        return values[min(len(values), max(1, rank)) - 1]
 
     def counter(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         """Every label set of one counter and its value."""

@@ -99,7 +99,7 @@ async def form_of(request: Request) -> dict[str, str]:
         body = await read_body(request, FORM_MAX, runtime_of(request).settings.http_body_timeout_s)
         cached = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         request.state.form = cached
-    return cached  # type: ignore[no-any-return]
+    return cached
 
 
 async def check_csrf(request: Request, signer: Signer, session: Session) -> None:
