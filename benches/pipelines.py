@@ -30,6 +30,13 @@ FIELDS = ("transaction_id", "customer_id", "event_type", "timestamp", "propertie
 Result = tuple[int, list[tuple[int, str | None, str]], bytes, bytes, int]
 
 
+def _same_content(
+    a: tuple[str, int, dict[str, Any]], b: tuple[str, int, dict[str, Any]], dumps: Callable[[Any], bytes]
+) -> bool:
+    """Same event type, timestamp and properties (as sent, in any key order)."""
+    return a[:2] == b[:2] and {k: dumps(v) for k, v in a[2].items()} == {k: dumps(v) for k, v in b[2].items()}
+
+
 def _finish(
     valid: list[tuple[int, str, str, str, int, dict[str, Any]]],
     failed: list[tuple[int, str | None, str]],
@@ -38,7 +45,8 @@ def _finish(
     raw: Callable[[bytes], Any],
 ) -> Result:
     """Business rules shared by the three pipelines, then the two encodings."""
-    seen: set[str] = set()
+    # (customer_id, transaction_id) -> the first event's content.
+    seen: dict[tuple[str, str], tuple[str, int, dict[str, Any]]] = {}
     dups = 0
     rows: list[bytes] = []
     lines: list[bytes] = []
@@ -50,8 +58,12 @@ def _finish(
         if ts < lo:
             failed.append((index, tid, "timestamp_too_old"))
             continue
-        if tid in seen:
-            dups += 1
+        first = seen.get((cid, tid))
+        if first is not None:
+            if _same_content(first, (etype, ts, props), dumps):
+                dups += 1
+            else:
+                failed.append((index, tid, "idempotency_conflict"))
             continue
         pjson = dumps(props)
         num_keys: list[str] = []
@@ -72,7 +84,7 @@ def _finish(
         if any(abs(v) >= 10**24 for v in props.values() if not isinstance(v, str | bool)):
             failed.append((index, tid, "property_out_of_range"))
             continue
-        seen.add(tid)
+        seen[(cid, tid)] = (etype, ts, props)
         rows.append(
             dumps(
                 {

@@ -34,6 +34,62 @@ def test_seed_example_is_accepted_once(server: MeterFlowServer, backend: Backend
     assert backend.raw_rows() == 1
 
 
+def usage(server: MeterFlowServer, customer: str, meter: str = "bandwidth") -> object:
+    now = samples.now_ms()
+    params = {"customer_id": customer, "meter": meter, "start": str(now - 86_400_000), "end": str(now + 86_400_000)}
+    r = httpx.get(f"{server.url}/v1/usage", params=params, headers=server.auth, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["value"]
+
+
+def test_same_id_for_two_customers_is_two_events(server: MeterFlowServer, backend: Backend) -> None:
+    """Idempotency is per customer: a key bound to cust_a cannot make cust_b's id a duplicate."""
+    created = httpx.post(
+        f"{server.url}/v1/keys", json={"scope": "ingest", "customer_id": "cust_a"}, headers=server.auth
+    )
+    bound = {"Authorization": f"Bearer {created.json()['key']}"}
+    event = {**samples.seed_event(), "transaction_id": "inv_0001"}
+    first = httpx.post(f"{server.url}/v1/events", content=samples.body([{**event, "customer_id": "cust_a"}]),
+                       headers={**JSON, **bound})  # fmt: skip
+    assert first.json() == {"accepted": 1, "duplicates": 0, "failed": []}
+    second = post(server, {"events": [{**event, "customer_id": "cust_b"}]})
+    assert second.json() == {"accepted": 1, "duplicates": 0, "failed": []}
+    both = post(server, {"events": [{**event, "customer_id": c, "transaction_id": "inv_0002"} for c in ("cust_a", "cust_b")]})
+    assert both.json() == {"accepted": 2, "duplicates": 0, "failed": []}
+    assert usage(server, "cust_a") == usage(server, "cust_b") == 4096
+    assert usage(server, "cust_a", "api_calls") == 2
+    server.stop()
+    assert backend.raw_rows() == 4
+
+
+def test_same_key_other_content_is_a_conflict(server: MeterFlowServer, backend: Backend) -> None:
+    event = samples.seed_event()
+    assert post(server, {"events": [event]}).json()["accepted"] == 1
+    assert post(server, {"events": [event]}).json() == {"accepted": 0, "duplicates": 1, "failed": []}
+    moved = {**event, "timestamp": event["timestamp"] - 1, "properties": {**event["properties"], "bytes": 4096}}
+    retyped = {**event, "event_type": "api_call"}
+    reordered = {**event, "properties": dict(reversed(list(event["properties"].items())))}
+    assert post(server, {"events": [reordered]}).json() == {"accepted": 0, "duplicates": 1, "failed": []}
+    other = {**event, "transaction_id": "tx_003"}
+    r = post(server, {"events": [other, moved]}).json()
+    assert (r["accepted"], r["duplicates"]) == (1, 0)
+    assert [(f["index"], f["transaction_id"], f["reason"]) for f in r["failed"]] == [(1, "tx_001", "idempotency_conflict")]
+    assert r["failed"][0]["message"] == (
+        "events[1] differs from the event stored with this customer_id and transaction_id in: timestamp, properties."
+    )
+    r = post(server, {"events": [retyped]}).json()
+    assert r["failed"][0]["message"].endswith("in: event_type.")
+    # Within one batch: the first of a new id is kept, a repeat with other content fails.
+    fresh = {**event, "transaction_id": "tx_002"}
+    r = post(server, {"events": [fresh, {**fresh, "properties": {"bytes": 1}}, fresh]}).json()
+    assert (r["accepted"], r["duplicates"]) == (1, 1)
+    assert [(f["index"], f["reason"]) for f in r["failed"]] == [(1, "idempotency_conflict")]
+    assert "of events[0]" in r["failed"][0]["message"]
+    assert usage(server, "cust_123") == 3 * 2048  # tx_001, tx_002, tx_003; no conflict counted
+    server.stop()
+    assert backend.raw_rows() == 3
+
+
 def test_mixed_batch_counts_exactly(server: MeterFlowServer, backend: Backend) -> None:
     events = samples.batch(1000, seed=7)
     now = samples.now_ms()
@@ -53,7 +109,7 @@ def test_mixed_batch_counts_exactly(server: MeterFlowServer, backend: Backend) -
         events[i][field] = value
     repeated = [500, 501, 502, 503, 504]
     for k, i in enumerate(repeated):
-        events[i]["transaction_id"] = events[k]["transaction_id"]
+        events[i] = {**events[k]}  # the same event again: a duplicate
     r = post(server, {"events": events})
     assert r.status_code == 200
     body = r.json()
@@ -173,6 +229,10 @@ def test_restart_keeps_dedup(kind: str, make_backend: object, start_server: obje
     s.stop()
     s2 = start_server(backend)  # type: ignore[operator]
     assert post(s2, {"events": events}).json() == {"accepted": 0, "duplicates": 50, "failed": []}
+    # The warmed index keeps each event's fingerprint, per customer.
+    changed = [{**events[0], "timestamp": events[0]["timestamp"] + 1}, {**events[1], "customer_id": "someone_else"}]
+    r = post(s2, {"events": changed}).json()
+    assert (r["accepted"], [f["reason"] for f in r["failed"]]) == (1, ["idempotency_conflict"])
 
 
 async def test_flushes_sealed_by_size_are_written_once(backend: Backend, start_server: object) -> None:

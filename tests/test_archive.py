@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import itertools
 import os
 import signal
@@ -22,7 +23,10 @@ from services import Backend, Garage, MeterFlowServer, free_port, until, wait_fo
 
 from meterflow import samples
 from meterflow.config import Settings
-from meterflow.ingest.archive import DirectoryStore, S3Store, Store
+from meterflow.ingest.archive import DirectoryStore, S3Store, Store, object_key
+from meterflow.ingest.dedup import new_flush_id
+from meterflow.ingest.replay import replay as replay_range
+from meterflow.storage import Storage
 
 JSON = {"Content-Type": "application/json"}
 _bucket = iter(range(1, 10_000))
@@ -95,14 +99,15 @@ async def test_every_accepted_event_is_archived_exactly_once(
     backend, env = archived_setup(archive_kind, make_backend, maybe_garage)
     server = start_server(backend, **env)
     accepted: set[str] = set()
+    sent = []
     for seed in range(3):
         events = samples.batch(300, seed=seed)
         events[5]["timestamp"] = "bad"  # invalid: never archived
         r = post(server, events).json()
         assert r["accepted"] == 299
         accepted |= {e["transaction_id"] for i, e in enumerate(events) if i != 5}
-    resend = samples.batch(300, seed=1)
-    del resend[5]
+        sent.append(events)
+    resend = sent[1][:5] + sent[1][6:]
     assert post(server, resend).json()["duplicates"] == 299  # duplicates: not archived
     wait_drained(server)
     ids, objects, meta_rows = await read_archive(store_for(backend, env))
@@ -208,6 +213,18 @@ def replay(env: dict[str, str], start: int, end: int, *extra: str) -> subprocess
 def per_customer(backend: Backend) -> dict[str, int]:
     rows = backend.query_json("SELECT customer_id AS c, count() AS n FROM events FINAL GROUP BY c ORDER BY c")
     return {str(r["c"]): int(r["n"]) for r in rows}  # type: ignore[call-overload]
+
+
+async def test_replay_keeps_the_same_id_of_two_customers(storage: Storage, tmp_path: Path) -> None:
+    now = samples.now_ms()
+    store = DirectoryStore(tmp_path / "archive")
+    await store.start()
+    lines = [orjson.dumps({**samples.seed_event(now), "customer_id": c}) for c in ("cust_a", "cust_b", "cust_a")]
+    await store.put(object_key(new_flush_id(now), now), gzip.compress(b"\n".join(lines) + b"\n"), 3)
+    report = await replay_range(store, storage, now - 3_600_000, now + 3_600_000, out=io.StringIO())
+    assert (report.events, report.inserted) == (3, 2)
+    rows = await storage.query("SELECT customer_id AS c, count() AS n FROM events GROUP BY c ORDER BY c")
+    assert rows == [{"c": "cust_a", "n": 1}, {"c": "cust_b", "n": 1}]
 
 
 def test_replay_restores_counts_and_is_idempotent(

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meterflow import samples
-from meterflow._core import DecodeError, DedupIndex, Limits, decode_batch, parse_reserve_replies
+from meterflow._core import DecodeError, DedupIndex, Limits, conflict_fields, decode_batch
 
 NOW = 1_795_000_000_000
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -125,6 +125,32 @@ def test_in_batch_duplicate_is_counted_not_failed() -> None:
     assert b.failed == []
 
 
+def test_same_id_for_two_customers_is_two_events() -> None:
+    b = decode_batch(body(good("a"), good("a", customer_id="cust_456")), NOW)
+    assert (len(b), b.in_batch_duplicates, b.failed) == (2, 0, [])
+    assert b.key(0) != b.key(1) and len(b.key(0)) == 22
+    assert b.fingerprint(0) == b.fingerprint(1)
+
+
+def test_repeat_with_other_content_is_a_conflict() -> None:
+    props = {"bytes": 2048, "endpoint": "/x"}
+    reordered = {"endpoint": "/x", "bytes": 2048}
+    b = decode_batch(
+        body(
+            good("a", properties=props),
+            good("a", properties=reordered),  # same content
+            good("a", properties=props, timestamp=NOW - 1),
+            good("a", properties={"bytes": 2049, "endpoint": "/x"}, event_type="other"),
+        ),
+        NOW,
+    )
+    assert (len(b), b.in_batch_duplicates) == (1, 1)
+    assert b.failed == [(2, "a", "idempotency_conflict"), (3, "a", "idempotency_conflict")]
+    assert b.failure_messages[0].endswith("of events[0] but differs from it in: timestamp.")
+    assert b.failure_messages[1].endswith("differs from it in: event_type, properties.")
+    assert conflict_fields(7) == "event_type, timestamp, properties"
+
+
 def test_bound_customer() -> None:
     b = decode_batch(body(good("a"), good("b", customer_id="other")), NOW, customer_id="cust_123")
     assert b.failed == [(1, "b", "customer_not_allowed")]
@@ -193,13 +219,20 @@ def test_resp_replies_and_memory_index() -> None:
     b = decode_batch(body(good("a"), good("b")), NOW)
     cmd = b.redis_reserve("dedup:", "f1", 60)
     assert cmd.count(b"*7\r\n$3\r\nSET\r\n") == 2
-    assert parse_reserve_replies(b"$-1\r\n", 2) is None
-    assert parse_reserve_replies(b"$-1\r\n$2\r\nf0\r\n", 2) == [(1, b"f0")]
+    assert f"dedup:{b.key(1)}\r\n$19\r\nf1|{b.fingerprint(1)}\r\n".encode() in cmd
+    assert b.reserve_replies(b"$-1\r\n") is None
+    other = decode_batch(body(good("a"), good("b", timestamp=NOW - 5)), NOW)
+    held = f"f0|{other.fingerprint(1)}".encode()
+    assert b.reserve_replies(b"$-1\r\n$%d\r\n%s\r\n" % (len(held), held)) == [(1, b"f0", 2)]
+    assert b.reserve_replies(b"$-1\r\n$2\r\nf0\r\n") == [(1, b"f0", 0)]  # a value from before fingerprints
     ix = DedupIndex()
     assert ix.reserve(b, 1) == b"\x00\x00"
     assert ix.reserve(b, 2) == b"\x02\x02"
     ix.commit(1, 0)
     assert ix.reserve(b, 3) == b"\x01\x01"
+    assert ix.reserve(other, 4) == b"\x01\x12"  # b's timestamp differs: conflict (16 | 2)
+    ix.load(decode_batch(body(good("c", customer_id="x")), NOW), 5)
+    assert ix.reserve(decode_batch(body(good("c", customer_id="x"), good("c")), NOW), 6) == b"\x01\x00"
 
 
 # --- fuzzing --------------------------------------------------------------------
@@ -363,15 +396,21 @@ def test_near_valid_batches_follow_the_rules(events: list[Any]) -> None:
     """Never accepts what the rules reject, never rejects what they accept."""
     b = decode_batch(orjson.dumps({"events": events}), NOW)
     failed = {i: r for i, _, r in b.failed}
-    seen: set[str] = set()
+    seen: dict[tuple[str, str], Any] = {}
     dups = 0
     for i, e in enumerate(events):
         problems = py_problems(e)
         if not problems:
-            assert i not in failed, (e, failed.get(i))
-            if e["transaction_id"] in seen:
+            key = (e["customer_id"], e["transaction_id"])
+            content = (e["event_type"], e["timestamp"], {k: orjson.dumps(v) for k, v in e.get("properties", {}).items()})
+            if key not in seen:
+                assert i not in failed, (e, failed.get(i))
+                seen[key] = content
+            elif seen[key] == content:
+                assert i not in failed, (e, failed.get(i))
                 dups += 1
-            seen.add(e["transaction_id"])
+            else:
+                assert failed.get(i) == "idempotency_conflict", (e, failed.get(i))
         else:
             # The core reports the first problem it meets, in document order.
             assert i in failed, e

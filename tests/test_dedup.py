@@ -13,6 +13,7 @@ from meterflow import samples
 from meterflow.config import Settings
 from meterflow.ingest.core import Batch, decode_batch
 from meterflow.ingest.dedup import Dedup, DedupUnavailable, RedisDedup, new_flush_id, open_dedup
+from meterflow.ingest.service import hour_runs
 
 NOW = samples.now_ms()
 _seq = itertools.count(1)
@@ -61,7 +62,7 @@ async def test_released_ids_can_be_reserved_again(dedup: Dedup) -> None:
     b = batch(10)
     f = flush()
     await dedup.reserve(b, *f)
-    await dedup.release(*f, b.transaction_ids)
+    await dedup.release(*f, [b.key(i) for i in range(len(b))])
     r = await dedup.reserve(b, *flush())
     assert r.accepted == 10
 
@@ -76,6 +77,49 @@ async def test_mixed_batch_keeps_only_new_ids(dedup: Dedup) -> None:
     r = await dedup.reserve(b, *flush())
     assert (r.accepted, r.duplicates) == (5, 5)
     assert r.keep == b"\x00" * 5 + b"\x01" * 5
+
+
+def events_of(customer: str, ids: list[str], ts: int = NOW, **props: object) -> Batch:
+    return decode_batch(
+        samples.body(
+            [
+                {"transaction_id": t, "customer_id": customer, "event_type": "api_request", "timestamp": ts,
+                 "properties": {"bytes": 1, **props}}
+                for t in ids
+            ]
+        ),
+        NOW,
+    )  # fmt: skip
+
+
+async def committed(dedup: Dedup, b: Batch) -> None:
+    f = flush()
+    r = await dedup.reserve(b, *f)
+    assert r.accepted == len(b)
+    await dedup.commit(*f)
+
+
+async def test_same_id_for_two_customers_is_two_reservations(dedup: Dedup) -> None:
+    await committed(dedup, events_of("cust_a", ["inv_0001", "inv_0002"]))
+    r = await dedup.reserve(events_of("cust_b", ["inv_0001", "inv_0002"]), *flush())
+    assert (r.accepted, r.duplicates, r.keep) == (2, 0, None)
+
+
+async def test_same_key_other_content_is_a_conflict(dedup: Dedup) -> None:
+    await committed(dedup, events_of("cust_a", ["t1", "t2", "t3", "t4"]))
+    retry = events_of("cust_a", ["t1"])
+    moved = events_of("cust_a", ["t2"], ts=NOW - 1)
+    changed = events_of("cust_a", ["t3"], region="eu")
+    b = decode_batch(
+        b'{"events":['
+        + b",".join(x.archive_lines().strip() for x in (retry, moved, changed, events_of("cust_a", ["t5"])))
+        + b"]}",
+        NOW,
+    )
+    r = await dedup.reserve(b, *flush())
+    assert (r.accepted, r.duplicates, r.in_flight) == (1, 1, [])
+    assert r.conflicts == [(1, 2), (2, 4)]  # timestamp; properties
+    assert r.keep == b"\x00\x00\x00\x01"
 
 
 async def test_concurrent_reservations_accept_each_id_once(dedup: Dedup) -> None:
@@ -99,6 +143,37 @@ async def test_ids_of_a_dead_flush_are_taken_over_after_the_timeout(redis_server
     await d.close()
 
 
+async def test_take_over_stores_the_new_events_fingerprint(redis_server: Redis) -> None:
+    """The event that takes over a dead flush's key is the one later retries compare with."""
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url, flush_timeout_s=2))
+    await d.start()
+    await d.reserve(events_of("c", ["x", "y"]), new_flush_id(NOW - 3_000), 1)
+    other = events_of("c", ["x", "y"], ts=NOW - 7)  # never acknowledged: other content may take over
+    f = new_flush_id()
+    r = await d.reserve(other, f, 2)
+    assert (r.accepted, r.conflicts) == (2, [])
+    await d.commit(f, 2)
+    assert (await d.reserve(other, new_flush_id(), 3)).duplicates == 2
+    first = await d.reserve(events_of("c", ["x", "y"]), new_flush_id(), 4)
+    assert first.conflicts == [(0, 2), (1, 2)]
+    await d.close()
+
+
+async def test_release_frees_only_this_flushs_keys(redis_server: Redis) -> None:
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url))
+    await d.start()
+    b = events_of("c", ["r1", "r2"])
+    mine, theirs = new_flush_id(), new_flush_id()
+    await d.reserve(events_of("c", ["r1"]), mine, 1)
+    await d.reserve(b, theirs, 2)  # r2 is theirs
+    await d.release(mine, 1, [b.key(0), b.key(1)])
+    r = await d.reserve(b, new_flush_id(), 3)
+    assert (r.accepted, r.in_flight) == (1, [1])
+    await d.close()
+
+
 async def test_redis_down_is_dedup_unavailable() -> None:
     d = RedisDedup(Settings(dedup="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     await d.start()
@@ -107,3 +182,12 @@ async def test_redis_down_is_dedup_unavailable() -> None:
     with pytest.raises(DedupUnavailable):
         await d.ping()
     await d.close()
+
+
+def test_warm_up_reads_bounded_runs_of_hours() -> None:
+    counts = [{"h": 10, "n": 30}, {"h": 11, "n": 30}, {"h": 13, "n": 50}, {"h": 14, "n": 1}, {"h": 20, "n": 5}]
+    runs = list(hour_runs(counts, 60))
+    hour = 3_600_000
+    assert runs == [(10 * hour, 12 * hour), (13 * hour, 21 * hour)]
+    assert list(hour_runs([{"h": 1, "n": 500}], 60)) == [(hour, 2 * hour)]  # one hour may hold more
+    assert list(hour_runs([], 60)) == []

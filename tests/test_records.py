@@ -213,8 +213,9 @@ def test_etags_and_if_match_over_http(server: MeterFlowServer) -> None:
 def two_workers(
     make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
 ) -> MeterFlowServer:
+    # The revocation test polls with a revoked key: each 401 counts as a failed authentication.
     return start_server(make_backend("full"), MF_WORKERS="2", MF_RATE_REQUESTS_PER_S="100000",
-                        MF_RATE_REQUESTS_BURST="100000")  # fmt: skip
+                        MF_RATE_REQUESTS_BURST="100000", MF_AUTH_FAILURES_PER_MINUTE="100000")  # fmt: skip
 
 
 async def test_two_workers_concurrent_patches_with_one_if_match(two_workers: MeterFlowServer) -> None:

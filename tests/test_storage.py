@@ -54,6 +54,17 @@ async def test_reinserted_transaction_counts_once(storage: Storage) -> None:
     assert await storage.query("SELECT count() AS n FROM events") == [{"n": 500}]
 
 
+async def test_same_id_of_two_customers_stays_two_rows(storage: Storage) -> None:
+    """The sorting key starts with customer_id: merges never collapse two customers' events."""
+    events = [{**samples.seed_event(NOW), "customer_id": c} for c in ("cust_a", "cust_b")]
+    data = decode_batch(samples.body(events), NOW).storage_rows()
+    await storage.insert_events(data)
+    await storage.insert_events(data)
+    await storage.execute("OPTIMIZE TABLE events FINAL")
+    got = await storage.query("SELECT customer_id AS c, count() AS n FROM events GROUP BY c ORDER BY c")
+    assert got == [{"c": "cust_a", "n": 1}, {"c": "cust_b", "n": 1}]
+
+
 async def test_bad_statement_is_a_storage_error(storage: Storage) -> None:
     with pytest.raises(StorageError):
         await storage.query("SELECT nope FROM missing_table")

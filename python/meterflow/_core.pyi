@@ -8,8 +8,8 @@ __all__ = [
     "DedupIndex",
     "Limits",
     "ReplyError",
+    "conflict_fields",
     "decode_batch",
-    "parse_reserve_replies",
 ]
 
 class DecodeError(ValueError):
@@ -58,7 +58,9 @@ class Batch:
         """Events in the request, valid or not."""
     @property
     def in_batch_duplicates(self) -> int:
-        """Events whose transaction_id repeats an earlier one of the same batch."""
+        """Events that repeat an earlier one of the same batch: same
+        customer_id, transaction_id and content (other content fails with
+        ``idempotency_conflict``)."""
     @property
     def transaction_ids(self) -> list[str]:
         """The valid events' ids, in request order."""
@@ -77,8 +79,19 @@ class Batch:
         events whose ``keep`` byte is non-zero."""
     def archive_lines(self, keep: bytes | None = None) -> bytes:
         """NDJSON of the kept events, one canonical JSON event per line."""
+    def key(self, i: int) -> str:
+        """Valid event ``i``'s idempotency key, a 128-bit hash of
+        (customer_id, transaction_id) as 22 characters of the id alphabet."""
+    def fingerprint(self, i: int) -> str:
+        """Valid event ``i``'s content fingerprint (event_type, timestamp,
+        properties in any key order) as 16 characters."""
     def redis_reserve(self, prefix: str, flush_id: str, ttl_seconds: int) -> bytes:
-        """RESP of one ``SET <prefix><id> <flush_id> NX EX <ttl> GET`` per event."""
+        """RESP of one ``SET <prefix><key> <flush_id>|<fingerprint> NX EX <ttl> GET`` per event."""
+    def reserve_replies(self, data: bytes) -> list[tuple[int, bytes, int]] | None:
+        """None until ``data`` holds the replies to ``redis_reserve``; then per
+        key already held: (event index, the flush id holding it, the fields in
+        which the held event differs as bits: 1 event_type, 2 timestamp,
+        4 properties; 0 when the content is the same)."""
 
 def decode_batch(body: bytes, now_ms: int, limits: Limits | None = None, customer_id: str | None = None) -> Batch:
     """Decode, validate and encode a ``{"events": [...]}`` body, GIL released.
@@ -87,9 +100,8 @@ def decode_batch(body: bytes, now_ms: int, limits: Limits | None = None, custome
     ``customer_not_allowed``. Raises DecodeError for envelope errors.
     """
 
-def parse_reserve_replies(data: bytes, count: int) -> list[tuple[int, bytes]] | None:
-    """None until ``data`` holds ``count`` replies to ``Batch.redis_reserve``;
-    then (event index, flush id) of every id that was already taken."""
+def conflict_fields(differs: int) -> str:
+    """The names of the fields in a ``differs`` bit set, e.g. ``"timestamp, properties"``."""
 
 @final
 class DedupIndex:
@@ -98,8 +110,11 @@ class DedupIndex:
     def __new__(cls) -> DedupIndex: ...
     def __len__(self) -> int: ...
     def reserve(self, batch: Batch, flush: int) -> bytes:
-        """One code per valid event: 0 reserved now, 1 duplicate, 2 in flight."""
+        """One code per valid event: 0 reserved now, 1 duplicate, 2 in flight,
+        16 + the differing fields' bits (1 event_type, 2 timestamp,
+        4 properties) for a conflict."""
     def commit(self, flush: int, now_s: int) -> None: ...
     def release(self, flush: int) -> None: ...
-    def load(self, ids: list[str], now_s: int) -> None: ...
+    def load(self, batch: Batch, now_s: int) -> None:
+        """Marks the batch's events as committed (warming from storage)."""
     def expire(self, before_s: int) -> int: ...

@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 
 use crate::decimal::decimal9;
+use crate::identity;
 use crate::json::{write_scanned_string, Kind, Scanner, SyntaxError, Value};
 
 /// Limits of the event contract (DESIGN §4); all configurable.
@@ -115,6 +116,10 @@ pub struct Decoded {
     pub row_offsets: Vec<u32>,
     pub archive: Vec<u8>,
     pub archive_offsets: Vec<u32>,
+    /// Per event: the idempotency key of (customer_id, transaction_id) and
+    /// the fingerprint of its content (see `identity`).
+    pub keys: Vec<u128>,
+    pub fingerprints: Vec<u128>,
     pub failed: Vec<Failure>,
     pub in_batch_duplicates: usize,
     pub received: usize,
@@ -134,24 +139,10 @@ impl Decoded {
     }
 }
 
-/// The ids seen so far in a batch, for in-batch duplicates: an open-addressing
-/// table of indexes into `Decoded::ids` (cheaper than a `HashSet<String>`).
+/// The (customer, transaction id) keys seen so far in a batch, for in-batch
+/// repeats: an open-addressing table of indexes into `Decoded::keys`.
 struct IdSet {
     slots: Vec<u32>,
-}
-
-fn id_hash(s: &[u8]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h = (s.len() as u64).wrapping_mul(K);
-    let mut chunks = s.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-        h = (h ^ w).wrapping_mul(K).rotate_left(29);
-    }
-    let mut tail = [0u8; 8];
-    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    h ^ (h >> 32)
 }
 
 impl IdSet {
@@ -161,9 +152,9 @@ impl IdSet {
         }
     }
 
-    /// Inserts valid event `n` (already pushed to `d.ids`) unless an equal id
-    /// is present; returns whether it was inserted.
-    fn insert(&mut self, d: &Decoded, n: usize) -> bool {
+    /// Inserts valid event `n` (its key already pushed to `d.keys`) unless an
+    /// equal key is present; returns the event that holds it, if any.
+    fn insert(&mut self, d: &Decoded, n: usize) -> Option<usize> {
         if (n + 1) * 2 > self.slots.len() {
             let grown = vec![0; self.slots.len() * 2];
             let old = std::mem::replace(&mut self.slots, grown);
@@ -174,20 +165,21 @@ impl IdSet {
         }
         let slot = self.find(d, n);
         if self.slots[slot] != 0 {
-            return false;
+            return Some((self.slots[slot] - 1) as usize);
         }
         self.slots[slot] = n as u32 + 1;
-        true
+        None
     }
 
-    /// The slot holding an id equal to event `n`'s, or the empty slot for it.
+    /// The slot holding a key equal to event `n`'s, or the empty slot for it.
     fn find(&self, d: &Decoded, n: usize) -> usize {
-        let id = d.id(n);
+        let key = d.keys[n];
         let mask = self.slots.len() - 1;
-        let mut slot = id_hash(id.as_bytes()) as usize & mask;
+        // The key is a hash already: its low bits spread well.
+        let mut slot = key as usize & mask;
         loop {
             let j = self.slots[slot];
-            if j == 0 || d.id((j - 1) as usize) == id {
+            if j == 0 || d.keys[(j - 1) as usize] == key {
                 return slot;
             }
             slot = (slot + 1) & mask;
@@ -327,6 +319,8 @@ pub fn decode_for(
     ] {
         v.reserve(guess + 1);
     }
+    out.keys.reserve(guess);
+    out.fingerprints.reserve(guess);
     let mut dec = Decoder {
         limits,
         allowed_customer,
@@ -445,6 +439,7 @@ impl<'l> Decoder<'l> {
         sc.enter().map_err(syntax)?;
         let mut f = EventFields::new();
         self.props.clear();
+        self.keys.clear();
         self.text.clear();
         self.strs.clear();
         self.nums.clear();
@@ -775,19 +770,44 @@ impl<'l> Decoder<'l> {
         else {
             unreachable!("validated above");
         };
-        let o = &mut self.out;
-        o.ids.push_str(tid);
-        o.id_offsets.push(o.ids.len() as u32);
-        if !seen.insert(o, o.request_index.len()) {
-            o.ids
-                .truncate(o.id_offsets[o.id_offsets.len() - 2] as usize);
-            o.id_offsets.pop();
-            o.in_batch_duplicates += 1;
-            return;
-        }
         if !f.properties_seen {
             self.props.extend_from_slice(b"{}");
         }
+        let fingerprint = {
+            let props = &self.props;
+            let ends = self.keys.iter().skip(1).map(|&(k0, _)| k0 as usize - 1);
+            let ends = ends.chain(std::iter::once(props.len() - 1));
+            let pairs = self
+                .keys
+                .iter()
+                .zip(ends)
+                .map(|(&(k0, _), end)| &props[k0 as usize..end]);
+            identity::fingerprint(et, ts, pairs)
+        };
+        let o = &mut self.out;
+        o.keys.push(identity::pair_key(cid, tid));
+        if let Some(j) = seen.insert(o, o.request_index.len()) {
+            o.keys.pop();
+            let differs = identity::differing(o.fingerprints[j], fingerprint);
+            if differs == 0 {
+                o.in_batch_duplicates += 1;
+            } else {
+                o.failed.push(Failure {
+                    index,
+                    transaction_id: Some(tid.to_string()),
+                    reason: "idempotency_conflict".into(),
+                    message: format!(
+                        "events[{index}] has the customer_id and transaction_id of events[{}] but differs from it in: {}.",
+                        o.request_index[j],
+                        identity::field_names(differs)
+                    ),
+                });
+            }
+            return;
+        }
+        o.fingerprints.push(fingerprint);
+        o.ids.push_str(tid);
+        o.id_offsets.push(o.ids.len() as u32);
         o.request_index.push(index as u32);
         // Storage row: transaction_id, customer_id, event_type, timestamp_ms Int64,
         // ts DateTime (seconds), properties String (canonical JSON).
@@ -1054,6 +1074,49 @@ mod tests {
         assert_eq!(d.len(), 2);
         assert_eq!(d.in_batch_duplicates, 1);
         assert!(d.failed.is_empty());
+    }
+
+    #[test]
+    fn same_id_for_two_customers_is_two_events() {
+        let other = good("a").replace("cust_123", "cust_456");
+        let d = decode(
+            ev(&[good("a"), other].join(",")).as_bytes(),
+            NOW,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!((d.len(), d.in_batch_duplicates), (2, 0));
+        assert_ne!(d.keys[0], d.keys[1]);
+        assert_eq!(d.fingerprints[0], d.fingerprints[1]);
+    }
+
+    #[test]
+    fn repeated_key_with_other_content_is_a_conflict() {
+        let moved = good("a").replace(&NOW.to_string(), &(NOW - 1).to_string());
+        let reordered = good("a").replace(
+            r#"{"bytes":2048,"endpoint":"/v1/x","ok":true}"#,
+            r#"{"ok":true,"bytes":2048,"endpoint":"/v1/x"}"#,
+        );
+        let retyped = good("a")
+            .replace("api_request", "api_call")
+            .replace("2048", "2049");
+        let body = ev(&[good("a"), moved, reordered, retyped].join(","));
+        let d = decode(body.as_bytes(), NOW, &Limits::default()).unwrap();
+        // The same properties in another order are the same content.
+        assert_eq!((d.len(), d.in_batch_duplicates), (1, 1));
+        let got: Vec<_> = d
+            .failed
+            .iter()
+            .map(|f| (f.index, f.reason.as_str(), f.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "idempotency_conflict", "events[1] has the customer_id and transaction_id of events[0] but differs from it in: timestamp."),
+                (3, "idempotency_conflict", "events[3] has the customer_id and transaction_id of events[0] but differs from it in: event_type, properties."),
+            ]
+        );
+        assert_eq!(d.failed[0].transaction_id.as_deref(), Some("a"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod decimal;
 pub mod decode;
 pub mod dedup;
+pub mod identity;
 pub mod json;
 pub mod resp;
 
@@ -233,7 +234,31 @@ impl Batch {
         )
     }
 
-    /// RESP bytes of one `SET <prefix><id> <flush_id> NX EX <ttl> GET` per event.
+    /// The text of valid event `i`'s idempotency key, a hash of
+    /// (customer_id, transaction_id): 22 characters of the id alphabet.
+    fn key(&self, i: usize) -> PyResult<String> {
+        let k = self
+            .d
+            .keys
+            .get(i)
+            .ok_or_else(|| PyValueError::new_err("event index out of range"))?;
+        Ok(String::from_utf8_lossy(&identity::text::<{ identity::KEY_CHARS }>(*k)).into_owned())
+    }
+
+    /// The text of valid event `i`'s content fingerprint: 16 characters.
+    fn fingerprint(&self, i: usize) -> PyResult<String> {
+        let f = self
+            .d
+            .fingerprints
+            .get(i)
+            .ok_or_else(|| PyValueError::new_err("event index out of range"))?;
+        Ok(
+            String::from_utf8_lossy(&identity::text::<{ identity::FINGERPRINT_CHARS }>(*f))
+                .into_owned(),
+        )
+    }
+
+    /// RESP bytes of one `SET <prefix><key> <flush_id>|<fingerprint> NX EX <ttl> GET` per event.
     fn redis_reserve<'py>(
         &self,
         py: Python<'py>,
@@ -243,6 +268,30 @@ impl Batch {
     ) -> Bound<'py, PyBytes> {
         let out = py.detach(|| resp::reserve_commands(&self.d, prefix, flush_id, ttl_seconds));
         PyBytes::new(py, &out)
+    }
+
+    /// Parses the replies to `redis_reserve`: None until all are in `data`,
+    /// then per key that was already held: (event index, the flush holding
+    /// it, the fields in which its event differs from this one as bits of
+    /// 1 event_type, 2 timestamp, 4 properties; 0 when the same).
+    fn reserve_replies<'py>(&self, py: Python<'py>, data: &[u8]) -> PyResult<Option<PyTaken<'py>>> {
+        match resp::parse_set_get_replies(data, self.d.len()) {
+            Ok(None) => Ok(None),
+            Ok(Some(v)) => Ok(Some(
+                v.into_iter()
+                    .map(|(i, old)| {
+                        let (holder, fp) = resp::split_value(&old);
+                        let differs =
+                            fp.map_or(0, |f| identity::differing(f, self.d.fingerprints[i]));
+                        (i, PyBytes::new(py, holder), differs)
+                    })
+                    .collect(),
+            )),
+            Err(resp::ReplyError::Server(m)) => {
+                Err(ReplyError::new_err(format!("Redis error: {m}")))
+            }
+            Err(resp::ReplyError::Protocol(m)) => Err(ReplyError::new_err(m)),
+        }
     }
 }
 
@@ -264,26 +313,12 @@ fn decode_batch(
     }
 }
 
-type PyTaken<'py> = Vec<(usize, Bound<'py, PyBytes>)>;
+type PyTaken<'py> = Vec<(usize, Bound<'py, PyBytes>, u8)>;
 
-/// Parses the replies to `Batch.redis_reserve`: None until all `count` are in
-/// `data`, then the (event index, flush id) of every id that was taken.
+/// The names of the fields in a `differs` bit set, e.g. "timestamp, properties".
 #[pyfunction]
-fn parse_reserve_replies<'py>(
-    py: Python<'py>,
-    data: &[u8],
-    count: usize,
-) -> PyResult<Option<PyTaken<'py>>> {
-    match resp::parse_set_get_replies(data, count) {
-        Ok(None) => Ok(None),
-        Ok(Some(v)) => Ok(Some(
-            v.into_iter()
-                .map(|(i, b)| (i, PyBytes::new(py, &b)))
-                .collect(),
-        )),
-        Err(resp::ReplyError::Server(m)) => Err(ReplyError::new_err(format!("Redis error: {m}"))),
-        Err(resp::ReplyError::Protocol(m)) => Err(ReplyError::new_err(m)),
-    }
+fn conflict_fields(differs: u8) -> String {
+    identity::field_names(differs)
 }
 
 /// The embedded mode's dedup index (one process owns the data path).
@@ -305,7 +340,8 @@ impl DedupIndex {
         self.ix.len()
     }
 
-    /// One code per valid event: 0 reserved now, 1 duplicate, 2 in flight.
+    /// One code per valid event: 0 reserved now, 1 duplicate, 2 in flight,
+    /// 16 + the differing fields' bits for a conflict.
     fn reserve<'py>(&mut self, py: Python<'py>, batch: &Batch, flush: u64) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.ix.reserve(&batch.d, flush))
     }
@@ -318,8 +354,9 @@ impl DedupIndex {
         self.ix.release(flush);
     }
 
-    fn load(&mut self, ids: Vec<String>, now_s: u32) {
-        self.ix.load(ids.iter().map(String::as_str), now_s);
+    /// Marks a batch's events as committed (warming from storage).
+    fn load(&mut self, batch: &Batch, now_s: u32) {
+        self.ix.load(&batch.d, now_s);
     }
 
     fn expire(&mut self, before_s: u32) -> usize {
@@ -330,7 +367,7 @@ impl DedupIndex {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_batch, m)?)?;
-    m.add_function(wrap_pyfunction!(parse_reserve_replies, m)?)?;
+    m.add_function(wrap_pyfunction!(conflict_fields, m)?)?;
     m.add_class::<Batch>()?;
     m.add_class::<PyLimits>()?;
     m.add_class::<DedupIndex>()?;

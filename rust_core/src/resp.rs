@@ -1,7 +1,9 @@
-//! The Redis side of dedup, as bytes: one pipelined `SET key flush NX EX ttl GET`
-//! per event encoded in a single buffer, and the replies parsed in one call.
+//! The Redis side of dedup, as bytes: one pipelined
+//! `SET <prefix><key> <flush_id>|<fingerprint> NX EX ttl GET` per event encoded
+//! in a single buffer, and the replies parsed in one call.
 
 use crate::decode::Decoded;
+use crate::identity::{self, FINGERPRINT_CHARS, KEY_CHARS};
 
 fn push_bulk(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'$');
@@ -11,26 +13,51 @@ fn push_bulk(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// RESP for one `SET <prefix><id> <flush_id> NX EX <ttl> GET` per valid event.
+/// RESP for one `SET <prefix><key> <flush_id>|<fingerprint> NX EX <ttl> GET`
+/// per valid event, where `key` is the text of its (customer, id) key.
 pub fn reserve_commands(d: &Decoded, prefix: &str, flush_id: &str, ttl_seconds: u64) -> Vec<u8> {
-    // Everything after the key is the same for every event.
-    let mut tail = Vec::with_capacity(64 + flush_id.len());
-    push_bulk(&mut tail, flush_id.as_bytes());
-    tail.extend_from_slice(b"$2\r\nNX\r\n$2\r\nEX\r\n");
+    // Keys and values have one length per batch: only the hashes change.
+    let mut head = Vec::with_capacity(32 + prefix.len());
+    head.extend_from_slice(b"*7\r\n$3\r\nSET\r\n$");
+    head.extend_from_slice((prefix.len() + KEY_CHARS).to_string().as_bytes());
+    head.extend_from_slice(b"\r\n");
+    head.extend_from_slice(prefix.as_bytes());
+    let mut mid = Vec::with_capacity(16 + flush_id.len());
+    mid.extend_from_slice(b"\r\n$");
+    mid.extend_from_slice(
+        (flush_id.len() + 1 + FINGERPRINT_CHARS)
+            .to_string()
+            .as_bytes(),
+    );
+    mid.extend_from_slice(b"\r\n");
+    mid.extend_from_slice(flush_id.as_bytes());
+    mid.push(b'|');
+    let mut tail = Vec::with_capacity(48);
+    tail.extend_from_slice(b"\r\n$2\r\nNX\r\n$2\r\nEX\r\n");
     push_bulk(&mut tail, ttl_seconds.to_string().as_bytes());
     tail.extend_from_slice(b"$3\r\nGET\r\n");
-    let mut out = Vec::with_capacity(d.len() * (tail.len() + prefix.len() + 48));
-    for i in 0..d.len() {
-        let id = d.id(i);
-        out.extend_from_slice(b"*7\r\n$3\r\nSET\r\n$");
-        out.extend_from_slice((prefix.len() + id.len()).to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(prefix.as_bytes());
-        out.extend_from_slice(id.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    let each = head.len() + KEY_CHARS + mid.len() + FINGERPRINT_CHARS + tail.len();
+    let mut out = Vec::with_capacity(d.len() * each);
+    for (&key, &fp) in d.keys.iter().zip(&d.fingerprints) {
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&identity::text::<KEY_CHARS>(key));
+        out.extend_from_slice(&mid);
+        out.extend_from_slice(&identity::text::<FINGERPRINT_CHARS>(fp));
         out.extend_from_slice(&tail);
     }
     out
+}
+
+/// A value held by a reserved key: the flush that holds it, and the
+/// fingerprint of its event (None in a value written before fingerprints).
+pub fn split_value(v: &[u8]) -> (&[u8], Option<u128>) {
+    if v.len() > FINGERPRINT_CHARS && v[v.len() - FINGERPRINT_CHARS - 1] == b'|' {
+        let (holder, fp) = v.split_at(v.len() - FINGERPRINT_CHARS);
+        if let Some(fp) = identity::parse(fp) {
+            return (&holder[..holder.len() - 1], Some(fp));
+        }
+    }
+    (v, None)
 }
 
 /// A reply to `SET ... NX GET`: `None` when the key was free (now reserved),
@@ -106,9 +133,28 @@ mod tests {
         let body = br#"{"events":[{"transaction_id":"a","customer_id":"c","event_type":"e","timestamp":1700000000000},{"transaction_id":"bb","customer_id":"c","event_type":"e","timestamp":1700000000000}]}"#;
         let d = decode(body, 1_700_000_000_000, &Limits::default()).unwrap();
         let out = reserve_commands(&d, "dedup:", "f1", 60);
-        let one = "*7\r\n$3\r\nSET\r\n$7\r\ndedup:a\r\n$2\r\nf1\r\n$2\r\nNX\r\n$2\r\nEX\r\n$2\r\n60\r\n$3\r\nGET\r\n";
-        let two = one.replace("$7\r\ndedup:a", "$8\r\ndedup:bb");
-        assert_eq!(String::from_utf8(out).unwrap(), format!("{one}{two}"));
+        let one = |i: usize| {
+            let key = String::from_utf8(identity::text::<KEY_CHARS>(d.keys[i]).to_vec()).unwrap();
+            let fp =
+                String::from_utf8(identity::text::<FINGERPRINT_CHARS>(d.fingerprints[i]).to_vec())
+                    .unwrap();
+            format!("*7\r\n$3\r\nSET\r\n$28\r\ndedup:{key}\r\n$19\r\nf1|{fp}\r\n$2\r\nNX\r\n$2\r\nEX\r\n$2\r\n60\r\n$3\r\nGET\r\n")
+        };
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{}{}", one(0), one(1))
+        );
+        assert_eq!(d.keys[0], identity::pair_key("c", "a"));
+    }
+
+    #[test]
+    fn splits_held_values() {
+        let fp = identity::text::<FINGERPRINT_CHARS>(12345);
+        let v = [b"f1|".as_slice(), &fp].concat();
+        assert_eq!(split_value(&v), (b"f1".as_slice(), Some(12345)));
+        assert_eq!(split_value(b"f1"), (b"f1".as_slice(), None));
+        assert_eq!(split_value(b"f1|x"), (b"f1|x".as_slice(), None));
+        assert_eq!(split_value(b""), (b"".as_slice(), None));
     }
 
     #[test]

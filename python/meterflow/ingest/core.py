@@ -6,16 +6,21 @@ from meterflow._core import (
     DedupIndex,
     Limits,
     ReplyError,
+    conflict_fields,
     decode_batch,
-    parse_reserve_replies,
 )
 
+# Events accepted once (archived or stored) are read back with these limits:
+# their age no longer matters.
+STORED_LIMITS = Limits(max_future_ms=100 * 365 * 86_400_000, max_age_ms=100 * 365 * 86_400_000)
+
 __all__ = [
+    "STORED_LIMITS",
     "Batch",
     "DecodeError",
     "DedupIndex",
     "Limits",
     "ReplyError",
+    "conflict_fields",
     "decode_batch",
-    "parse_reserve_replies",
 ]

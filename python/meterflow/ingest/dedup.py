@@ -1,4 +1,11 @@
-"""Exactly-once acceptance: reserve ids per flush, commit once per flush (DESIGN §3)."""
+"""Exactly-once acceptance: reserve ids per flush, commit once per flush (DESIGN §3).
+
+Idempotency is per customer: every layer keys on (customer_id, transaction_id),
+as the fixed-size key the Rust core computes (`Batch.key`). Beside each
+reservation sits the fingerprint of the event's content, so a retry (same
+content: duplicate) is told from a conflict (other content: failed with
+`idempotency_conflict`) without another lookup.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from meterflow.config import Settings
-from meterflow.ingest.core import Batch, DedupIndex, ReplyError, parse_reserve_replies
+from meterflow.ingest.core import Batch, DedupIndex, ReplyError
 
 KEY_PREFIX = "dedup:"
 FLUSH_PREFIX = "flush:"
@@ -44,6 +51,8 @@ class Reservation:
     accepted: int
     duplicates: int
     in_flight: list[int] = field(default_factory=list)  # valid-event indexes
+    # (valid-event index, differing fields as bits: 1 event_type, 2 timestamp, 4 properties)
+    conflicts: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Dedup(Protocol):
@@ -60,11 +69,11 @@ class Dedup(Protocol):
 
     async def commit(self, flush_id: str, flush_seq: int) -> None: ...
 
-    async def release(self, flush_id: str, flush_seq: int, ids: list[str]) -> None:
-        """Frees the ids this flush reserved (its insert failed)."""
+    async def release(self, flush_id: str, flush_seq: int, keys: list[str]) -> None:
+        """Frees the keys (`Batch.key`) this flush reserved (its insert failed)."""
 
-    async def warm(self, ids: list[str]) -> None:
-        """Marks ids found in storage as committed (embedded start-up)."""
+    async def warm(self, batch: Batch) -> None:
+        """Marks events found in storage as committed (embedded start-up)."""
 
 
 class MemoryDedup:
@@ -96,32 +105,47 @@ class MemoryDedup:
             self._ix.expire(int(now) - self._window_s)
         codes = self._ix.reserve(batch, flush_seq)
         n = len(codes)
-        dups = codes.count(1)
-        in_flight = codes.count(2)
-        if dups == 0 and in_flight == 0:
-            return Reservation(keep=None, accepted=n, duplicates=0)
         keep = codes.translate(_KEEP_NEW)
-        flight = [i for i, c in enumerate(codes) if c == 2] if in_flight else []
-        return Reservation(keep=keep, accepted=n - dups - in_flight, duplicates=dups, in_flight=flight)
+        accepted = keep.count(1)
+        if accepted == n:
+            return Reservation(keep=None, accepted=n, duplicates=0)
+        dups = codes.count(_DUPLICATE)
+        flight = [i for i, c in enumerate(codes) if c == _IN_FLIGHT] if codes.count(_IN_FLIGHT) else []
+        conflicts = []
+        if accepted + dups + len(flight) < n:
+            conflicts = [(i, c & 0x0F) for i, c in enumerate(codes) if c & _CONFLICT]
+        return Reservation(keep=keep, accepted=accepted, duplicates=dups, in_flight=flight, conflicts=conflicts)
 
     async def commit(self, flush_id: str, flush_seq: int) -> None:
         self._ix.commit(flush_seq, int(time.time()))
 
-    async def release(self, flush_id: str, flush_seq: int, ids: list[str]) -> None:
+    async def release(self, flush_id: str, flush_seq: int, keys: list[str]) -> None:
         self._ix.release(flush_seq)
 
-    async def warm(self, ids: list[str]) -> None:
-        self._ix.load(ids, int(time.time()))
+    async def warm(self, batch: Batch) -> None:
+        self._ix.load(batch, int(time.time()))
 
 
-_KEEP_NEW = bytes([1, 0, 0]) + bytes(253)
+# DedupIndex.reserve's codes: 0 new, 1 duplicate, 2 in flight, 16 | differing fields.
+_DUPLICATE, _IN_FLIGHT, _CONFLICT = 1, 2, 0x10
+_KEEP_NEW = bytes([1]) + bytes(255)
 
-# Takes over ids whose flush died: set only if the key still holds the dead flush id.
-_TAKEOVER = """
+# A reservation's value is `<flush_id>|<fingerprint>` (`<flush_id>` alone
+# before fingerprints existed); `held_by` tells whether a flush holds it.
+_HELD_BY = """
+local function held_by(v, flush)
+  return v == flush or (v ~= false and string.sub(v, 1, #flush + 1) == flush .. '|')
+end
+"""
+
+# Takes over keys whose flush died: set only if the key is still held by the
+# dead flush. ARGV: new flush id, window, then per key its dead flush and the
+# new event's fingerprint.
+_TAKEOVER = _HELD_BY + """
 local out = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i + 2] then
-    redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
+  if held_by(redis.call('GET', key), ARGV[2 * i + 1]) then
+    redis.call('SET', key, ARGV[1] .. '|' .. ARGV[2 * i + 2], 'EX', ARGV[2])
     out[i] = 1
   else
     out[i] = 0
@@ -131,10 +155,10 @@ return out
 """
 
 # Releases a failed flush's reservations, leaving keys another flush now holds.
-_RELEASE = """
+_RELEASE = _HELD_BY + """
 local n = 0
 for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
+  if held_by(redis.call('GET', key), ARGV[1]) then
     redis.call('DEL', key)
     n = n + 1
   end
@@ -155,7 +179,7 @@ class _RespConnection:
 
 
 class RedisDedup:
-    """Redis: `SET dedup:<id> <flush> NX EX <window> GET` per id, one round trip per batch."""
+    """Redis: `SET dedup:<key> <flush>|<fingerprint> NX EX <window> GET` per event, one round trip per batch."""
 
     name = "redis"
 
@@ -216,7 +240,7 @@ class RedisDedup:
                     raise DedupUnavailable(f"Redis refused the connection: {line.decode(errors='replace').strip()}")
         return conn
 
-    async def _pipeline(self, data: bytes, count: int) -> list[tuple[int, bytes]]:
+    async def _pipeline(self, data: bytes, batch: Batch) -> list[tuple[int, bytes, int]]:
         conn = self._idle.pop() if self._idle else await self._connect()
         try:
             conn.writer.write(data)
@@ -227,7 +251,7 @@ class RedisDedup:
                 if not chunk:
                     raise ConnectionError("Redis closed the connection")
                 buf += chunk
-                taken = parse_reserve_replies(buf, count)
+                taken = batch.reserve_replies(buf)
                 if taken is not None:
                     break
         except BaseException:
@@ -240,7 +264,7 @@ class RedisDedup:
         n = len(batch)
         data = batch.redis_reserve(KEY_PREFIX, flush_id, self._window)
         try:
-            taken = await self._pipeline(data, n)
+            taken = await self._pipeline(data, batch)
         except (OSError, ConnectionError, TimeoutError, ReplyError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
         if not taken:
@@ -250,10 +274,13 @@ class RedisDedup:
         except (RedisError, OSError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
-    async def _resolve(self, batch: Batch, flush_id: str, n: int, taken: list[tuple[int, bytes]]) -> Reservation:
-        """Sorts ids already held by another flush into duplicates (its flush
-        committed), take-overs (its flush died) and in-flight ones."""
-        holders = sorted({old for _, old in taken})
+    async def _resolve(
+        self, batch: Batch, flush_id: str, n: int, taken: list[tuple[int, bytes, int]]
+    ) -> Reservation:
+        """Sorts keys already held by another flush into duplicates and
+        conflicts (its flush committed), take-overs (its flush died) and
+        in-flight ones."""
+        holders = sorted({holder for _, holder, _ in taken})
         states = await self.redis.mget([FLUSH_PREFIX + h.decode() for h in holders])
         committed = {h for h, s in zip(holders, states, strict=True) if s is not None}
         now = time.time_ns() // 1_000_000
@@ -261,24 +288,34 @@ class RedisDedup:
         duplicates = 0
         stale: list[tuple[int, bytes]] = []
         in_flight: list[int] = []
-        for i, old in taken:
+        conflicts: list[tuple[int, int]] = []
+        for i, holder, differs in taken:
             keep[i] = 0
-            if old in committed:
-                duplicates += 1
-            elif now - flush_created_ms(old.decode()) > self._flush_timeout_ms:
-                stale.append((i, old))
+            if holder in committed:
+                if differs:
+                    conflicts.append((i, differs))
+                else:
+                    duplicates += 1
+            elif now - flush_created_ms(holder.decode()) > self._flush_timeout_ms:
+                # Never committed, so never acknowledged: this event takes its place.
+                stale.append((i, holder))
             else:
                 in_flight.append(i)
         if stale:
-            keys = [KEY_PREFIX + batch.transaction_id(i) for i, _ in stale]
-            won = await self._takeover(keys=keys, args=[flush_id, self._window, *[o for _, o in stale]])
+            keys = [KEY_PREFIX + batch.key(i) for i, _ in stale]
+            args: list[bytes | str | int] = [flush_id, self._window]
+            for i, holder in stale:
+                args += [holder, batch.fingerprint(i)]
+            won = await self._takeover(keys=keys, args=args)
             for (i, _), ok in zip(stale, won, strict=True):
                 if ok:
                     keep[i] = 1
                 else:
                     in_flight.append(i)
-        accepted = n - duplicates - len(in_flight)
-        return Reservation(keep=bytes(keep), accepted=accepted, duplicates=duplicates, in_flight=sorted(in_flight))
+        accepted = n - duplicates - len(in_flight) - len(conflicts)
+        return Reservation(
+            keep=bytes(keep), accepted=accepted, duplicates=duplicates, in_flight=sorted(in_flight), conflicts=conflicts
+        )
 
     async def commit(self, flush_id: str, flush_seq: int) -> None:
         try:
@@ -286,15 +323,15 @@ class RedisDedup:
         except (RedisError, OSError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
-    async def release(self, flush_id: str, flush_seq: int, ids: list[str]) -> None:
-        if not ids:
+    async def release(self, flush_id: str, flush_seq: int, keys: list[str]) -> None:
+        if not keys:
             return
         try:
-            await self._release(keys=[KEY_PREFIX + i for i in ids], args=[flush_id])
+            await self._release(keys=[KEY_PREFIX + k for k in keys], args=[flush_id])
         except (RedisError, OSError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
-    async def warm(self, ids: list[str]) -> None:
+    async def warm(self, batch: Batch) -> None:
         return None  # Redis keeps its own state across restarts
 
 

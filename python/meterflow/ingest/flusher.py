@@ -39,12 +39,12 @@ class Flush:
     sealed: bool = False
     writing: bool = False
 
-    def reserved_ids(self) -> list[str]:
-        """The ids this flush holds (used only to release them after a failure)."""
-        ids: list[str] = []
+    def reserved_keys(self) -> list[str]:
+        """The dedup keys this flush holds (used only to release them after a failure)."""
+        keys: list[str] = []
         for batch, keep in self.parts:
-            ids.extend(batch.transaction_id(i) for i in range(len(batch)) if keep is None or keep[i])
-        return ids
+            keys.extend(batch.key(i) for i in range(len(batch)) if keep is None or keep[i])
+        return keys
 
 
 class Flusher:
@@ -152,7 +152,7 @@ class Flusher:
             self._metrics.inc("meterflow_flush_failures_total")
             log.warning("flush failed", extra={"flush_id": f.id, "rows": f.count, "error": str(e)})
             try:
-                await self._dedup.release(f.id, f.seq, f.reserved_ids())
+                await self._dedup.release(f.id, f.seq, f.reserved_keys())
             except DedupUnavailable as e2:
                 # The reservations expire into take-overs after the flush timeout.
                 log.warning("release failed", extra={"flush_id": f.id, "error": str(e2)})

@@ -4,7 +4,9 @@ Objects are chosen by their partition hour (when MeterFlow accepted the
 events). Rows go straight to storage, not through dedup: a disaster restore
 must refill an empty database even while Redis still remembers the ids.
 Replay is idempotent all the same: the events table collapses a re-inserted
-transaction and every count is per transaction.
+transaction and every count is per (customer_id, transaction_id), the key of
+idempotency, as is the in-batch check of the core (the same id of two
+customers is two events).
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from meterflow.ingest.archive import PREFIX, Store, key_hour_ms
-from meterflow.ingest.core import Limits, decode_batch
+from meterflow.ingest.core import STORED_LIMITS, decode_batch
 from meterflow.storage import Storage
 
 HOUR_MS = 3_600_000
-# Archived events were valid when accepted; their age now does not matter.
-REPLAY_LIMITS = Limits(max_future_ms=100 * 365 * 86_400_000, max_age_ms=100 * 365 * 86_400_000)
 
 
 @dataclass
@@ -50,7 +50,7 @@ async def replay(
         for j in range(0, len(lines), 1000):
             chunk = lines[j : j + 1000]
             body = b'{"events":[' + b",".join(chunk) + b"]}"
-            batch = decode_batch(body, time.time_ns() // 1_000_000, REPLAY_LIMITS)
+            batch = decode_batch(body, time.time_ns() // 1_000_000, STORED_LIMITS)
             if batch.failed:
                 raise ValueError(f"{key}: archived events fail validation: {batch.failed[:3]}")
             if not dry_run and storage is not None and len(batch):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from meterflow.config import Settings
 from meterflow.ingest.archive import Spool, SpoolFull
-from meterflow.ingest.core import DecodeError, Limits, decode_batch
+from meterflow.ingest.core import STORED_LIMITS, DecodeError, Limits, conflict_fields, decode_batch
 from meterflow.ingest.dedup import Dedup, DedupUnavailable
 from meterflow.ingest.flusher import Flusher, Overloaded
 from meterflow.metrics import Metrics
@@ -45,6 +47,49 @@ LARGE_BODY = 256 * 1024
 
 IN_FLIGHT_MESSAGE = "Another request holding this transaction_id has not finished storing it; retry later."
 
+HOUR_MS = 3_600_000
+# Warm-up reads stored events in runs of whole hours of at most this many rows
+# (one hour may hold more), so its memory does not grow with the window.
+WARM_CHUNK_ROWS = 50_000
+WARM_BATCH = 1000
+
+
+def conflict_message(index: int, differs: int) -> str:
+    return (
+        f"events[{index}] differs from the event stored with this customer_id and transaction_id "
+        f"in: {conflict_fields(differs)}."
+    )
+
+
+def hour_runs(counts: list[dict[str, Any]], limit: int) -> Iterator[tuple[int, int]]:
+    """[start, end) in epoch ms of consecutive hours holding at most `limit` rows together."""
+    start: int | None = None
+    end = rows = 0
+    for c in counts:
+        h, n = int(c["h"]), int(c["n"])
+        if start is not None and rows + n > limit:
+            yield start, end
+            start = None
+        if start is None:
+            start, rows = h * HOUR_MS, 0
+        end = (h + 1) * HOUR_MS
+        rows += n
+    if start is not None:
+        yield start, end
+
+
+def _stored_event(r: dict[str, Any]) -> bytes:
+    """A stored row as the event it was accepted as (properties are canonical JSON already)."""
+    head = orjson.dumps(
+        {
+            "transaction_id": r["transaction_id"],
+            "customer_id": r["customer_id"],
+            "event_type": r["event_type"],
+            "timestamp": r["timestamp_ms"],
+        }
+    )
+    return head[:-1] + b',"properties":' + str(r["properties"]).encode() + b"}"
+
 
 class IngestService:
     def __init__(
@@ -63,15 +108,32 @@ class IngestService:
         self.flusher = Flusher(settings, storage, dedup, metrics, spool)
 
     async def warm(self) -> None:
-        """Embedded mode: load the ids stored within the dedup window."""
+        """Embedded mode: load the keys and fingerprints of the events stored
+        within the dedup window, a bounded run of hours at a time."""
         if self.dedup.name != "memory":
             return
-        since = time.time_ns() // 1_000_000 - self.settings.dedup_window_s * 1000
-        rows = await self.storage.query(
-            f"SELECT DISTINCT transaction_id AS id FROM events WHERE timestamp_ms >= {since}"
+        now = time.time_ns() // 1_000_000
+        since = now - self.settings.dedup_window_s * 1000
+        # `ts` as well as `timestamp_ms`: partitions are pruned by `ts`.
+        where = f"timestamp_ms >= {since} AND ts >= toDateTime({max(since, 0) // 1000})"
+        counts = await self.storage.query(
+            f"SELECT intDiv(timestamp_ms, {HOUR_MS}) AS h, count() AS n FROM events WHERE {where} GROUP BY h ORDER BY h"
         )
-        await self.dedup.warm([r["id"] for r in rows])
-        log.info("dedup index warmed", extra={"ids": len(rows)})
+        loaded = skipped = 0
+        for start, end in hour_runs(counts, WARM_CHUNK_ROWS):
+            rows = await self.storage.query(
+                "SELECT transaction_id, customer_id, event_type, timestamp_ms, properties FROM events "
+                f"WHERE {where} AND timestamp_ms >= {start} AND timestamp_ms < {end} "
+                f"AND ts >= toDateTime({max(start, 0) // 1000}) AND ts <= toDateTime({max(end, 0) // 1000})"
+            )
+            for j in range(0, len(rows), WARM_BATCH):
+                body = b'{"events":[' + b",".join(_stored_event(r) for r in rows[j : j + WARM_BATCH]) + b"]}"
+                batch = decode_batch(body, now, STORED_LIMITS)
+                await self.dedup.warm(batch)
+                loaded += len(batch)
+                skipped += len(batch.failed)
+            del rows
+        log.info("dedup index warmed", extra={"events": loaded, "skipped": skipped})
 
     async def ingest(
         self,
@@ -117,6 +179,17 @@ class IngestService:
                 except DedupUnavailable as e:
                     raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e
                 duplicates += res.duplicates
+                for i, differs in res.conflicts:
+                    index = batch.request_index(i)
+                    failed.append(
+                        {
+                            "index": index,
+                            "transaction_id": batch.transaction_id(i),
+                            "reason": "idempotency_conflict",
+                            "message": conflict_message(index, differs),
+                        }
+                    )
+                    m.inc("meterflow_events_failed_total", reason="idempotency_conflict")
                 for i in res.in_flight:
                     failed.append(
                         {
@@ -139,7 +212,7 @@ class IngestService:
                 except StorageError as e:
                     raise Unavailable("storage_unavailable", f"Storage is unavailable: {e}") from e
                 accepted = res.accepted
-        if batch.failed and len(failed) > len(batch.failed):
+        if len(failed) > len(batch.failed):
             failed.sort(key=lambda f: int(f["index"]))
         m.inc("meterflow_events_accepted_total", accepted)
         m.inc("meterflow_events_duplicate_total", duplicates)

@@ -153,7 +153,7 @@ def _inner_sql(r: UsageRequest) -> str:
     return (
         "SELECT transaction_id AS id, any(timestamp_ms) AS t, any(num_keys) AS nk, any(num_values) AS nv, "
         "any(str_keys) AS sk, any(str_values) AS sv FROM events "
-        f"WHERE {' AND '.join(conds)} GROUP BY transaction_id"
+        f"WHERE {' AND '.join(conds)} GROUP BY customer_id, transaction_id"
     )
 
 
