@@ -229,9 +229,27 @@ def query_limits(settings: Settings) -> QueryLimits:
     return QueryLimits(settings.usage_max_execution_s, settings.usage_max_query_bytes, settings.usage_max_result_rows)
 
 
-async def run_usage(storage: Storage, r: UsageRequest, limits: QueryLimits) -> dict[str, Any]:
-    """The usage answer; values are Decimals (exact), the API writes them as JSON numbers.
-    Each query runs under `limits` (QueryLimitExceeded past them)."""
+@dataclass(frozen=True)
+class WindowValue:
+    """One window of a series: [start, end) and the meter's value inside it."""
+
+    start: int
+    end: int
+    value: Decimal
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A usage answer, typed: exact Decimals; breakdown keys are tuples of the `group_by` values, in order."""
+
+    request: UsageRequest
+    value: Decimal
+    breakdown: dict[tuple[str, ...], Decimal] | None = None  # sorted by key; None without group_by
+    series: tuple[WindowValue, ...] | None = None  # None without a window
+
+
+async def run_usage(storage: Storage, r: UsageRequest, limits: QueryLimits) -> Usage:
+    """The usage of `r`, exact. Each query runs under `limits` (QueryLimitExceeded past them)."""
     m = r.meter
     inner = _inner_sql(r)
     aggs = _agg_sql(m)
@@ -245,28 +263,19 @@ async def run_usage(storage: Storage, r: UsageRequest, limits: QueryLimits) -> d
         b = bucket_sql(r.window, r.tz, shift)
         jobs["series"] = storage.query(f"SELECT {b} AS b, {aggs} FROM ({inner}) GROUP BY b", limits)
     results = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
-    out: dict[str, Any] = {
-        "customer_id": r.customer_id,
-        "meter": m.code,
-        "period": {"start": r.start, "end": r.end},
-        "value": _value(m, results["total"][0], "value") if results["total"] else Decimal(0),
-        "unit": m.unit,
-        "aggregation": m.aggregation,
-    }
-    if r.filters:
-        out["filters"] = {p: list(v) for p, v in r.filters}
+    value = _value(m, results["total"][0], "value") if results["total"] else Decimal(0)
+    breakdown: dict[tuple[str, ...], Decimal] | None = None
     if r.group_by:
-        out["group_by"] = list(r.group_by)
-        rows = sorted(results["breakdown"], key=lambda x: [str(x[f"g{i}"]) for i in range(len(r.group_by))])
-        labels = [GROUP_SEPARATOR.join(str(row[f"g{i}"]) for i in range(len(r.group_by))) for row in rows]
-        out["breakdown"] = {k: _value(m, row, f"breakdown[{k!r}]") for k, row in zip(labels, rows, strict=True)}
+        n = len(r.group_by)
+        keyed = sorted(
+            ((tuple(str(row[f"g{i}"]) for i in range(n)), row) for row in results["breakdown"]), key=lambda kr: kr[0]
+        )
+        breakdown = {k: _value(m, row, f"breakdown[{GROUP_SEPARATOR.join(k)!r}]") for k, row in keyed}
+    series: tuple[WindowValue, ...] | None = None
     if r.window:
         by_key = {int(row["b"]): row for row in results["series"]}
-        out["window"] = r.window
-        out["tz"] = r.tz.key
-        out["series"] = [
-            {"start": s.start, "end": s.end,
-             "value": _value(m, by_key[s.key], f"series[{i}]") if s.key in by_key else Decimal(0)}
+        series = tuple(
+            WindowValue(s.start, s.end, _value(m, by_key[s.key], f"series[{i}]") if s.key in by_key else Decimal(0))
             for i, s in enumerate(spans(r.window, r.tz, shift, r.start, r.end))
-        ]  # fmt: skip
-    return out
+        )
+    return Usage(r, value, breakdown, series)

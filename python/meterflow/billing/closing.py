@@ -1,0 +1,216 @@
+"""Closing periods: each ended subscription period becomes one finalized invoice, with late usage of earlier ones.
+
+A period is due `invoice_grace_s` after its end. Any number of closers (the
+periodic task of every worker on every host, and `meterflow invoices close`)
+may run at once: the unique (subscription, period start) lets one draft in,
+and finalizing locks the invoice row and checks it is still a draft, so a
+period is invoiced and numbered exactly once. A closer that dies after its
+draft leaves it for the next pass, which finalizes it.
+
+Late usage: usage stored after a period's invoice was finalized is billed on
+the subscription's next invoice. For each earlier finalized or paid period
+still inside the ingest age limit (older events are refused, so nothing can
+arrive late for older periods), the period is priced again with its usage now;
+every usage line whose quantity differs from what was billed (its frozen
+quantity plus the late lines already billed for it) adds a line "Late usage
+for <period>" with the difference in quantity and in amount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from meterflow.billing.invoices import Invoices, WrongStatus
+from meterflow.billing.money import decimal_text, money_text
+from meterflow.billing.periods import Period, periods_between
+from meterflow.billing.preview import BillingContext, PricingDeps, billing_context, price_service_period
+from meterflow.billing.render import priced_period_json
+from meterflow.billing.subscriptions import Subscription
+from meterflow.records import Records, plain
+from meterflow.records.tables import invoices
+
+log = logging.getLogger("meterflow.closing")
+
+
+class ClosingDeps(PricingDeps, Protocol):
+    """What closing reads and writes; the worker's `Runtime` has all of it."""
+
+    @property
+    def records(self) -> Records: ...
+    @property
+    def invoices(self) -> Invoices: ...
+
+
+@dataclass(frozen=True)
+class Due:
+    """A subscription's ended calendar period that has no finalized invoice yet."""
+
+    context: BillingContext
+    period: Period
+
+    @property
+    def subscription(self) -> Subscription:
+        return self.context.subscription
+
+
+@dataclass
+class CloseReport:
+    due: int = 0
+    closed: int = 0  # finalized by this closer
+    skipped: int = 0  # closed by another closer meanwhile
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def period_label(ctx: BillingContext, period: Period) -> str:
+    start = dt.datetime.fromtimestamp(period.start / 1000, ctx.tz)
+    return f"{start:%Y-%m}" if ctx.plan.interval == "month" else f"{start:%Y}"
+
+
+class Closer:
+    def __init__(self, deps: ClosingDeps) -> None:
+        self._deps = deps
+        self._grace_ms = deps.settings.invoice_grace_s * 1000
+
+    async def due(self, at: int, customer_id: str | None = None) -> list[Due]:
+        """Every period that ended `grace` before `at` and is not finalized yet, by subscription id."""
+        out: list[Due] = []
+        after = ""
+        while True:
+            subs = await self._deps.subscriptions.page(customer_id, after, 500)
+            if not subs:
+                return out
+            after = subs[-1].id
+            closed = await self._closed_starts([s.id for s in subs])
+            for sub in subs:
+                boundary = at - self._grace_ms
+                end = boundary if sub.end is None else min(sub.end, boundary)
+                if end <= sub.start:
+                    continue
+                ctx = await billing_context(self._deps, sub)
+                for period in periods_between(ctx.plan.interval, ctx.tz, sub.start, end):
+                    if period.end <= boundary and period.start not in closed.get(sub.id, set()):
+                        out.append(Due(ctx, period))
+
+    async def _closed_starts(self, sub_ids: list[str]) -> dict[str, set[int]]:
+        q = sa.select(invoices.c.subscription_id, invoices.c.period_start).where(
+            invoices.c.subscription_id.in_(sub_ids), invoices.c.status != "draft")
+        async with self._deps.records.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        out: dict[str, set[int]] = {}
+        for r in rows:
+            out.setdefault(r.subscription_id, set()).add(int(r.period_start))
+        return out
+
+    async def close(self, due: Due) -> dict[str, Any] | None:
+        """Drafts and finalizes the period's invoice; None when another closer has it."""
+        store = self._deps.invoices
+        sub = due.subscription
+        existing = await store.of_period(sub.id, due.period.start)
+        if existing is None:
+            priced = await price_service_period(self._deps, due.context, due.period)
+            document = priced_period_json(priced)
+            late = await self.late_lines(due.context, due.period.start)
+            if late:
+                extra = sum((Decimal(ln["amount"]) for ln in late), Decimal(0))
+                document["lines"] += late
+                document["late_usage"] = money_text(extra, priced.currency)
+                document["total"] = money_text(priced.total + extra, priced.currency)
+            existing, created = await store.create_draft_document(
+                sub.customer_id, sub.id, due.period, priced.currency, document)
+            if not created:
+                return None  # another closer drafted it; it finalizes it (or the next pass does)
+        if existing["status"] != "draft":
+            return None
+        try:
+            return await store.transition(existing["id"], "finalize")
+        except WrongStatus:
+            return None
+
+    async def late_lines(self, ctx: BillingContext, before: int) -> list[dict[str, Any]]:
+        """Lines for usage of earlier finalized periods that their invoices (and late lines since) did not bill."""
+        sub = ctx.subscription
+        oldest = _now_ms() - self._deps.settings.max_age_ms - self._deps.settings.max_future_ms
+        q = (sa.select(invoices).where(invoices.c.subscription_id == sub.id, invoices.c.period_start < before)
+             .order_by(invoices.c.period_start))  # fmt: skip
+        async with self._deps.records.connect() as conn:
+            rows = [plain(r) for r in (await conn.execute(q)).mappings().all()]
+        billed: dict[tuple[int, str], tuple[Decimal, Decimal]] = {}  # (period start, line key) -> (quantity, amount)
+        for r in rows:
+            if r["status"] not in ("finalized", "paid"):
+                continue
+            for ln in r["document"]["lines"]:
+                if ln.get("meter") is None:
+                    continue
+                start = ln["late_for"]["start"] if "late_for" in ln else r["period_start"]
+                key = (start, _line_key(ln))
+                q0, a0 = billed.get(key, (Decimal(0), Decimal(0)))
+                billed[key] = (q0 + Decimal(ln["quantity"]), a0 + Decimal(ln["amount"]))
+        out: list[dict[str, Any]] = []
+        for r in rows:
+            if r["status"] not in ("finalized", "paid") or r["period_end"] <= oldest:
+                continue
+            period = Period(r["period_start"], r["period_end"])
+            now = priced_period_json(await price_service_period(self._deps, ctx, period))
+            label = period_label(ctx, period)
+            for ln in now["lines"]:
+                if ln.get("meter") is None:
+                    continue
+                q_then, a_then = billed.get((period.start, _line_key(ln)), (Decimal(0), Decimal(0)))
+                dq, da = Decimal(ln["quantity"]) - q_then, Decimal(ln["amount"]) - a_then
+                if dq == 0 and da == 0:
+                    continue
+                out.append({"charge": ln["charge"], "meter": ln["meter"], **_dimension(ln),
+                            "description": f"Late usage for {label}" + (f": {ln['description']}"
+                                                                        if ln.get("description") else ""),
+                            "quantity": decimal_text(dq), "amount": money_text(da, now["currency"]), "tiers": [],
+                            "late_for": {"start": period.start, "end": period.end}})  # fmt: skip
+        return out
+
+    async def run(self, at: int, customer_id: str | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> CloseReport:  # fmt: skip
+        """Closes every due period; `progress(done, total)` after each."""
+        due = await self.due(at, customer_id)
+        report = CloseReport(due=len(due))
+        for i, d in enumerate(due, 1):
+            if await self.close(d) is not None:
+                report.closed += 1
+            else:
+                report.skipped += 1
+            if progress is not None:
+                progress(i, len(due))
+        return report
+
+
+def _line_key(ln: dict[str, Any]) -> str:
+    """A usage line's identity across invoices: its meter, charge type and dimension."""
+    dim = ln.get("dimension") or {}
+    return f"{ln['meter']}|{ln['charge']}|{sorted(dim.items())}"
+
+
+def _dimension(ln: dict[str, Any]) -> dict[str, Any]:
+    return {"dimension": ln["dimension"]} if "dimension" in ln else {}
+
+
+async def close_periodically(deps: ClosingDeps, interval_s: int) -> None:
+    """The server's closing task: a pass over every subscription each `interval_s`, until cancelled."""
+    closer = Closer(deps)
+    while True:
+        try:
+            report = await closer.run(_now_ms())
+            if report.closed:
+                log.info("periods closed", extra={"closed": report.closed, "skipped": report.skipped})
+        except Exception as e:  # a backend may be down: the next pass tries again
+            log.warning("closing pass failed", extra={"error": str(e)[:300]})
+        await asyncio.sleep(interval_s)
