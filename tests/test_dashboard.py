@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import pytest
+from invoice_samples import PLAN
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from services import MeterFlowServer, wait_for
 
@@ -31,7 +34,9 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's ch
 def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeterFlowServer]:
     """One embedded server with a customer and a day of its events (hours apart, so the chart has a line)."""
     work = tmp_path_factory.mktemp("dashboard")
-    server = MeterFlowServer(work, {"MF_STORAGE": "chdb", "MF_DEDUP": "memory", "MF_DATA_DIR": str(work / "data")})
+    # Periods are closed a second after they end: the subscription's last month becomes an invoice.
+    server = MeterFlowServer(work, {"MF_STORAGE": "chdb", "MF_DEDUP": "memory", "MF_DATA_DIR": str(work / "data"),
+                                    "MF_INVOICE_GRACE_S": "0", "MF_INVOICE_CLOSE_INTERVAL_S": "1"})  # fmt: skip
     server.start()
     with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
         assert c.put(f"/v1/customers/{CUSTOMER}", json={"name": "Dash Board Ltd", "currency": "EUR"}).status_code == 201
@@ -47,6 +52,12 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeterFlowServer]:
         assert r.json()["accepted"] == len(events), r.text
         bad = [{**samples.seed_event(), "customer_id": CUSTOMER, "transaction_id": "bad", "event_type": ""}]
         c.post("/v1/events", content=orjson.dumps({"events": bad}), headers=JSON)
+        assert c.post("/v1/plans", json=PLAN).status_code == 201
+        this = dt.datetime.now(dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        last_month = int((this - dt.timedelta(days=1)).replace(day=1).timestamp() * 1000)
+        r = c.post("/v1/subscriptions", json={"customer_id": CUSTOMER, "plan": "pro", "start": last_month})
+        assert r.status_code == 201, r.text
+        wait_for(lambda: c.get("/v1/invoices", params={"customer_id": CUSTOMER}).json()["data"], "the invoice", 60)
     yield server
     server.stop()
 
@@ -93,7 +104,7 @@ def session(browser: Browser, dash: MeterFlowServer) -> Callable[..., Page]:
 ADMIN = MeterFlowServer.auth["Authorization"].removeprefix("Bearer ")
 PAGES = {"overview": "/dashboard/", "customers": "/dashboard/customers", "customer": f"/dashboard/customers/{CUSTOMER}",
          "meters": "/dashboard/meters", "events": f"/dashboard/events?customer_id={CUSTOMER}",
-         "keys": "/dashboard/keys"}  # fmt: skip
+         "keys": "/dashboard/keys", "plans": "/dashboard/plans", "invoices": "/dashboard/invoices"}  # fmt: skip
 
 
 @pytest.mark.parametrize("width", [1280, 390])
@@ -181,6 +192,48 @@ def test_a_key_is_created_shown_once_and_revoked(session: Callable[..., Page], d
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def the_invoice(server: MeterFlowServer) -> dict[str, Any]:
+    with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
+        invoice: dict[str, Any] = c.get("/v1/invoices", params={"customer_id": CUSTOMER}).json()["data"][0]
+        return invoice
+
+
+def test_the_customer_page_shows_subscription_upcoming_and_past_invoices(
+    session: Callable[..., Page], dash: MeterFlowServer
+) -> None:
+    page = session(ADMIN)
+    page.goto(dash.url + f"/dashboard/customers/{CUSTOMER}")
+    with httpx.Client(base_url=dash.url, headers=dash.auth, timeout=30) as c:
+        upcoming = c.get(f"/v1/customers/{CUSTOMER}/upcoming_invoice").json()
+    assert "pro" in page.locator("section:has(h2:has-text('Subscriptions'))").inner_text()
+    # The same total as the API, in the currency's format.
+    total = Decimal(upcoming["total"])
+    assert page.locator(".upcoming .total-amount").inner_text() == f"€{total:,.2f}"
+    invoice = the_invoice(dash)
+    assert page.locator(f"a[href='/dashboard/invoices/{invoice['id']}']").count() == 1
+
+
+def test_an_invoice_is_voided(session: Callable[..., Page], dash: MeterFlowServer) -> None:
+    invoice = the_invoice(dash)
+    page = session(ADMIN)
+    page.goto(dash.url + f"/dashboard/invoices?customer_id={CUSTOMER}&status={invoice['status']}")
+    page.click(f"a[href='/dashboard/invoices/{invoice['id']}']")
+    assert page.locator(".total-amount").inner_text() == f"€{Decimal(invoice['total']):,.2f}"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "invoice-1280.png"), full_page=True)
+    if invoice["status"] == "draft":  # the closer may leave drafts or finalize them itself
+        page.click("button:has-text('Finalize')")
+        assert "finalized" in page.locator(".notice").inner_text()
+    assert the_invoice(dash)["status"] == "finalized" and the_invoice(dash)["number"]
+    page.click("button:has-text('Void')")
+    assert "voided" in page.locator(".notice").inner_text()
+    assert the_invoice(dash)["status"] == "void"
+    assert page.locator(".actions button").count() == 0  # nothing more to do with a void invoice
+    page.goto(dash.url + "/dashboard/invoices?status=void")
+    assert invoice["id"] in page.locator("table.invoices").inner_text()
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def keys_stored(server: MeterFlowServer) -> list[str]:
     with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
         return [k["id"] for k in c.get("/v1/keys", params={"limit": 500}).json()["data"]]
@@ -201,9 +254,14 @@ def test_a_read_key_sees_everything_and_changes_nothing(session: Callable[..., P
     csrf = page.locator("input[name=csrf]").first.get_attribute("value")
     made = page.request.post(dash.url + "/dashboard/keys", form={"csrf": csrf or "", "scope": "admin"})
     revoked = page.request.post(dash.url + f"/dashboard/keys/{victim}/revoke", form={"csrf": csrf or ""})
-    assert (made.status, revoked.status) == (403, 403)
+    invoice = the_invoice(dash)
+    paid = page.request.post(dash.url + f"/dashboard/invoices/{invoice['id']}/mark_paid", form={"csrf": csrf or ""})
+    assert (made.status, revoked.status, paid.status) == (403, 403, 403)
     assert "changes need an `admin` key" in made.text()
     assert keys_stored(dash) == before
+    assert the_invoice(dash)["status"] == invoice["status"]
+    page.goto(dash.url + f"/dashboard/invoices/{invoice['id']}")
+    assert page.locator(".actions").count() == 0
 
 
 def test_a_post_without_the_csrf_token_is_refused(session: Callable[..., Page], dash: MeterFlowServer) -> None:

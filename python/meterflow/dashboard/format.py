@@ -6,16 +6,19 @@ import datetime as dt
 from decimal import Decimal
 
 import orjson
+from babel.numbers import UnknownCurrencyError, format_currency
 
 from meterflow.api.responses import decimal_text
 
 NONE = "\u2013"  # an en dash where there is no value
 
 
-def number(value: int | float | Decimal | None, places: int | None = None) -> str:
-    """1234567.5 -> '1,234,567.5'; exact for Decimals (no float on the way)."""
+def number(value: int | float | Decimal | str | None, places: int | None = None) -> str:
+    """1234567.5 -> '1,234,567.5'; exact for Decimals and decimal strings (no float on the way)."""
     if value is None:
         return NONE
+    if isinstance(value, str):
+        value = Decimal(value)
     if isinstance(value, Decimal):
         text = decimal_text(value if places is None else round(value, places))
         whole, _, frac = text.partition(".")
@@ -53,6 +56,23 @@ def when(epoch_ms: int | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def money(amount: str | Decimal | None, currency: str) -> str:
+    """An amount in the currency's format: '€1,234.50', '¥1,234'; unit prices keep every digit ('€0.0004')."""
+    if amount is None or amount == "":
+        return NONE
+    try:
+        return format_currency(Decimal(amount), currency, locale="en_US", decimal_quantization=False)
+    except UnknownCurrencyError:
+        return f"{number(Decimal(amount))} {currency}"
+
+
+def day(epoch_ms: int | None) -> str:
+    """A date as 'YYYY-MM-DD' (UTC)."""
+    if epoch_ms is None:
+        return NONE
+    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+
+
 def _default(obj: object) -> object:
     if isinstance(obj, Decimal):
         return orjson.Fragment(decimal_text(obj))
@@ -65,4 +85,5 @@ def json_script(data: object) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-FILTERS = {"number": number, "quantity": quantity, "millis": millis, "size": size, "when": when}
+FILTERS = {"day": day, "money": money, "number": number, "quantity": quantity, "millis": millis, "size": size,
+           "when": when}

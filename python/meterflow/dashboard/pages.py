@@ -13,8 +13,10 @@ from starlette.responses import RedirectResponse, Response
 
 from meterflow.api.auth import client_address
 from meterflow.api.health import _check
+from meterflow.api.usage import usage_json
 from meterflow.auth.keys import SCOPES, KeyError_
 from meterflow.customers import ID_RE
+from meterflow.dashboard.billing_pages import billing_of
 from meterflow.dashboard.guard import form_of, principal_of, secure, set_session, signed_in, signer_of, to_signin
 from meterflow.dashboard.render import page
 from meterflow.metering.events import EventsError, list_events, parse_query
@@ -152,7 +154,8 @@ async def _usage_of(request: Request, customer_id: str, meter: Meter, params: di
         asked["group_by"] = params["group_by"]
     try:
         req = await parse_request(asked, {}, rt.meters, rt.settings)
-        return {"meter": meter, "usage": await run_usage(rt.storage, req, query_limits(rt.settings)), "error": ""}
+        usage = usage_json(await run_usage(rt.storage, req, query_limits(rt.settings)))
+        return {"meter": meter, "usage": usage, "error": ""}
     except (UsageError, UsageOutOfRange) as e:
         return {"meter": meter, "usage": None, "error": e.message}
     except QueryLimitExceeded:
@@ -176,7 +179,8 @@ async def customer(request: Request) -> Response:
     found = await runtime_of(request).customers.get(cid) if ID_RE.fullmatch(cid) else None
     if found is None:
         return page(request, "refused.html", {"message": f"There is no customer {cid!r}."}, 404)
-    return page(request, "customer.html", {"customer": found, **await _usage_context(request, cid)})
+    billing = await billing_of(request, cid)
+    return page(request, "customer.html", {"customer": found, **billing, **await _usage_context(request, cid)})
 
 
 @signed_in

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from meterflow.dashboard import pages
+from meterflow.dashboard import billing_pages, pages
 
 
 def dashboard_mount() -> Mount:
@@ -19,6 +19,10 @@ def dashboard_mount() -> Mount:
         Route("/customers/{customer_id}", pages.customer, methods=["GET"]),
         Route("/customers/{customer_id}/usage", pages.customer_usage, methods=["GET"]),
         Route("/meters", pages.meters, methods=["GET"]),
+        Route("/plans", billing_pages.plans, methods=["GET"]),
+        Route("/invoices", billing_pages.invoices, methods=["GET"]),
+        Route("/invoices/{invoice_id}", billing_pages.invoice, methods=["GET"]),
+        Route("/invoices/{invoice_id}/{action}", billing_pages.transition, methods=["POST"]),
         Route("/keys", pages.keys, methods=["GET"]),
         Route("/keys", pages.create_key, methods=["POST"]),
         Route("/keys/{key_id}/revoke", pages.revoke_key, methods=["POST"]),
