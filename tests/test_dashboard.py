@@ -321,4 +321,3 @@ def test_session_cookie_flags(dash: MeterFlowServer) -> None:
             assert {"httponly", "max-age", "path"} <= attrs and "samesite=strict" in cookie.lower()
             assert ("secure" in attrs) is secure
             assert "Max-Age=43200" in cookie
-

@@ -43,8 +43,10 @@ async def billing_of(request: Request, customer_id: str) -> dict[str, Any]:
         sub = active[0]
         try:
             ctx = await billing_context(rt, sub)
-            upcoming = {"subscription_id": sub.id, **priced_period_json(await price_service_period(rt, ctx,
-                                                                                                   ctx.period_at(now)))}
+            upcoming = {
+                "subscription_id": sub.id,
+                **priced_period_json(await price_service_period(rt, ctx, ctx.period_at(now))),
+            }
         except UsageOutOfRange as e:
             upcoming_error = e.message
         except QueryLimitExceeded:

@@ -85,5 +85,12 @@ def json_script(data: object) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-FILTERS = {"day": day, "money": money, "number": number, "quantity": quantity, "millis": millis, "size": size,
-           "when": when}
+FILTERS = {
+    "day": day,
+    "money": money,
+    "number": number,
+    "quantity": quantity,
+    "millis": millis,
+    "size": size,
+    "when": when,
+}

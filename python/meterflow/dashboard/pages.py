@@ -261,4 +261,3 @@ async def events(request: Request) -> Response:
         ctx["error"] = "This search goes over the query limits; name a customer or an event type."
     template = "events_table.html" if request.headers.get("hx-request") else "events.html"
     return page(request, template, ctx)
-
