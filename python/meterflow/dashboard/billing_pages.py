@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -13,11 +14,12 @@ from meterflow.billing.catalog import StoredPlanBroken
 from meterflow.billing.invoices import STATUSES, WrongStatus
 from meterflow.billing.preview import billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
+from meterflow.billing.subscriptions import Subscription
 from meterflow.customers import ID_RE
 from meterflow.dashboard.guard import signed_in
 from meterflow.dashboard.render import page
 from meterflow.metering.usage import UsageOutOfRange
-from meterflow.runtime import runtime_of
+from meterflow.runtime import Runtime, runtime_of
 from meterflow.storage.base import QueryLimitExceeded
 
 PAGE = 25
@@ -30,32 +32,28 @@ async def plans(request: Request) -> Response:
     return page(request, "plans.html", {"plans": [p.as_json() for p in rows]})
 
 
+async def _upcoming(rt: Runtime, sub: Subscription, now: int) -> dict[str, Any]:
+    """One active subscription's upcoming invoice, priced as GET /v1/customers/{id}/upcoming_invoice prices it."""
+    try:
+        ctx = await billing_context(rt, sub)
+        priced = await price_service_period(rt, ctx, ctx.period_at(now))
+    except UsageOutOfRange as e:
+        return {"subscription_id": sub.id, "error": e.message}
+    except QueryLimitExceeded:
+        return {"subscription_id": sub.id, "error": "A usage query of this period went over its limits."}
+    except StoredPlanBroken as e:
+        return {"subscription_id": sub.id, "error": str(e)}
+    return {"subscription_id": sub.id, "error": "", **priced_period_json(priced)}
+
+
 async def billing_of(request: Request, customer_id: str) -> dict[str, Any]:
-    """A customer's subscriptions, the upcoming invoice of the active one, and past invoices,
-    from the services the JSON API uses (GET /v1/customers/{id}/upcoming_invoice prices the same way)."""
+    """A customer's subscriptions, the upcoming invoice of each active one, and the latest invoices."""
     rt = runtime_of(request)
     now = int(time.time() * 1000)
     subs = await rt.subscriptions.of_customer(customer_id)
-    upcoming: dict[str, Any] | None = None
-    upcoming_error = ""
-    active = [s for s in subs if s.active_at(now)]
-    if active:
-        sub = active[0]
-        try:
-            ctx = await billing_context(rt, sub)
-            upcoming = {
-                "subscription_id": sub.id,
-                **priced_period_json(await price_service_period(rt, ctx, ctx.period_at(now))),
-            }
-        except UsageOutOfRange as e:
-            upcoming_error = e.message
-        except QueryLimitExceeded:
-            upcoming_error = "A usage query of this period went over its limits (MF_USAGE_MAX_*)."
-        except StoredPlanBroken as e:
-            upcoming_error = str(e)
+    upcoming = await asyncio.gather(*(_upcoming(rt, s, now) for s in subs if s.active_at(now)))
     past = await rt.invoices.list("", PAGE, customer_id, "")
-    return {"subscriptions": [s.as_json(now) for s in subs], "upcoming": upcoming, "upcoming_error": upcoming_error,
-            "invoices": past}  # fmt: skip
+    return {"subscriptions": [s.as_json(now) for s in subs], "upcoming": upcoming, "invoices": past}
 
 
 @signed_in
