@@ -68,7 +68,7 @@ async def signin(request: Request) -> Response:
         return await signin_form(request, f"This key has scope `{principal.scope}`; sign in with a `read` or "
                                           "`admin` key.", 403)  # fmt: skip
     cookie, _ = signer_of(request).issue(principal.key_id)
-    response = RedirectResponse("/dashboard", status_code=303)
+    response = RedirectResponse("/dashboard/", status_code=303)
     set_session(response, request, cookie)
     response.delete_cookie(SIGNIN_COOKIE, path="/dashboard")
     return response
