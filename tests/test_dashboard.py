@@ -321,3 +321,14 @@ def test_session_cookie_flags(dash: MeterFlowServer) -> None:
             assert {"httponly", "max-age", "path"} <= attrs and "samesite=strict" in cookie.lower()
             assert ("secure" in attrs) is secure
             assert "Max-Age=43200" in cookie
+
+
+def test_the_keys_request_rate_applies_to_its_pages(session: Callable[..., Page], dash: MeterFlowServer) -> None:
+    with httpx.Client(base_url=dash.url, headers=dash.auth, timeout=30) as c:
+        limits = {"requests_per_s": 1, "requests_burst": 1}
+        key = c.post("/v1/keys", json={"scope": "read", "rate_limits": limits}).json()["key"]
+    page = session(key)
+    # A burst of one: quick requests meet a 429 page with Retry-After (at most 20 tries, they take milliseconds).
+    answers = [page.request.get(dash.url + "/dashboard/meters") for _ in range(20)]
+    refused = [a for a in answers if a.status == 429]
+    assert refused and refused[0].headers.get("retry-after") and "over its limit" in refused[0].text()

@@ -10,6 +10,8 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from meterflow.api.auth import check_rate
+from meterflow.api.errors import ApiError
 from meterflow.api.responses import read_body
 from meterflow.auth.keys import Principal
 from meterflow.config import data_dir
@@ -78,6 +80,8 @@ def signed_in(page: Page, *, change: bool = False) -> Page:
         request.state.principal = principal
         request.state.csrf = signer.csrf(session)
         try:
+            # The key's request rate applies to its pages as to its API calls.
+            await check_rate(runtime_of(request).limiter, runtime_of(request).settings, principal, "requests", 1)
             if request.method == "POST":
                 await check_csrf(request, signer, session)
             if change and principal.scope != "admin":
@@ -85,6 +89,8 @@ def signed_in(page: Page, *, change: bool = False) -> Page:
             return await page(request)
         except Refused as e:
             return render(request, "refused.html", {"message": e.message}, e.status)
+        except ApiError as e:  # 429 from the rate limit, 413 or 408 from a form's body
+            return render(request, "refused.html", {"message": e.message}, e.status, e.headers)
 
     return guarded
 

@@ -31,7 +31,9 @@ HEADERS = {
 }
 
 
-def page(request: Request, template: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
+def page(
+    request: Request, template: str, context: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> HTMLResponse:
     """A rendered template; the signed-in key and the CSRF token are in every context."""
     state = request.state
     ctx = {
@@ -41,4 +43,6 @@ def page(request: Request, template: str, context: dict[str, Any], status: int =
         "path": request.url.path,
         **context,
     }
-    return HTMLResponse(_env.get_template(template).render(ctx), status_code=status, headers=HEADERS)
+    return HTMLResponse(
+        _env.get_template(template).render(ctx), status_code=status, headers={**HEADERS, **(headers or {})}
+    )
