@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -20,10 +21,11 @@ from services import MeterFlowServer
 from meterflow import samples
 from meterflow.billing.catalog import PlanCatalog
 from meterflow.billing.periods import Period, period_containing
+from meterflow.billing.plans import FlatCharge, Plan
 from meterflow.billing.preview import price_subscription_period
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.subscriptions import Subscriptions
-from meterflow.config import Settings
+from meterflow.config import ConfigError, Settings, load
 from meterflow.customers import Customers, validate
 from meterflow.ingest.core import Limits, decode_batch
 from meterflow.metering.catalog import MeterCatalog
@@ -298,3 +300,47 @@ async def test_cut_periods_across_dst_and_february_are_prorated_by_milliseconds(
     share = Fraction(served_end - berlin_ms(*start), period.end - period.start)
     assert Fraction(flat["amount"]) == half_up(49 * share, 2) > 0
 
+
+
+# --- plans in the config file -------------------------------------------------------------------
+
+CONFIG_PLAN = """
+[[plans]]
+code = "starter"
+currency = "EUR"
+charges = [{type = "flat", amount = "5.00"}, {type = "unit", meter = "api_calls", unit_amount = "0.001"}]
+"""
+
+
+def test_config_plans_are_parsed_at_load_and_a_bad_one_names_its_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "mf.toml"
+    cfg.write_text(CONFIG_PLAN)
+    (plan,) = load(env={"MF_CONFIG": str(cfg)}).plans
+    assert (plan.code, plan.charges[0]) == ("starter", FlatCharge(Decimal("5.00")))
+    cfg.write_text(CONFIG_PLAN.replace('meter = "api_calls"', 'meter = "nope"'))
+    with pytest.raises(ConfigError, match=r"plans\[0\]\.charges\[1\]\.meter"):
+        load(env={"MF_CONFIG": str(cfg)})
+
+
+async def test_a_config_plan_gets_a_new_version_only_when_its_definition_changes(
+    records: Records, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "mf.toml"
+    cfg.write_text(CONFIG_PLAN)
+    settings = load(env={"MF_CONFIG": str(cfg)})
+    meters = MeterCatalog(records, settings.meters)
+
+    async def started_version(plans: tuple[Plan, ...]) -> int:
+        catalog = PlanCatalog(records, meters, plans)
+        await catalog.start()
+        found = await catalog.get("starter")
+        assert found is not None and found.source == "config" and found.version is None
+        return found.plan_version
+
+    assert await started_version(settings.plans) == 1
+    assert await started_version(settings.plans) == 1  # a restart with the same definition
+    cfg.write_text(CONFIG_PLAN.replace("5.00", "6.00"))
+    changed = load(env={"MF_CONFIG": str(cfg)}).plans
+    assert await started_version(changed) == 2
+    catalog = PlanCatalog(records, meters, changed)
+    assert (await catalog.get_version("starter", 1)).charges[0] == FlatCharge(Decimal("5.00"))

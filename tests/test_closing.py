@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from pricing_reference import reference_price
-from services import Backend, MeterFlowServer, Process, http_ok, wait_for
+from services import Backend, MeterFlowServer, Process, free_port, http_ok, wait_for
 
 from meterflow import samples
 
@@ -135,6 +135,8 @@ def test_two_servers_and_the_cli_close_100_periods_once_with_gapless_numbers(
             assert r.status_code == 201, r.text
         events = [event(f"u{i}", f"cust_{i:03d}", last + DAY, 1000 * i) for i in range(100)]
         assert c.post("/v1/events", json={"events": events}).json()["accepted"] == 100
+        # A receiver that is down all along: its deliveries wait in the outbox, closing does not wait for them.
+        hook = c.post("/v1/webhooks", json={"url": f"http://127.0.0.1:{free_port()}/down"}).json()
     setup.stop()
 
     # Two servers of two workers each (their closing task passes every second) and the CLI, started at once.
@@ -152,6 +154,12 @@ def test_two_servers_and_the_cli_close_100_periods_once_with_gapless_numbers(
         with httpx.Client(base_url=servers[1].url, headers=setup.auth, timeout=30) as c:
             wait_for(lambda: len(invoices_of(c, status="finalized")) == 100, "100 invoices", 120)
             done = invoices_of(c)
+
+            def retried() -> bool:
+                log = c.get(f"/v1/webhooks/{hook['id']}/deliveries", params={"limit": "500"}).json()["data"]
+                return len(log) == 100 and all(d["status"] == "pending" for d in log) and any(d["attempts"] for d in log)
+
+            wait_for(retried, "100 deliveries pending and tried", 60)
     finally:
         cli.stop()
         for s in servers:

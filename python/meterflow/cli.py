@@ -191,19 +191,20 @@ def _invoices_close(args: argparse.Namespace) -> int:
         sys.stderr.write(f"\rinvoices close [{bar:<30}] {done}/{total} periods")
         sys.stderr.flush()
 
-    async def run() -> None:
+    async def run() -> int:
         archive = open_store(settings)
         async with ClosingRuntime.opened(settings, archive) as rt:
             report = await Closer(rt).run(at, args.customer, progress)
+        failed = f"; {report.failed} failed (see the log)" if report.failed else ""
         sys.stderr.write(f"\ninvoices close: {report.due} periods due; {report.closed} closed here, "
-                         f"{report.skipped} by another closer.\n")  # fmt: skip
+                         f"{report.skipped} by another closer{failed}.\n")  # fmt: skip
+        return 1 if report.failed else 0
 
     try:
-        asyncio.run(run())
+        return asyncio.run(run())
     except (RecordsUnavailable, StorageError, NotInPeriod, LookupError, OSError) as e:
         print(f"\nmeterflow: closing failed: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

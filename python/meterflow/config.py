@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
+from babel import Locale, UnknownLocaleError
+
 from meterflow.billing.plans import Plan, PlanError, parse_plan
 from meterflow.metering.meters import DEFAULT_METERS, Meter, MeterError, parse_meter
 
@@ -92,6 +94,11 @@ class Settings:
     # by a pass of every worker each invoice_close_interval_s.
     invoice_due_days: int = 30
     invoice_grace_s: int = 3600
+    # Invoice documents: the seller's name and address lines (separated by "|"), and the locale of
+    # their numbers, money and dates (a CLDR name such as en_US, de_DE, fr_FR).
+    invoice_seller_name: str = "MeterFlow"
+    invoice_seller_address: str = ""
+    invoice_locale: str = "en_US"
     invoice_close_interval_s: int = 60
     # Webhook retries: the first after webhook_backoff_ms, doubling up to webhook_backoff_max_ms,
     # given up webhook_retry_for_s after the event; each attempt waits webhook_timeout_ms at most.
@@ -120,6 +127,11 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MF_{name.upper()} must be a positive integer, got {getattr(self, name)}.")
+        try:
+            Locale.parse(self.invoice_locale)
+        except (ValueError, UnknownLocaleError):
+            shown = self.invoice_locale[:40]
+            raise ConfigError(f"MF_INVOICE_LOCALE {shown!r} is not a locale such as en_US or de_DE.") from None
         if self.invoice_grace_s < 0:
             raise ConfigError(f"MF_INVOICE_GRACE_S must be 0 or more, got {self.invoice_grace_s}.")
         if not 1 <= self.http_header_timeout_s <= 60:

@@ -18,7 +18,15 @@ from meterflow.api.auth import requires
 from meterflow.api.customers import delete_customer, get_customer, list_customers, patch_customer, put_customer
 from meterflow.api.events import get_events, post_events
 from meterflow.api.health import health, metrics, ready
-from meterflow.api.invoices import finalize_invoice, get_invoice, list_invoices, mark_invoice_paid, void_invoice
+from meterflow.api.invoices import (
+    finalize_invoice,
+    get_invoice,
+    get_invoice_html,
+    get_invoice_pdf,
+    list_invoices,
+    mark_invoice_paid,
+    void_invoice,
+)
 from meterflow.api.keys import create_key, list_keys, revoke_key
 from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
 from meterflow.api.openapi import openapi
@@ -86,6 +94,9 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         Route("/v1/keys", requires("admin", create_key), methods=["POST"]),
         Route("/v1/keys/{key_id}", requires("admin", revoke_key), methods=["DELETE"]),
         Route("/v1/invoices", requires("read", list_invoices), methods=["GET"]),
+        # The documents first: `{invoice_id}` alone would also match "inv_....pdf".
+        Route("/v1/invoices/{invoice_id}.html", requires("read", get_invoice_html), methods=["GET"]),
+        Route("/v1/invoices/{invoice_id}.pdf", requires("read", get_invoice_pdf), methods=["GET"]),
         Route("/v1/invoices/{invoice_id}", requires("read", get_invoice), methods=["GET"]),
         Route("/v1/invoices/{invoice_id}/finalize", requires("admin", finalize_invoice), methods=["POST"]),
         Route("/v1/invoices/{invoice_id}/void", requires("admin", void_invoice), methods=["POST"]),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -10,6 +12,7 @@ from starlette.responses import Response
 from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, Param, operation
 from meterflow.api.responses import json_response, page_params
+from meterflow.billing.documents import Document, Seller, build, render_html, render_pdf
 from meterflow.billing.invoices import STATUSES, Invoices, WrongStatus
 from meterflow.customers import ID_RE
 from meterflow.runtime import runtime_of
@@ -53,6 +56,41 @@ async def get_invoice(request: Request) -> Response:
     if invoice is None:
         raise ApiError(404, "invoice_not_found", f"There is no invoice {iid!r}.")
     return json_response(invoice)
+
+
+async def _document(request: Request) -> tuple[dict[str, Any], Document]:
+    iid = _id(request)
+    rt = runtime_of(request)
+    invoice = await rt.invoices.get(iid)
+    if invoice is None:
+        raise ApiError(404, "invoice_not_found", f"There is no invoice {iid!r}.")
+    units: dict[str, str] = {}
+    for code in {ln["meter"] for ln in invoice["lines"] if ln.get("meter")}:
+        meter = await rt.meters.get(code)
+        units[code] = meter.unit if meter is not None else ""
+    s = rt.settings
+    seller = Seller(s.invoice_seller_name, tuple(x.strip() for x in s.invoice_seller_address.split("|") if x.strip()))
+    customer = await rt.customers.get(invoice["customer_id"])
+    return invoice, build(invoice, customer, seller, units, s.invoice_locale)
+
+
+def _filename(invoice: dict[str, Any], ext: str) -> dict[str, str]:
+    return {"Content-Disposition": f'inline; filename="{invoice["number"] or invoice["id"]}.{ext}"'}
+
+
+@operation("The invoice as an HTML page (the same content as the PDF)", {200: "The page", 404: NOT_FOUND},
+           media_type="text/html")  # fmt: skip
+async def get_invoice_html(request: Request) -> Response:
+    invoice, doc = await _document(request)
+    return Response(render_html(doc), media_type="text/html; charset=utf-8", headers=_filename(invoice, "html"))
+
+
+@operation("The invoice as a PDF, typeset with Typst", {200: "The PDF", 404: NOT_FOUND},
+           media_type="application/pdf")  # fmt: skip
+async def get_invoice_pdf(request: Request) -> Response:
+    invoice, doc = await _document(request)
+    pdf = await asyncio.to_thread(render_pdf, doc)  # typesetting is CPU work: off the event loop
+    return Response(pdf, media_type="application/pdf", headers=_filename(invoice, "pdf"))
 
 
 async def _transition(request: Request, action: str) -> Response:

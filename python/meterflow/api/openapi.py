@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from meterflow import __version__
 from meterflow.api.responses import ADMIN_BODY_MAX, PAGE_MAX, json_response
 from meterflow.config import Settings
+from meterflow.metering.meters import AGGREGATIONS
 from meterflow.runtime import runtime_of
 
 E = TypeVar("E", bound=Callable[..., Any])
@@ -248,7 +249,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,62}$"},
                 "name": {"type": "string"},
                 "event_type": {"type": "string"},
-                "aggregation": {"enum": ["COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST"]},
+                "aggregation": {"enum": list(AGGREGATIONS)},
                 "property": {"type": ["string", "null"], "description": "Required for all but COUNT."},
                 "unit": {"type": "string"},
                 "filters": {"type": "object", "description": "property: value or [values]"},

@@ -19,10 +19,11 @@ for <period>" with the difference in quantity and in amount.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -35,10 +36,12 @@ from meterflow.billing.periods import Period, periods_between
 from meterflow.billing.preview import BillingContext, PricingDeps, billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.subscriptions import Subscription
-from meterflow.records import Records, plain
+from meterflow.records import Records, RecordsUnavailable, plain
 from meterflow.records.tables import invoices
+from meterflow.storage import StorageError
 
 log = logging.getLogger("meterflow.closing")
+_CLOSING_LOCK = 0x4D46_494E  # "MFIN": the advisory-lock class of period closing (the key is the period's hash)
 
 
 class ClosingDeps(PricingDeps, Protocol):
@@ -67,6 +70,7 @@ class CloseReport:
     due: int = 0
     closed: int = 0  # finalized by this closer
     skipped: int = 0  # closed by another closer meanwhile
+    failed: int = 0  # could not be priced or stored now (logged); the next pass tries again
 
 
 def _now_ms() -> int:
@@ -115,6 +119,31 @@ class Closer:
 
     async def close(self, due: Due) -> dict[str, Any] | None:
         """Drafts and finalizes the period's invoice; None when another closer has it."""
+        async with self._period_lock(due) as mine:
+            return await self._close(due) if mine else None
+
+    @contextlib.asynccontextmanager
+    async def _period_lock(self, due: Due) -> AsyncIterator[bool]:
+        """PostgreSQL: a session advisory lock per period, tried without waiting, so of several closers
+        one prices the period and the others move on (the unique constraint and the finalize row lock
+        stay the guarantee). It goes with the connection if the closer dies. SQLite: one process."""
+        if self._deps.records.name != "postgresql":
+            yield True
+            return
+        key = f"{due.subscription.id}:{due.period.start}"
+        async with self._deps.records.connect() as conn:
+            got = bool((await conn.execute(sa.text("SELECT pg_try_advisory_lock(:cls, hashtext(:key))"),
+                                           {"cls": _CLOSING_LOCK, "key": key})).scalar())  # fmt: skip
+            await conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute(sa.text("SELECT pg_advisory_unlock(:cls, hashtext(:key))"),
+                                       {"cls": _CLOSING_LOCK, "key": key})  # fmt: skip
+                    await conn.commit()
+
+    async def _close(self, due: Due) -> dict[str, Any] | None:
         store = self._deps.invoices
         sub = due.subscription
         existing = await store.of_period(sub.id, due.period.start)
@@ -184,10 +213,18 @@ class Closer:
         due = await self.due(at, customer_id)
         report = CloseReport(due=len(due))
         for i, d in enumerate(due, 1):
-            if await self.close(d) is not None:
-                report.closed += 1
+            try:
+                closed = await self.close(d)
+            except (StorageError, RecordsUnavailable, LookupError, ValueError) as e:
+                # One period that cannot be priced (a meter gone, a backend down) does not hold up the others.
+                log.warning("period not closed", extra={"subscription": d.subscription.id,
+                                                        "period_start": d.period.start, "error": str(e)[:300]})
+                report.failed += 1
             else:
-                report.skipped += 1
+                if closed is not None:
+                    report.closed += 1
+                else:
+                    report.skipped += 1
             if progress is not None:
                 progress(i, len(due))
         return report

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -65,23 +66,25 @@ async def billing_context(deps: PricingDeps, sub: Subscription) -> BillingContex
 
 
 async def meter_usage(deps: PricingDeps, plan: Plan, customer_id: str, start: int, end: int) -> dict[str, MeterUsage]:
-    """Each meter the plan prices over [start, end): its total, and its quantities per `price_by` value."""
+    """Each meter the plan prices over [start, end): its total, and its quantities per `price_by` value.
+    The queries run at once: one per meter, or one per `price_by` property (each with the total)."""
     limits = query_limits(deps.settings)
-    out: dict[str, MeterUsage] = {}
-    for code, props in plan.usage_needs().items():
+    needs = plan.usage_needs()
+    requests: list[tuple[str, str | None, UsageRequest]] = []
+    for code, props in needs.items():
         meter = await deps.meters.get(code)
         if meter is None:
             raise LookupError(f"plan {plan.code!r} prices meter {code!r}, which no longer exists")
-        if not props:
-            out[code] = MeterUsage((await run_usage(deps.storage, UsageRequest(customer_id, meter, start, end),
-                                                   limits)).value)  # fmt: skip
-            continue
-        answers = await asyncio.gather(*(
-            run_usage(deps.storage, UsageRequest(customer_id, meter, start, end, group_by=(p,)), limits) for p in props
-        ))  # fmt: skip
-        by = {p: {k[0]: v for k, v in (u.breakdown or {}).items()} for p, u in zip(props, answers, strict=True)}
-        out[code] = MeterUsage(answers[0].value, by)
-    return out
+        for p in props or (None,):
+            requests.append((code, p, UsageRequest(customer_id, meter, start, end, group_by=(p,) if p else ())))
+    answers = await asyncio.gather(*(run_usage(deps.storage, r, limits) for _, _, r in requests))
+    totals: dict[str, Decimal] = {}
+    by: dict[str, dict[str, dict[str, Decimal]]] = {code: {} for code in needs}
+    for (code, prop, _), u in zip(requests, answers, strict=True):
+        totals[code] = u.value
+        if prop is not None:
+            by[code][prop] = {k[0]: v for k, v in (u.breakdown or {}).items()}
+    return {code: MeterUsage(totals[code], by[code]) for code in needs}
 
 
 async def price_subscription_period(deps: PricingDeps, sub: Subscription, period: Period) -> PricedPeriod:
