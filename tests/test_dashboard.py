@@ -219,6 +219,10 @@ def test_an_invoice_is_voided(session: Callable[..., Page], dash: MeterFlowServe
     page.goto(dash.url + f"/dashboard/invoices?customer_id={CUSTOMER}&status={invoice['status']}")
     page.click(f"a[href='/dashboard/invoices/{invoice['id']}']")
     assert page.locator(".total-amount").inner_text() == f"€{Decimal(invoice['total']):,.2f}"
+    # The page shows the invoice's own HTML document, and links its PDF.
+    expect(page.frame_locator("iframe.invoice-frame").locator("body")).to_contain_text(invoice["number"] or "Draft")
+    pdf = page.request.get(dash.url + str(page.locator("a.pdf").get_attribute("href")))
+    assert pdf.status == 200 and pdf.headers["content-type"] == "application/pdf" and pdf.body()[:5] == b"%PDF-"
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "invoice-1280.png"), full_page=True)
     if invoice["status"] == "draft":  # the closer may leave drafts or finalize them itself

@@ -7,10 +7,11 @@ import time
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from meterflow.api.invoices import INVOICE_ID_RE
+from meterflow.api.invoices import INVOICE_ID_RE, _document, _filename
 from meterflow.billing.catalog import StoredPlanBroken
+from meterflow.billing.documents import render_html, render_pdf
 from meterflow.billing.invoices import STATUSES, WrongStatus
 from meterflow.billing.preview import billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
@@ -107,3 +108,21 @@ async def _transition(request: Request) -> Response:
 
 
 transition = signed_in(_transition, change=True)
+
+# The document is the API's own (GET /v1/invoices/{id}.html and .pdf), built by the same function.
+FRAMED = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'"}
+
+
+@signed_in
+async def invoice_html(request: Request) -> Response:
+    invoice, doc = await _document(request)
+    return HTMLResponse(render_html(doc), headers={**FRAMED, **_filename(invoice, "html"), "Cache-Control": "no-store"})
+
+
+@signed_in
+async def invoice_pdf(request: Request) -> Response:
+    invoice, doc = await _document(request)
+    pdf = await asyncio.to_thread(render_pdf, doc)  # typesetting is CPU work: off the event loop
+    return Response(
+        pdf, media_type="application/pdf", headers={**_filename(invoice, "pdf"), "Cache-Control": "no-store"}
+    )

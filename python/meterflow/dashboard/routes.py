@@ -22,6 +22,8 @@ def dashboard_mount() -> Mount:
         Route("/plans", billing_pages.plans, methods=["GET"]),
         Route("/invoices", billing_pages.invoices, methods=["GET"]),
         Route("/invoices/{invoice_id}", billing_pages.invoice, methods=["GET"]),
+        Route("/invoices/{invoice_id}/document.html", billing_pages.invoice_html, methods=["GET"]),
+        Route("/invoices/{invoice_id}/document.pdf", billing_pages.invoice_pdf, methods=["GET"]),
         Route("/invoices/{invoice_id}/{action}", billing_pages.transition, methods=["POST"]),
         Route("/keys", pages.keys, methods=["GET"]),
         Route("/keys", pages.create_key, methods=["POST"]),
