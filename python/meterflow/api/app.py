@@ -16,7 +16,7 @@ from meterflow import config
 from meterflow.api import errors
 from meterflow.api.auth import requires
 from meterflow.api.customers import delete_customer, get_customer, list_customers, patch_customer, put_customer
-from meterflow.api.events import post_events
+from meterflow.api.events import get_events, post_events
 from meterflow.api.health import health, metrics, ready
 from meterflow.api.invoices import (
     finalize_invoice,
@@ -42,6 +42,7 @@ from meterflow.api.subscriptions import (
 from meterflow.api.usage import get_usage
 from meterflow.api.webhooks import create_webhook, delete_webhook, list_deliveries, list_webhooks
 from meterflow.auth.keys import KeyStore
+from meterflow.dashboard.routes import dashboard_mount
 from meterflow.logs import setup_logging
 from meterflow.records import RecordsUnavailable, StaleVersion
 from meterflow.runtime import running
@@ -66,6 +67,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
     # Every route but /health and /ready needs a key with the named scope (or admin).
     routes = [
         Route("/v1/events", requires("ingest", post_events), methods=["POST"]),
+        Route("/v1/events", requires("read", get_events), methods=["GET"]),
         Route("/v1/meters", requires("read", list_meters), methods=["GET"]),
         Route("/v1/meters", requires("admin", create_meter), methods=["POST"]),
         Route("/v1/meters/{code}", requires("read", get_meter), methods=["GET"]),
@@ -107,6 +109,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", requires("read", metrics), methods=["GET"]),
         Route("/openapi.json", requires("read", openapi), methods=["GET"]),
+        dashboard_mount(),
     ]
     return Starlette(
         routes=routes,

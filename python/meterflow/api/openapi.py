@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from meterflow import __version__
 from meterflow.api.responses import ADMIN_BODY_MAX, PAGE_MAX, json_response
@@ -150,6 +150,8 @@ def spec(routes: Iterable[BaseRoute], settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `routes`; a LookupError names a route without documentation."""
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
+        if isinstance(route, Mount) and route.path == "/dashboard":
+            continue  # HTML pages for people, not the API
         if not isinstance(route, Route):
             raise LookupError(f"{route!r} is not a documented Route")
         for method in sorted((route.methods or set()) - {"HEAD"}):
