@@ -68,8 +68,27 @@ def test_the_address_comes_from_the_trusted_proxy_header(
 
 
 async def test_unknown_keys_do_not_grow_the_cache(records: Records, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(keys_module, "CACHE_MAX", 100)
+    monkeypatch.setattr(keys_module, "MISSES_MAX", 100)
     store = KeyStore(records)
     for _ in range(300):
         assert await store.authenticate(random_key()) is None
-    assert len(store._cache) == 100
+    assert len(store._misses) == 100 and len(store._cache) == 0
+
+
+async def test_active_keys_stay_cached_through_a_flood_of_unknown_keys(
+    records: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of unknown keys evicts no active key; among active keys the least recently used goes first."""
+    monkeypatch.setattr(keys_module, "CACHE_MAX", 3)
+    monkeypatch.setattr(keys_module, "MISSES_MAX", 10)
+    store = KeyStore(records)
+    made = [await store.create("read", f"k{i}") for i in range(4)]
+    busy, other, third, fourth = ((key["id"], secret) for key, secret in made)
+    for _, secret in (busy, other, third):
+        assert await store.authenticate(secret) is not None
+    for _ in range(50):
+        assert await store.authenticate(random_key()) is None
+    assert list(store._cache) == [busy[0], other[0], third[0]]
+    assert await store.authenticate(busy[1]) is not None  # used again: now the most recent
+    assert await store.authenticate(fourth[1]) is not None  # one more active key drops the least recent
+    assert list(store._cache) == [third[0], busy[0], fourth[0]]
