@@ -24,15 +24,18 @@ from services import Backend, MeterFlowServer, PostgreSQL
 from sqlalchemy.exc import IntegrityError
 
 from meterflow import samples
-from meterflow.auth.keys import KeyStore, new_key
+from meterflow.auth.keys import KeyStore, digest, new_key, split_key
 from meterflow.config import ConfigError, Settings, load
 from meterflow.customers import Customers, validate
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import parse_meter
 from meterflow.records import IfMatch, Records, StaleVersion, migrate, open_records
 from meterflow.records.database import database_url
-from meterflow.records.tables import api_keys, metadata
+from meterflow.records.legacy import LegacyImportFailed, import_documents
+from meterflow.records.tables import api_keys, legacy_imports, metadata
+from meterflow.records.tables import customers as customer_rows
 from meterflow.runtime import started
+from meterflow.storage.embedded import EmbeddedStorage
 
 JSON = {"Content-Type": "application/json"}
 
@@ -357,6 +360,30 @@ def test_start_on_a_previous_release_keeps_every_record(
     again = start_server(backend)
     assert httpx.get(f"{again.url}/v1/customers/cust_acme", headers=again.auth).json()["name"] == "Acme AG"
     assert again.logs().count("imported records of the previous release") == 0
+
+
+async def test_an_import_that_collides_fails_the_start_with_a_clear_error(
+    records: Records, chdb_storage: EmbeddedStorage
+) -> None:
+    """A constraint the old rows break is not "another worker imported them": the start stops, nothing is marked."""
+    sql, secrets = previous_release_rows()
+    await chdb_storage.execute("DROP TABLE IF EXISTS documents")
+    try:
+        for statement in sql:
+            await chdb_storage.execute(statement)
+        live = split_key(secrets["live"])
+        assert live is not None
+        row = {"id": "X" * 12, "name": "same hash", "scope": "read", "customer_id": None, "rate_limits": {},
+               "hash": digest(live[1]), "created_at": 0, "version": 1}  # fmt: skip
+        async with records.begin() as conn:
+            await conn.execute(sa.insert(api_keys).values(row))
+        with pytest.raises(LegacyImportFailed, match="previous release's records"):
+            await import_documents(chdb_storage, records)
+        async with records.connect() as conn:
+            assert (await conn.execute(sa.select(sa.func.count()).select_from(legacy_imports))).scalar() == 0
+            assert (await conn.execute(sa.select(sa.func.count()).select_from(customer_rows))).scalar() == 0
+    finally:
+        await chdb_storage.execute("DROP TABLE IF EXISTS documents")
 
 
 # --- a PostgreSQL outage -----------------------------------------------------------------------
