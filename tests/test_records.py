@@ -90,6 +90,24 @@ async def test_concurrent_changes_with_one_if_match_let_one_win(records: Records
     assert final is not None and final["version"] == 10
 
 
+async def test_many_concurrent_changes_without_if_match_all_apply(records: Records) -> None:
+    """A change without If-Match is never lost or refused, however many run at once: each applies on the
+    version before it (the row is locked for the read-modify-write), so the versions are exactly 2..N+1."""
+    n = 40
+    customers = Customers(records)
+    await customers.put("cust_many", fields(name="Start"))
+    patched = await asyncio.gather(*(customers.patch("cust_many", {"name": f"n{i}"}) for i in range(n)))
+    assert sorted(c["version"] for c in patched if c is not None) == list(range(2, n + 2))
+    put = await asyncio.gather(*(customers.put("cust_many", fields(name=f"p{i}")) for i in range(n)))
+    assert sorted(c["version"] for c, _ in put) == list(range(n + 2, 2 * n + 2))
+    fresh = await asyncio.gather(*(customers.put("cust_new", fields(name=f"c{i}")) for i in range(n)))
+    assert sorted(created for _, created in fresh) == [False] * (n - 1) + [True]
+    catalog = MeterCatalog(records, ())
+    meter = parse_meter({"code": "many", "event_type": "e", "aggregation": "COUNT"}, "api")
+    replaced = await asyncio.gather(*(catalog.replace(meter) for _ in range(n)))
+    assert sorted(v for _, v in replaced) == list(range(1, n + 1))
+
+
 async def test_the_database_enforces_unique_and_check_constraints(records: Records) -> None:
     row = {"id": "AAAAAAAAAAAA", "name": "", "scope": "ingest", "customer_id": None, "rate_limits": {},
            "hash": "h" * 64, "created_at": 1, "version": 1}  # fmt: skip

@@ -132,6 +132,19 @@ class Records:
             raise
 
 
+async def locked_row(conn: AsyncConnection, table: sa.Table, key: sa.ColumnElement[bool]) -> dict[str, Any] | None:
+    """The row `key` selects, locked until the transaction ends, so a read-modify-write needs no retry.
+
+    A no-op UPDATE comes first: on PostgreSQL it takes the row's lock (as SELECT ... FOR UPDATE),
+    on SQLite it opens the transaction as a writer (as BEGIN IMMEDIATE), so no other writer commits
+    between this read and the caller's write. A row that does not exist yet is not locked on PostgreSQL:
+    a concurrent insert of it fails with IntegrityError, and the caller runs once more.
+    """
+    await conn.execute(sa.update(table).where(key).values(version=table.c.version))
+    row = (await conn.execute(sa.select(table).where(key))).mappings().first()
+    return plain(row) if row is not None else None
+
+
 def plain(row: Mapping[Any, Any]) -> dict[str, Any]:
     """A result row as a dict with plain `str` keys (SQLAlchemy's are a str subclass JSON encoders refuse)."""
     return {str(k): v for k, v in row.items()}
