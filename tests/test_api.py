@@ -203,7 +203,8 @@ async def test_concurrent_clients_with_overlapping_ids(server: MeterFlowServer, 
 
 
 def test_service_routes(server: MeterFlowServer) -> None:
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and isinstance(health["pid"], int) and set(health) == {"status", "pid"}
     ready = httpx.get(f"{server.url}/ready")
     assert ready.status_code == 200
     assert all(c["status"] == "ok" for c in ready.json()["checks"].values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from starlette.requests import Request
@@ -16,9 +17,10 @@ from meterflow.runtime import Probe, runtime_of
 log = logging.getLogger("meterflow.api")
 
 
-@operation("Liveness: the process answers", {200: "Alive"})
+@operation("Liveness: the process answers", {200: "Alive, with the answering worker's process id"})
 async def health(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    # The pid tells the workers apart (a keep-alive connection stays on the one that accepted it).
+    return json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def _check(probe: Probe) -> dict[str, str]:
