@@ -7,12 +7,15 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from services import Backend, MeterFlowServer
+from redis.exceptions import RedisError
+from services import Backend, MeterFlowServer, Redis, free_port
 
 from meterflow import samples
 from meterflow.auth import keys as keys_module
+from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore
 from meterflow.records import Records
+from meterflow.runtime import started
 
 LIMIT = 5
 
@@ -92,3 +95,22 @@ async def test_active_keys_stay_cached_through_a_flood_of_unknown_keys(
     assert await store.authenticate(busy[1]) is not None  # used again: now the most recent
     assert await store.authenticate(fourth[1]) is not None  # one more active key drops the least recent
     assert list(store._cache) == [third[0], busy[0], fourth[0]]
+
+
+async def test_the_shared_count_is_a_backend_ready_probes(redis_server: Redis) -> None:
+    shared = AuthFailures(LIMIT, redis_server.url)
+    async with started(shared):
+        await shared.ping()
+    gone = AuthFailures(LIMIT, f"redis://127.0.0.1:{free_port()}")
+    async with started(gone):
+        with pytest.raises((RedisError, OSError)):
+            await gone.ping()
+        # Redis away: the worker's own count stands in, the limit still holds.
+        assert [await gone.failed("192.0.2.1") for _ in range(LIMIT)] == [None] * LIMIT
+        assert await gone.failed("192.0.2.1") is not None
+
+
+def test_ready_reports_the_failure_count_backend(server: MeterFlowServer, backend: Backend) -> None:
+    checks = httpx.get(f"{server.url}/ready").json()["checks"]
+    name = "redis" if backend.kind == "full" else "memory"
+    assert checks[f"authfailures:{name}"] == {"status": "ok"}

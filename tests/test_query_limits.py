@@ -150,6 +150,8 @@ async def running(storage: Storage) -> bool:
         ({"group_by": "region,method,endpoint,region"}, {}, "group_by"),
         ({}, {"region": [f"r{i}" for i in range(101)]}, "filter"),
         ({}, {"region": ["a"] * 60, "method": ["b"] * 41}, "filter"),
+        ({}, {"region": ["eu", "eu"]}, "filter[region]"),
+        ({}, {"region": ["eu"], "method": ["GET", "POST", "GET"]}, "filter[method]"),
     ],
 )
 async def test_too_many_or_repeated_values_are_refused(

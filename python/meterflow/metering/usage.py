@@ -127,6 +127,9 @@ async def parse_request(
             raise UsageError(
                 f"filter[{prop}]", f"`filter[{prop}]`: {prop!r} is not a group-by property of meter {code!r}."
             )
+        if len(set(values)) != len(values):
+            repeated = next(v for v in values if values.count(v) > 1)
+            raise UsageError(f"filter[{prop}]", f"`filter[{prop}]` gives {repeated[:100]!r} more than once.")
         extra.append((prop, tuple(values)))
     return UsageRequest(customer, meter, start, end, group_by, window_raw, tz, tuple(extra))  # type: ignore[arg-type]
 
