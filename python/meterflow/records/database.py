@@ -135,13 +135,15 @@ class Records:
 async def locked_row(conn: AsyncConnection, table: sa.Table, key: sa.ColumnElement[bool]) -> dict[str, Any] | None:
     """The row `key` selects, locked until the transaction ends, so a read-modify-write needs no retry.
 
-    A no-op UPDATE comes first: on PostgreSQL it takes the row's lock (as SELECT ... FOR UPDATE),
-    on SQLite it opens the transaction as a writer (as BEGIN IMMEDIATE), so no other writer commits
-    between this read and the caller's write. A row that does not exist yet is not locked on PostgreSQL:
-    a concurrent insert of it fails with IntegrityError, and the caller runs once more.
+    PostgreSQL: `SELECT ... FOR UPDATE` reads and locks the row in one statement (a waiting one reads
+    the row as the holder committed it). SQLite has no row locks: a no-op UPDATE first opens the
+    transaction as the writer (as BEGIN IMMEDIATE would), so no other writer commits before this one ends.
+    A row that does not exist yet is not locked on PostgreSQL: a concurrent insert of it fails with
+    IntegrityError, and the caller runs once more.
     """
-    await conn.execute(sa.update(table).where(key).values(version=table.c.version))
-    row = (await conn.execute(sa.select(table).where(key))).mappings().first()
+    if conn.dialect.name == "sqlite":
+        await conn.execute(sa.update(table).where(key).values(version=table.c.version))
+    row = (await conn.execute(sa.select(table).where(key).with_for_update())).mappings().first()
     return plain(row) if row is not None else None
 
 
