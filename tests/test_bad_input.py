@@ -144,7 +144,9 @@ def test_admin_body_is_refused_at_the_limit_while_it_streams(server: MeterFlowSe
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
-async def test_admin_key_and_data_dir_are_private_from_creation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_admin_key_and_data_dir_are_private_from_creation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With chmod made a no-op, only a file and a directory created with their final modes pass:
     no moment exists where the admin key is readable by others."""
     monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
