@@ -8,28 +8,37 @@ import time
 from collections.abc import Callable
 
 
-def _fastest_of(fn: Callable[[], object], repeat: int) -> float:
+def _fastest_of(fn: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None) -> float:
     best = float("inf")
     for _ in range(repeat):
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def paired_ratio(ours: Callable[[], object], baseline: Callable[[], object], pairs: int, repeat: int = 3) -> float:
+def paired_ratio(
+    ours: Callable[[], object],
+    baseline: Callable[[], object],
+    pairs: int,
+    repeat: int = 3,
+    setup: Callable[[], object] | None = None,
+) -> float:
     """The median over `pairs` of (baseline time / our time), each side the fastest of `repeat` calls,
     the two sides taken back to back and in alternating order. A load that comes and goes slows both
-    sides of a pair together, so the ratio moves far less than two medians taken minutes apart."""
+    sides of a pair together, so the ratio moves far less than two medians taken minutes apart.
+    `setup`, if given, runs untimed before each call of `ours` (e.g. emptying what `ours` writes)."""
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
         ratios = []
         for i in range(pairs):
             if i % 2:
-                b, o = _fastest_of(baseline, repeat), _fastest_of(ours, repeat)
+                b, o = _fastest_of(baseline, repeat), _fastest_of(ours, repeat, setup)
             else:
-                o, b = _fastest_of(ours, repeat), _fastest_of(baseline, repeat)
+                o, b = _fastest_of(ours, repeat, setup), _fastest_of(baseline, repeat)
             ratios.append(b / o)
         return statistics.median(ratios)
     finally:

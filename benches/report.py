@@ -40,6 +40,14 @@ def main(path: str) -> None:
         print("same-run ratios guarded by `make bench-compare`:")
         for name, value in sorted(guarded.items()):
             print(f"  {name:50s} {value:7.2f}x")
+    closing = by_group.get("closing_1000", {})
+    if closing:
+        print("closing_1000 (median per pass: draft, finalize with a number, outbox row, archive JSON):")
+        for name, st in sorted(closing.items()):
+            info = extra[name]
+            periods = info.get("periods", 1000)
+            share = f"   pricing is {info['paired_ratio']:5.1%} of it" if "paired_ratio" in info else ""
+            print(f"  {name:22s} {st['median']:7.2f} s   {periods / st['median']:7.0f} periods/s{share}")
     usage = {g: v for g, v in by_group.items() if g.startswith("usage_")}
     if usage:
         print("usage over 10M events (median per query):")

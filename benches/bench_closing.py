@@ -1,0 +1,170 @@
+"""closing_1000: closing 1,000 ended periods (draft, finalize with a number, outbox row, archive JSON) beside pricing them.
+
+Ours is `Closer.run` as the server's closing task runs it: every
+subscription's ended June 2026 becomes a finalized invoice, numbered in the
+finalizing transaction, with one webhook delivery in the outbox (one endpoint
+is registered) and its JSON copy in the archive store (a directory). The
+baseline, in the same run and in alternation (`benches/paired.py`), prices the
+same 1,000 periods with `price_subscription_period` and writes nothing, so the
+ratio is the share of closing that pricing takes: what is left is the write
+path. Each closing round starts from empty invoice tables (reset untimed).
+
+Events are bench_usage.py's generator (1,000 customers round robin) on chdb
+with records on SQLite, and on ClickHouse with records on PostgreSQL. Under
+`make test` (benchmarks disabled) 20 customers are closed as a correctness
+check: 20 invoices numbered 1..20, totals equal to the pricing baseline's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from bench_usage import CUSTOMERS, END, START, generate_sql
+from paired import paired_ratio
+from services import ClickHouse, PostgreSQL
+
+from meterflow.billing.catalog import PlanCatalog
+from meterflow.billing.closing import Closer
+from meterflow.billing.invoices import Invoices
+from meterflow.billing.periods import Period
+from meterflow.billing.preview import price_subscription_period
+from meterflow.billing.rating import PricedPeriod
+from meterflow.billing.subscriptions import Subscription, Subscriptions
+from meterflow.billing.webhooks import Webhooks
+from meterflow.config import Settings
+from meterflow.customers import Customers, validate
+from meterflow.ingest.archive import DirectoryStore
+from meterflow.metering.catalog import MeterCatalog
+from meterflow.records import open_records
+from meterflow.records.tables import invoice_numbers, invoices, webhook_attempts, webhook_deliveries
+from meterflow.runtime import ClosingRuntime
+from meterflow.storage import Storage, open_storage
+from meterflow.storage.base import SCHEMA
+from meterflow.storage.embedded import EmbeddedStorage
+
+_db = itertools.count(1)
+PERIOD = Period(START, END)  # June 2026 in UTC, the customers' time zone
+AT = END + Settings().invoice_grace_s * 1000  # June's grace has just passed: close and finalize it
+# Four charges over the two meters the generated api_request events feed.
+PLAN: dict[str, Any] = {
+    "code": "closing", "currency": "EUR", "minimum": "60.00",
+    "charges": [
+        {"type": "flat", "amount": "49.00"},
+        {"type": "unit", "meter": "api_calls", "unit_amount": "0.0004", "free_units": "10"},
+        {"type": "graduated", "meter": "bandwidth", "tiers": [
+            {"up_to": "1000000", "unit_amount": "0"},
+            {"up_to": None, "unit_amount": "0.00002", "flat_amount": "1.00"}]},
+        {"meter": "api_calls", "price_by": "region",
+         "prices": {"eu": {"type": "unit", "unit_amount": "0.001"}, "us": {"type": "unit", "unit_amount": "0.002"}},
+         "default": {"type": "unit", "unit_amount": "0.0005"}},
+    ],
+}  # fmt: skip
+
+Closing = tuple[asyncio.AbstractEventLoop, ClosingRuntime, list[Subscription]]
+
+
+@pytest.fixture(scope="module", params=["chdb+sqlite", "clickhouse+postgresql"])
+def closing_data(
+    request: pytest.FixtureRequest, chdb_storage: EmbeddedStorage, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Closing]:
+    bench = bool(request.config.getoption("benchmark_enable"))
+    customers, n = (CUSTOMERS, 1_000_000) if bench else (20, 20_000)
+    loop = asyncio.new_event_loop()
+    if request.param.startswith("chdb"):
+        storage: Storage = chdb_storage
+        loop.run_until_complete(storage.execute("DROP TABLE IF EXISTS events"))
+        for ddl in SCHEMA:
+            loop.run_until_complete(storage.execute(ddl))
+        settings = Settings(data_dir=str(tmp_path_factory.mktemp("records")))
+    else:
+        ch: ClickHouse = request.getfixturevalue("clickhouse")
+        pg: PostgreSQL = request.getfixturevalue("postgres")
+        db = f"mf_bench_closing_{next(_db)}"
+        ch.reset_database(db)
+        settings = Settings(storage="clickhouse", clickhouse_url=ch.url, clickhouse_database=db,
+                            database_url=pg.new_database())  # fmt: skip
+        storage = open_storage(settings)
+        loop.run_until_complete(storage.start())
+    loop.run_until_complete(storage.execute(generate_sql(n)))
+    records = open_records(settings)
+    archive = DirectoryStore(Path(tmp_path_factory.mktemp("archive")))
+    loop.run_until_complete(records.start())
+    loop.run_until_complete(archive.start())
+    meters = MeterCatalog(records, settings.meters)
+    plans = PlanCatalog(records, meters, ())
+    rt = ClosingRuntime(settings, storage, records, meters, plans, Subscriptions(records, plans),
+                        Invoices(records, archive, settings.invoice_due_days))  # fmt: skip
+
+    async def setup() -> list[Subscription]:
+        await plans.create(await plans.parse(PLAN))
+        await Webhooks(records).register("http://127.0.0.1:9/never-sent", ["invoice.finalized"], None)
+        subs = []
+        for i in range(customers):
+            await Customers(records).put(f"cust_{i}", validate({"timezone": "UTC"}))
+            subs.append(await rt.subscriptions.create(f"cust_{i}", "closing", START))
+        return subs
+
+    subs = loop.run_until_complete(setup())
+    yield loop, rt, subs
+    loop.run_until_complete(records.close())
+    if not request.param.startswith("chdb"):
+        loop.run_until_complete(storage.close())
+    loop.close()
+
+
+async def _reset(rt: ClosingRuntime) -> None:
+    """Empty invoice tables and outbox: the next round closes the same periods afresh."""
+    async with rt.records.begin() as conn:
+        for table in (webhook_attempts, webhook_deliveries, invoices, invoice_numbers):
+            await conn.execute(sa.delete(table))
+
+
+async def _price_all(rt: ClosingRuntime, subs: list[Subscription]) -> list[PricedPeriod]:
+    return [await price_subscription_period(rt, sub, PERIOD) for sub in subs]
+
+
+@pytest.mark.benchmark(group="closing_1000")
+def test_close_1000_periods_vs_pricing_them(benchmark: Any, closing_data: Closing) -> None:
+    loop, rt, subs = closing_data
+    closer = Closer(rt)
+
+    def reset() -> None:
+        loop.run_until_complete(_reset(rt))
+
+    def ours() -> Any:
+        return loop.run_until_complete(closer.run(AT))
+
+    def baseline() -> list[PricedPeriod]:
+        return loop.run_until_complete(_price_all(rt, subs))
+
+    reset()
+    rounds = 1 if benchmark.disabled else 3
+    report = benchmark.pedantic(ours, setup=reset, rounds=rounds, iterations=1)
+    assert (report.due, report.closed, report.failed) == (len(subs), len(subs), 0)
+
+    async def closed() -> tuple[list[dict[str, Any]], int]:
+        async with rt.records.connect() as conn:
+            rows = (await conn.execute(sa.select(invoices.c.subscription_id, invoices.c.number, invoices.c.status,
+                                                 invoices.c.total))).mappings().all()  # fmt: skip
+            outbox = (await conn.execute(sa.select(sa.func.count()).select_from(webhook_deliveries))).scalar_one()
+        return [dict(r) for r in rows], int(outbox)
+
+    rows, outbox = loop.run_until_complete(closed())
+    assert {r["status"] for r in rows} == {"finalized"} and outbox == len(subs)
+    assert sorted(int(r["number"].rsplit("-", 1)[1]) for r in rows) == list(range(1, len(subs) + 1))
+    prices = baseline()
+    priced = {sub.id: p.total for sub, p in zip(subs, prices, strict=True)}
+    assert {r["subscription_id"]: Decimal(r["total"]) for r in rows} == priced
+    assert min(priced.values()) >= Decimal("60.00")  # the minimum holds
+
+    pairs = 1 if benchmark.disabled else 5
+    benchmark.extra_info["paired_ratio"] = paired_ratio(ours, baseline, pairs, repeat=1, setup=reset)
+    benchmark.extra_info["pair"] = "closing 1,000 periods vs pricing them"
+    benchmark.extra_info["periods"] = len(subs)
