@@ -67,7 +67,7 @@ PLAN: dict[str, Any] = {
     ],
 }  # fmt: skip
 
-Closing = tuple[asyncio.AbstractEventLoop, ClosingRuntime, list[Subscription]]
+Closing = tuple[str, asyncio.AbstractEventLoop, ClosingRuntime, list[Subscription]]
 
 
 @pytest.fixture(scope="module", params=["chdb+sqlite", "clickhouse+postgresql"])
@@ -112,7 +112,7 @@ def closing_data(
         return subs
 
     subs = loop.run_until_complete(setup())
-    yield loop, rt, subs
+    yield request.param, loop, rt, subs
     loop.run_until_complete(records.close())
     if not request.param.startswith("chdb"):
         loop.run_until_complete(storage.close())
@@ -132,7 +132,7 @@ async def _price_all(rt: ClosingRuntime, subs: list[Subscription]) -> list[Price
 
 @pytest.mark.benchmark(group="closing_1000")
 def test_close_1000_periods_vs_pricing_them(benchmark: Any, closing_data: Closing) -> None:
-    loop, rt, subs = closing_data
+    backends, loop, rt, subs = closing_data
     closer = Closer(rt)
 
     def reset() -> None:
@@ -166,5 +166,6 @@ def test_close_1000_periods_vs_pricing_them(benchmark: Any, closing_data: Closin
 
     pairs = 1 if benchmark.disabled else 5
     benchmark.extra_info["paired_ratio"] = paired_ratio(ours, baseline, pairs, repeat=1, setup=reset)
-    benchmark.extra_info["pair"] = "closing 1,000 periods vs pricing them"
+    # One guarded ratio per backend pair: `benches/ratios.py` names a ratio by its group and pair.
+    benchmark.extra_info["pair"] = f"closing 1,000 periods vs pricing them ({backends})"
     benchmark.extra_info["periods"] = len(subs)
