@@ -286,7 +286,9 @@ class Spool:
                 flush_id = path.name.split(".gz")[0]
                 meta_path = self.dir / f"{flush_id}.json"
                 meta = orjson.loads(meta_path.read_bytes())
+                t0 = time.perf_counter()
                 await self.store.put(meta["key"], path.read_bytes(), int(meta["rows"]))
+                self.metrics.stage("upload", time.perf_counter() - t0)
                 path.unlink()
                 meta_path.unlink(missing_ok=True)
                 claimed.pop(0)

@@ -139,7 +139,9 @@ class Flusher:
             async with self._sem:
                 t0 = time.perf_counter()
                 await self._storage.insert_events(rows)
-                self._metrics.observe("meterflow_flush_seconds", time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                self._metrics.observe("meterflow_flush_seconds", t1 - t0)
+                self._metrics.stage("insert", t1 - t0)
                 if self.spool is not None:
                     # Before the commit: an acknowledged event is always on disk for the archive.
                     created_ms = int(f.id[:12], 16)
@@ -148,6 +150,7 @@ class Flusher:
                     except OSError as e:
                         raise StorageError(f"cannot write the archive spool: {e}") from e
                     f.archive.clear()
+                    self._metrics.stage("spool", time.perf_counter() - t1)
         except StorageError as e:
             self._metrics.inc("meterflow_flush_failures_total")
             log.warning("flush failed", extra={"flush_id": f.id, "rows": f.count, "error": str(e)})
@@ -166,8 +169,10 @@ class Flusher:
         self.queued_rows -= f.count
         self._metrics.inc("meterflow_flushes_total")
         self._metrics.inc("meterflow_flushed_rows_total", f.count)
+        t2 = time.perf_counter()
         try:
             await self._dedup.commit(f.id, f.seq)
+            self._metrics.stage("commit", time.perf_counter() - t2)
         except DedupUnavailable as e:
             # The rows are stored; without the commit record their ids are taken
             # over after the flush timeout and collapse in storage.

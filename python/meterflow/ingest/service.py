@@ -145,19 +145,23 @@ class IngestService:
         the result. `customer_id` binds the batch to one customer; `admit` sees
         the event count before anything is reserved (rate limits) and may raise."""
         now = time.time_ns() // 1_000_000
+        m = self.metrics
+        t0 = time.perf_counter()
         if len(body) > LARGE_BODY:
             # The core releases the GIL: a large body decodes off the event loop.
             batch = await asyncio.to_thread(decode_batch, body, now, self.limits, customer_id)
         else:
             batch = decode_batch(body, now, self.limits, customer_id)
+        t1 = time.perf_counter()
+        m.stage("decode", t1 - t0)
         failed: list[dict[str, Any]] = [
             {"index": i, "transaction_id": t, "reason": r, "message": m}
             for (i, t, r), m in zip(batch.failed, batch.failure_messages, strict=True)
         ]
         if admit is not None:
             await admit(batch.received)
+            m.stage("rate_check", time.perf_counter() - t1)
         n = len(batch)
-        m = self.metrics
         m.inc("meterflow_events_received_total", batch.received)
         for f in failed:
             m.inc("meterflow_events_failed_total", reason=f["reason"].split(":")[0])
@@ -174,10 +178,12 @@ class IngestService:
                 raise Unavailable("overloaded", str(e)) from e
             added = False
             try:
+                t2 = time.perf_counter()
                 try:
                     res = await self.dedup.reserve(batch, flush.id, flush.seq)
                 except DedupUnavailable as e:
                     raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e
+                m.stage("dedup", time.perf_counter() - t2)
                 duplicates += res.duplicates
                 for i, differs in res.conflicts:
                     index = batch.request_index(i)
@@ -207,10 +213,12 @@ class IngestService:
                 if not added:
                     self.flusher.leave(flush, n)
             if added:
+                t3 = time.perf_counter()
                 try:
                     await asyncio.shield(flush.done)
                 except StorageError as e:
                     raise Unavailable("storage_unavailable", f"Storage is unavailable: {e}") from e
+                m.stage("flush_wait", time.perf_counter() - t3)
                 accepted = res.accepted
         if len(failed) > len(batch.failed):
             failed.sort(key=lambda f: int(f["index"]))
