@@ -13,7 +13,6 @@ open-loop run at 80 % of that request rate gives p50/p99 without coordinated omi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import subprocess
@@ -177,7 +176,7 @@ def start_stack(work: Path, workers: int) -> Stack:
 
 
 def drive(url: str, batch: int, conns: int, procs: int, seconds: float, rate: float, tag: str,
-          work: Path) -> tuple[list[dict[str, Any]], subprocess.CompletedProcess[bytes] | None]:  # fmt: skip
+          work: Path) -> list[dict[str, Any]]:  # fmt: skip
     """Runs `procs` driver processes at once; returns their full results."""
     runs = []
     for k in range(procs):
@@ -192,7 +191,7 @@ def drive(url: str, batch: int, conns: int, procs: int, seconds: float, rate: fl
         if p.returncode != 0:
             raise SystemExit(f"driver failed: {err.decode()[-2000:]}")
         results.append(orjson.loads(out.read_bytes()))
-    return results, None
+    return results
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -335,7 +334,7 @@ def profile(stack: Stack, seconds: float, batch: int, conns: int, procs: int) ->
                           stderr=subprocess.DEVNULL)  # fmt: skip
     p2 = subprocess.Popen([*rec, "--format", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)  # fmt: skip
-    time.sleep(1)  # py-spy attaches  # noqa: ASYNC251
+    time.sleep(1)  # py-spy attaches
     drive(stack.meterflow.url, batch, conns, procs, seconds, 0, f"prof{batch}", stack.work)
     p1.wait(seconds + 60)
     p2.wait(seconds + 60)
@@ -398,11 +397,11 @@ def main() -> None:
                 drive(url, batch, conns, procs, 1.0, 0, tag + "w", work)
                 meter = CpuMeter(roots)
                 meter.begin()
-                sat_results, _ = drive(url, batch, conns, procs, a.seconds, 0, tag + "s", work)
+                sat_results = drive(url, batch, conns, procs, a.seconds, 0, tag + "s", work)
                 cpu = meter.end()
                 sat = merge(sat_results)
                 rate = sat["events_per_s"] / batch * OPEN_LOOP_SHARE
-                open_results, _ = drive(url, batch, conns, procs, a.seconds, rate, tag + "o", work)
+                open_results = drive(url, batch, conns, procs, a.seconds, rate, tag + "o", work)
                 opened = merge(open_results)
                 check = verify(stack.clickhouse, database, tbl, sat_results + open_results)
                 row = {"server": name, "batch": batch, "conns": conns, "sat": sat, "open": opened, "cpu": cpu,
@@ -411,8 +410,9 @@ def main() -> None:
                 print(f"--- {name}, batch {batch}, {conns} connections")
                 print(f"  saturation (closed loop, {sat['seconds']:.1f} s): {sat['events_per_s']:,.0f} events/s, "
                       f"p50 {sat['p50_ms']:.1f} ms, p99 {sat['p99_ms']:.1f} ms, {sat['errors']} errors")  # fmt: skip
-                print(f"  open loop at {rate * batch:,.0f} events/s offered: {opened['events_per_s']:,.0f} events/s, "
-                      f"p50 {opened['p50_ms']:.1f} ms, p99 {opened['p99_ms']:.1f} ms, {opened['errors']} errors")  # fmt: skip
+                print(f"  open loop at {rate * batch:,.0f} events/s offered: {opened['events_per_s']:,.0f} "
+                      f"events/s, p50 {opened['p50_ms']:.1f} ms, p99 {opened['p99_ms']:.1f} ms, "
+                      f"{opened['errors']} errors")  # fmt: skip
                 print(f"  CPU: {fmt_cpu(cpu, sat['accepted'], sat['driver_cpu_s'])}")
                 print(f"  driver CPU: {sat['driver_cpu_s'] / sat['seconds']:.0%} of a core, "
                       f"{sat['driver_cpu_s'] / sat['seconds'] / CORES:.0%} of the machine")  # fmt: skip
@@ -444,5 +444,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(asyncio.sleep(0))  # the event loop policy is ready before the services start
     main()
