@@ -140,7 +140,7 @@ class Stack:
 
 def pid_of(p: Process) -> int:
     assert p.proc is not None
-    return p.proc.pid
+    return int(p.proc.pid)
 
 
 def start_stack(work: Path, workers: int) -> Stack:
@@ -200,7 +200,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     accepted = sum(r["accepted"] for r in results)
 
     def q(p: float) -> float:
-        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
+        return float(lat[min(len(lat) - 1, int(p * len(lat)))]) * 1000
 
     return {
         "events_per_s": accepted / elapsed, "requests": sum(r["requests"] for r in results),
