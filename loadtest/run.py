@@ -376,7 +376,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also py-spy the MeterFlow workers (test-output/)")
     p.add_argument("--only", choices=("meterflow", "naive"), default=None)
+    p.add_argument("--conns", type=int, nargs=2, default=[s[1] for s in SHAPES], metavar=("BATCH1000", "BATCH1"),
+                   help="connections at batch 1000 and at batch 1")  # fmt: skip
+    p.add_argument("--batches", type=int, nargs="+", default=[s[0] for s in SHAPES])
     a = p.parse_args()
+    shapes = [(b, c, procs) for (b, _, procs), c in zip(SHAPES, a.conns, strict=True) if b in a.batches]
     work = Path(tempfile.mkdtemp(prefix="meterflow-loadtest-"))
     print(f"==> starting Redis, ClickHouse, PostgreSQL, Garage, MeterFlow ({a.workers} workers) and the naive "
           f"server in {work}")  # fmt: skip
@@ -390,7 +394,7 @@ def main() -> None:
         if a.only:
             servers = [s for s in servers if s[0] == a.only]
         table: list[dict[str, Any]] = []
-        for batch, conns, procs in SHAPES:
+        for batch, conns, procs in shapes:
             for name, url, database, tbl in servers:
                 tag = f"{name[:2]}{batch}"
                 # Warm-up: connections, key cache, first parts.
@@ -418,7 +422,7 @@ def main() -> None:
                       f"{sat['driver_cpu_s'] / sat['seconds'] / CORES:.0%} of the machine")  # fmt: skip
                 print(f"  storage: {check}")
         print("--- ratios (saturation events/s)")
-        for batch, _, _ in SHAPES:
+        for batch, _, _ in shapes:
             got = {r["server"]: r["sat"]["events_per_s"] for r in table if r["batch"] == batch}
             if "meterflow" in got and got.get("naive"):
                 print(f"  batch {batch}: MeterFlow / naive = {got['meterflow'] / got['naive']:.1f}x")
@@ -433,7 +437,7 @@ def main() -> None:
             print(f"  ClickHouse insert of MeterFlow's rows, {rows_per_insert:,} per insert: {rate:,.0f} rows/s")
         if a.profile:
             print("--- py-spy profile of the MeterFlow workers (saturation)")
-            for batch, conns, procs in SHAPES:
+            for batch, conns, procs in shapes:
                 profile(stack, a.seconds, batch, conns, procs)
         failed = [r for r in table if r["check"] != "OK"]
         if failed:
