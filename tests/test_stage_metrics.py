@@ -1,7 +1,8 @@
-"""Per-stage timings of the ingest path, as Prometheus histograms in /metrics."""
+"""Per-stage timings of the ingest path as Prometheus histograms in /metrics, and the worker's collector tuning."""
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable
 
@@ -10,7 +11,9 @@ import orjson
 from services import Backend, Garage, MeterFlowServer, until
 
 from meterflow import samples
+from meterflow.config import Settings
 from meterflow.metrics import BUCKETS, Metrics
+from meterflow.runtime import GC_THRESHOLDS, running
 
 STAGES = ("decode", "rate_check", "dedup", "flush_wait", "insert", "spool", "commit", "upload")
 
@@ -48,3 +51,18 @@ async def test_every_stage_of_an_accepted_batch_is_timed(
     await until(lambda: stage_counts(server).get("upload", 0) >= 1, "archive upload timed", 60)
     counts = stage_counts(server)
     assert {s: counts.get(s, 0) >= 1 for s in STAGES} == dict.fromkeys(STAGES, True)
+
+
+async def test_a_started_worker_tunes_the_collector(make_backend: Callable[[str], Backend]) -> None:
+    """The worker's startup objects are frozen and young collections are rarer (runtime.tune_gc)."""
+    backend = make_backend("full")
+    env = {k[3:].lower(): v for k, v in backend.env.items()}
+    before = gc.get_threshold()
+    try:
+        gc.unfreeze()
+        async with running(Settings(**env)):  # type: ignore[arg-type]
+            assert gc.get_threshold() == GC_THRESHOLDS
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
