@@ -50,7 +50,7 @@ OUT = ROOT / "test-output"
 TICK = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
 # (batch size, connections, driver processes)
-SHAPES = ((1000, 8, 1), (1, 256, 2))
+SHAPES = ((1000, 16, 1), (1, 256, 2))
 OPEN_LOOP_SHARE = 0.8
 IDLE = {"epoll_wait", "wait4", "syscall", "select", "poll", "EpollSelector.select", "futex_wait", "nanosleep"}
 
@@ -128,8 +128,11 @@ class Stack:
     meterflow: MeterFlowServer
     naive: Process
     naive_url: str
+    before: MeterFlowServer | None = None
 
     def stop(self) -> None:
+        if self.before is not None:
+            self.before.stop()
         for stop in (self.meterflow.stop, self.naive.stop, self.garage.stop, self.clickhouse.stop,
                      self.redis.stop, self.postgres.cleanup):  # fmt: skip
             try:
@@ -143,7 +146,7 @@ def pid_of(p: Process) -> int:
     return int(p.proc.pid)
 
 
-def start_stack(work: Path, workers: int) -> Stack:
+def start_stack(work: Path, workers: int, before_ref: str = "") -> Stack:
     redis, ch, pg, garage = Redis(work), ClickHouse(work), PostgreSQL(), Garage(work)
     for s in (redis, ch, pg, garage):
         s.start()
@@ -158,6 +161,23 @@ def start_stack(work: Path, workers: int) -> Stack:
     }  # fmt: skip
     mf = MeterFlowServer(work, env)
     mf.start()
+    before = None
+    if before_ref:
+        # The same stack, another database and data dir: MeterFlow as of `before_ref`
+        # (its Python package from git, this checkout's Rust core).
+        code = work / "before"
+        code.mkdir()
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", before_ref, "python"], check=True,
+                             capture_output=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(code)], input=tar, check=True)
+        for so in (ROOT / "python/meterflow").glob("_core*.so"):
+            shutil.copy(so, code / "python/meterflow" / so.name)
+        ch.reset_database("before")
+        before = MeterFlowServer(work, {
+            **env, "MF_CLICKHOUSE_DATABASE": "before", "MF_DATABASE_URL": pg.new_database(),
+            "MF_DATA_DIR": str(work / "before-data"), **garage.env("meterflow-before"),
+            "PYTHONPATH": str(code / "python")})  # fmt: skip
+        before.start()
     port = free_port()
     naive = Process(
         [sys.executable, str(ROOT / "loadtest/naive.py"), "--port", str(port), "--workers", str(workers),
@@ -169,7 +189,7 @@ def start_stack(work: Path, workers: int) -> Stack:
     naive.start()
     naive_url = f"http://127.0.0.1:{port}"
     wait_for(lambda: http_ok(naive_url + "/health"), "naive server", 60)
-    return Stack(work, redis, ch, pg, garage, mf, naive, naive_url)
+    return Stack(work, redis, ch, pg, garage, mf, naive, naive_url, before)
 
 
 # --- one load run -----------------------------------------------------------------------
@@ -375,22 +395,27 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also py-spy the MeterFlow workers (test-output/)")
-    p.add_argument("--only", choices=("meterflow", "naive"), default=None)
+    p.add_argument("--only", choices=("meterflow", "naive", "before"), default=None)
     p.add_argument("--conns", type=int, nargs=2, default=[s[1] for s in SHAPES], metavar=("BATCH1000", "BATCH1"),
                    help="connections at batch 1000 and at batch 1")  # fmt: skip
     p.add_argument("--batches", type=int, nargs="+", default=[s[0] for s in SHAPES])
+    p.add_argument("--before", default="", metavar="GIT_REF",
+                   help="also measure MeterFlow as of this commit (its Python code), in the same run")  # fmt: skip
     a = p.parse_args()
     shapes = [(b, c, procs) for (b, _, procs), c in zip(SHAPES, a.conns, strict=True) if b in a.batches]
     work = Path(tempfile.mkdtemp(prefix="meterflow-loadtest-"))
     print(f"==> starting Redis, ClickHouse, PostgreSQL, Garage, MeterFlow ({a.workers} workers) and the naive "
           f"server in {work}")  # fmt: skip
-    stack = start_stack(work, a.workers)
+    stack = start_stack(work, a.workers, a.before)
     try:
         roots = {"meterflow": pid_of(stack.meterflow.proc), "naive": pid_of(stack.naive),
                  "clickhouse": pid_of(stack.clickhouse.proc), "redis": pid_of(stack.redis.proc),
                  "garage": pid_of(stack.garage.proc), "postgres": pid_of(stack.postgres.proc)}  # fmt: skip
         servers = [("meterflow", stack.meterflow.url, "loadtest", "events"),
                    ("naive", stack.naive_url, "naive", "naive_events")]  # fmt: skip
+        if stack.before is not None:
+            roots["before"] = pid_of(stack.before.proc)
+            servers.insert(0, ("before", stack.before.url, "before", "events"))
         if a.only:
             servers = [s for s in servers if s[0] == a.only]
         table: list[dict[str, Any]] = []
@@ -426,6 +451,14 @@ def main() -> None:
             got = {r["server"]: r["sat"]["events_per_s"] for r in table if r["batch"] == batch}
             if "meterflow" in got and got.get("naive"):
                 print(f"  batch {batch}: MeterFlow / naive = {got['meterflow'] / got['naive']:.1f}x")
+            if "meterflow" in got and got.get("before"):
+                print(f"  batch {batch}: MeterFlow / before ({a.before}) = {got['meterflow'] / got['before']:.1f}x")
+        print("--- summary (saturation events/s; open-loop p50/p99 at 80 % of it; CPU per event of the server)")
+        print("  | server | batch | conns | events/s | open-loop p50 | p99 | server CPU µs/event |")
+        for r in table:
+            srv = r["cpu"].get(r["server"], 0.0) / max(r["sat"]["accepted"], 1) * 1e6
+            print(f"  | {r['server']} | {r['batch']} | {r['conns']} | {r['sat']['events_per_s']:,.0f} | "
+                  f"{r['open']['p50_ms']:.0f} ms | {r['open']['p99_ms']:.0f} ms | {srv:.0f} |")
         print("--- MeterFlow per-stage time (mean per observation, all runs)")
         if a.only != "naive":
             for stage, (total, n) in sorted(stage_breakdown(stack.meterflow.url).items()):
