@@ -312,12 +312,12 @@ def stage_breakdown(url: str, samples_n: int = 40) -> dict[str, tuple[float, int
         req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {TEST_ADMIN_KEY}",
                                                                 "Connection": "close"})  # fmt: skip
         text = urllib.request.urlopen(req, timeout=10).read().decode()
-        pid = re.findall(r"meterflow_flushes_total (\S+)", text)
+        flushes = re.findall(r"meterflow_flushes_total (\S+)", text)
         sums = dict(re.findall(r'meterflow_stage_seconds_sum\{stage="(\w+)"\} (\S+)', text))
         counts = dict(re.findall(r'meterflow_stage_seconds_count\{stage="(\w+)"\} (\S+)', text))
-        key = f"{pid}-{counts.get('decode')}"
+        # The load is over, so a worker's counts no longer move: they tell the workers apart.
+        key = f"{flushes}-{counts.get('decode')}"
         seen[key] = {s: (float(sums[s]), int(counts[s])) for s in sums}
-    # One snapshot per worker: the largest decode count per distinct flush total.
     total: dict[str, tuple[float, int]] = {}
     for snap in seen.values():
         for s, (t, n) in snap.items():
