@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import orjson
 
 from meterflow.config import Settings
+from meterflow.ingest.dedup import flush_created_ms
 from meterflow.metrics import Metrics
 
 log = logging.getLogger("meterflow.archive")
@@ -190,12 +191,13 @@ def open_store(settings: Settings) -> Store | None:
     return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -232,10 +234,22 @@ class Spool:
             raise SpoolFull(f"The archive spool holds {size} bytes; the limit is {self.max_bytes} bytes.")
 
     def _write(self, flush_id: str, key: str, lines: bytes, rows: int) -> None:
+        """One fsync per flush, the object's: the sidecar is renamed in unsynced, and
+        after a power loss that left it missing or torn the object itself tells its
+        key (the flush id carries its time) and rows (`_meta`)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         data = gzip.compress(lines, compresslevel=3)
-        _atomic_write(self.dir / f"{flush_id}.json", orjson.dumps({"key": key, "rows": rows}))
+        _atomic_write(self.dir / f"{flush_id}.json", orjson.dumps({"key": key, "rows": rows}), sync=False)
         _atomic_write(self.dir / f"{flush_id}.gz", data)
+
+    def _meta(self, flush_id: str, data: bytes) -> tuple[str, int]:
+        """(object key, rows) of a spooled object: from its sidecar, or from the object."""
+        try:
+            meta = orjson.loads((self.dir / f"{flush_id}.json").read_bytes())
+            return str(meta["key"]), int(meta["rows"])
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("archive sidecar missing or torn; read from the object", extra={"flush_id": flush_id})
+            return object_key(flush_id, flush_created_ms(flush_id)), gzip.decompress(data).count(b"\n")
 
     async def put(self, flush_id: str, created_ms: int, lines: bytes, rows: int) -> None:
         """Writes a flush's object to disk (fsynced) for the uploader."""
@@ -285,16 +299,17 @@ class Spool:
                 path = claimed[0]
                 flush_id = path.name.split(".gz")[0]
                 meta_path = self.dir / f"{flush_id}.json"
-                meta = orjson.loads(meta_path.read_bytes())
+                data = path.read_bytes()
+                key, rows = self._meta(flush_id, data)
                 t0 = time.perf_counter()
-                await self.store.put(meta["key"], path.read_bytes(), int(meta["rows"]))
+                await self.store.put(key, data, rows)
                 self.metrics.stage("upload", time.perf_counter() - t0)
                 path.unlink()
                 meta_path.unlink(missing_ok=True)
                 claimed.pop(0)
                 landed += 1
                 self.metrics.inc("meterflow_archive_uploaded_total")
-                self.metrics.inc("meterflow_archive_uploaded_rows_total", int(meta["rows"]))
+                self.metrics.inc("meterflow_archive_uploaded_rows_total", rows)
         finally:
             for path in claimed:  # back in line, for this or another worker
                 with contextlib.suppress(FileNotFoundError):
