@@ -30,7 +30,8 @@ METER = {"event_type": "probe", "aggregation": "COUNT"}
 # Path parameters of the generic probes (auth and rate limits answer before the route reads them).
 SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12}
 # Documented answers that need a backing service to fail; the named test stops it and checks them.
-NOT_PROBED_HERE = {503: "tests/test_failures.py::test_clickhouse_down_answers_503_and_marks_nothing"}
+NOT_PROBED_HERE = {503: "tests/test_failures.py::test_clickhouse_down_answers_503_and_marks_nothing",
+                   202: "tests/test_async.py::test_async_mode_queues_then_workers_store_each_event_once"}
 
 
 def status(answer: httpx.Response | int) -> int:
@@ -107,6 +108,7 @@ def route_probes(c: httpx.Client) -> dict[tuple[str, str, int], Probe]:
         ("POST", events, 400): lambda c: c.post(events, content=b"{}", headers=JSON),
         ("POST", events, 413): lambda c: c.post(events, content=samples.body(samples.batch(1001)), headers=JSON),
         ("POST", events, 415): lambda c: c.post(events, content=b"{}", headers=TEXT),
+        ("GET", "/v1/events/lag", 200): lambda c: c.get("/v1/events/lag"),
         ("GET", "/v1/meters", 200): lambda c: c.get("/v1/meters"),
         ("GET", "/v1/meters", 400): lambda c: c.get("/v1/meters", params={"limit": "0"}),
         ("POST", "/v1/meters", 201): lambda c: c.post("/v1/meters", json={"code": "probe_a", **METER}),

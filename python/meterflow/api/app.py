@@ -16,7 +16,7 @@ from meterflow import config
 from meterflow.api import errors
 from meterflow.api.auth import requires
 from meterflow.api.customers import delete_customer, get_customer, list_customers, patch_customer, put_customer
-from meterflow.api.events import post_events
+from meterflow.api.events import events_lag, post_events
 from meterflow.api.health import health, metrics, ready
 from meterflow.api.keys import create_key, list_keys, revoke_key
 from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
@@ -47,6 +47,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
     # Every route but /health and /ready needs a key with the named scope (or admin).
     routes = [
         Route("/v1/events", requires("ingest", post_events), methods=["POST"]),
+        Route("/v1/events/lag", requires("read", events_lag), methods=["GET"]),
         Route("/v1/meters", requires("read", list_meters), methods=["GET"]),
         Route("/v1/meters", requires("admin", create_meter), methods=["POST"]),
         Route("/v1/meters/{code}", requires("read", get_meter), methods=["GET"]),

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 
 from meterflow.config import Settings
+from meterflow.ingest import commit
 from meterflow.ingest.archive import Spool
 from meterflow.ingest.core import Batch
-from meterflow.ingest.dedup import Dedup, DedupUnavailable, new_flush_id
+from meterflow.ingest.dedup import Dedup, new_flush_id
 from meterflow.metrics import Metrics
 from meterflow.storage import Storage, StorageError
 
@@ -28,7 +28,6 @@ class Flush:
     reservation names the flush), then add their rows or leave."""
 
     id: str
-    seq: int
     created: float
     done: asyncio.Future[None]
     rows: list[bytes] = field(default_factory=list)
@@ -59,7 +58,6 @@ class Flusher:
         self._dedup = dedup
         self._metrics = metrics
         self._sem = asyncio.Semaphore(settings.flush_concurrency)
-        self._seq = itertools.count(1)
         self._current: Flush | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self.queued_rows = 0
@@ -78,7 +76,7 @@ class Flusher:
             done: asyncio.Future[None] = loop.create_future()
             # A flush whose waiters were cancelled must not log "never retrieved".
             done.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
-            f = Flush(id=new_flush_id(), seq=next(self._seq), created=time.monotonic(), done=done)
+            f = Flush(id=new_flush_id(), created=time.monotonic(), done=done)
             self._current = f
             loop.call_later(self._max_wait, self._seal, f)
         f.pending += 1
@@ -137,25 +135,12 @@ class Flusher:
         f.rows.clear()
         try:
             async with self._sem:
-                t0 = time.perf_counter()
-                await self._storage.insert_events(rows)
-                self._metrics.observe("meterflow_flush_seconds", time.perf_counter() - t0)
-                if self.spool is not None:
-                    # Before the commit: an acknowledged event is always on disk for the archive.
-                    created_ms = int(f.id[:12], 16)
-                    try:
-                        await self.spool.put(f.id, created_ms, b"".join(f.archive), f.count)
-                    except OSError as e:
-                        raise StorageError(f"cannot write the archive spool: {e}") from e
-                    f.archive.clear()
+                await commit.store(self._storage, self.spool, self._metrics, f.id, rows, b"".join(f.archive), f.count)
+                f.archive.clear()
         except StorageError as e:
             self._metrics.inc("meterflow_flush_failures_total")
             log.warning("flush failed", extra={"flush_id": f.id, "rows": f.count, "error": str(e)})
-            try:
-                await self._dedup.release(f.id, f.seq, f.reserved_keys())
-            except DedupUnavailable as e2:
-                # The reservations expire into take-overs after the flush timeout.
-                log.warning("release failed", extra={"flush_id": f.id, "error": str(e2)})
+            await commit.release(self._dedup, f.id, f.reserved_keys())
             self.queued_rows -= f.count
             f.done.set_exception(e)
             return
@@ -164,14 +149,7 @@ class Flusher:
             f.done.set_exception(StorageError(f"insert interrupted: {e!r}"))
             raise
         self.queued_rows -= f.count
-        self._metrics.inc("meterflow_flushes_total")
-        self._metrics.inc("meterflow_flushed_rows_total", f.count)
-        try:
-            await self._dedup.commit(f.id, f.seq)
-        except DedupUnavailable as e:
-            # The rows are stored; without the commit record their ids are taken
-            # over after the flush timeout and collapse in storage.
-            log.warning("commit failed", extra={"flush_id": f.id, "error": str(e)})
+        await commit.commit(self._dedup, f.id)
         f.done.set_result(None)
         # This write is over: the flush gathered meanwhile may go now.
         self._writes.discard(asyncio.current_task())
