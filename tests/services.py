@@ -378,6 +378,10 @@ class MeterFlowServer:
         return self.log.read_text() if self.log.exists() else ""
 
 
+# Async mode as the tests run it: dead workers' entries claimed after half a second.
+ASYNC = {"MF_INGEST_MODE": "async", "MF_WORKER_CLAIM_IDLE_MS": "500", "MF_FLUSH_TIMEOUT_S": "2"}
+
+
 class MeterFlowWorker:
     """`meterflow worker` in a subprocess (async mode), as a user runs it."""
 

@@ -5,33 +5,16 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from services import Backend, ClickHouse, MeterFlowServer, MeterFlowWorker, until
+from services import ASYNC, Backend, ClickHouse, MeterFlowServer, MeterFlowWorker, until
 
 from meterflow import samples
 
 JSON = {"Content-Type": "application/json"}
-ASYNC = {"MF_INGEST_MODE": "async", "MF_WORKER_CLAIM_IDLE_MS": "500", "MF_FLUSH_TIMEOUT_S": "2"}
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[..., MeterFlowWorker]]:
-    workers: list[MeterFlowWorker] = []
-
-    def start(backend: Backend, **env: str) -> MeterFlowWorker:
-        w = MeterFlowWorker(tmp_path, {**backend.env, **ASYNC, **env})
-        w.start()
-        workers.append(w)
-        return w
-
-    yield start
-    for w in workers:
-        w.stop()
 
 
 def post(server: MeterFlowServer, events: list[dict[str, Any]]) -> httpx.Response:
