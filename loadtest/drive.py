@@ -46,7 +46,7 @@ async def drive(url: str, key: str, batch_size: int, concurrency: int, seconds: 
             async with session.post(f"{url}/v1/events", data=body, headers=headers) as r:
                 payload = await r.read()
             latencies.append(time.perf_counter() - t0)
-            if r.status == 200:
+            if r.status in (200, 202):  # 202: async mode, durably queued
                 accepted += orjson.loads(payload)["accepted"]
             else:
                 errors += 1
