@@ -26,8 +26,8 @@ import pytest
 from services import ASYNC, Backend, ClickHouse, Garage, MeterFlowServer, MeterFlowWorker, Redis, until
 
 from meterflow import samples
+from meterflow.archive import DirectoryStore, S3Store, Store
 from meterflow.config import Settings
-from meterflow.ingest.archive import DirectoryStore, S3Store, Store
 
 JSON = {"Content-Type": "application/json"}
 # Limits protect a service from its clients; the drills measure correctness, not them.

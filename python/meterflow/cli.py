@@ -136,8 +136,8 @@ def _replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings is None:
         return 2
-    from meterflow.ingest.archive import open_store
-    from meterflow.ingest.replay import parse_time, replay
+    from meterflow.archive import ArchiveError, open_store
+    from meterflow.archive.replay import parse_time, replay
     from meterflow.runtime import started
     from meterflow.storage import StorageError, open_storage
 
@@ -161,7 +161,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    except (StorageError, OSError, ValueError) as e:
+    except (ArchiveError, StorageError, OSError, ValueError) as e:
         print(f"\nmeterflow: replay failed: {e}", file=sys.stderr)
         return 1
     return 0
@@ -184,7 +184,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     import signal
 
-    from meterflow.ingest.archive import Spool, open_store
+    from meterflow.archive import Spool, open_store
     from meterflow.ingest.dedup import RedisDedup
     from meterflow.ingest.worker import Worker
     from meterflow.logs import setup_logging

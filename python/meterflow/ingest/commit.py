@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
-from meterflow.ingest.archive import Spool
+from meterflow.archive import Spool
 from meterflow.ingest.dedup import Dedup, DedupUnavailable, flush_created_ms
 from meterflow.metrics import Metrics
 from meterflow.storage import Storage, StorageError

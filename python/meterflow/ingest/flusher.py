@@ -7,9 +7,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from meterflow.archive import Spool
 from meterflow.config import Settings
 from meterflow.ingest import commit
-from meterflow.ingest.archive import Spool
 from meterflow.ingest.core import Batch
 from meterflow.ingest.dedup import Dedup, new_flush_id
 from meterflow.metrics import Metrics

@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
+from meterflow.archive import Spool, SpoolFull
 from meterflow.config import Settings
-from meterflow.ingest.archive import Spool, SpoolFull
 from meterflow.ingest.core import STORED_LIMITS, Batch, DecodeError, Limits, conflict_fields, decode_batch
 from meterflow.ingest.dedup import Dedup, DedupUnavailable, RedisDedup, Reservation, new_flush_id
 from meterflow.ingest.flusher import Flusher, Overloaded

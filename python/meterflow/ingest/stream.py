@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -51,16 +52,23 @@ class EventStream:
         self.max_entries = max_entries
         self._length = 0
         self._length_at = 0.0
+        self._reading: asyncio.Task[None] | None = None
 
     async def length(self) -> int:
-        """Entries queued or being processed (workers delete what they acknowledge); re-read every 100 ms."""
+        """Entries queued or being processed (workers delete what they acknowledge);
+        re-read at most every 100 ms, by one XLEN that concurrent requests share."""
         if time.monotonic() - self._length_at > 0.1:
-            try:
-                self._length = int(await self.redis.xlen(STREAM))
-            except (RedisError, OSError) as e:
-                raise DedupUnavailable(f"Redis: {e}") from e
-            self._length_at = time.monotonic()
+            if self._reading is None or self._reading.done():
+                self._reading = asyncio.get_running_loop().create_task(self._read_length())
+            await asyncio.shield(self._reading)
         return self._length
+
+    async def _read_length(self) -> None:
+        try:
+            self._length = int(await self.redis.xlen(STREAM))
+        except (RedisError, OSError) as e:
+            raise DedupUnavailable(f"Redis: {e}") from e
+        self._length_at = time.monotonic()
 
     def queued(self) -> None:
         """Counts an entry this process just queued into the cached length."""

@@ -24,9 +24,9 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from meterflow.archive import Spool
 from meterflow.config import Settings
 from meterflow.ingest import commit
-from meterflow.ingest.archive import Spool
 from meterflow.ingest.core import Batch, DecodeError, Limits, decode_batch
 from meterflow.ingest.dedup import FLUSH_PREFIX, KEY_PREFIX, QUEUED_PREFIX, new_flush_id
 from meterflow.ingest.stream import ATTEMPTS, DEAD, GROUP, STREAM, WORKERS
