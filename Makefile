@@ -32,14 +32,15 @@ run: build
 	@echo "==> MeterFlow on http://127.0.0.1:$${MF_PORT:-3000} (embedded: chdb under ./data, no services)"
 	$(VENV)/bin/meterflow serve
 
-# Debian's redis-server, clickhouse-server and postgresql; the tests start them on loopback.
+# Debian's redis-server, clickhouse-server and postgresql (the tests start them on loopback), and chromium for the dashboard tests.
 services:
 	@if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
 	    || ! command -v clickhouse-server >/dev/null || ! { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null \
-	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  echo "==> installing redis-server, clickhouse-server, postgresql and nginx (the documented proxy) from Debian"; \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v pdftotext >/dev/null \
+	    || ! test -x /usr/bin/chromium; then \
+	  echo "==> installing redis-server, clickhouse-server, postgresql, nginx (the documented proxy), poppler-utils (PDF checks) and chromium (dashboard tests) from Debian"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    redis-server redis-tools clickhouse-server postgresql nginx >/dev/null; \
+	    redis-server redis-tools clickhouse-server postgresql nginx poppler-utils chromium >/dev/null; \
 	fi
 
 GARAGE_VERSION := 2.5.0

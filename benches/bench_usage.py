@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from services import ClickHouse
 
+from meterflow.api.usage import usage_json
 from meterflow.config import Settings
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.usage import parse_request, query_limits, run_usage
@@ -81,7 +82,7 @@ def run(loop: asyncio.AbstractEventLoop, storage: Storage, params: dict[str, str
     # Config meters only: the records database is never opened.
     catalog = MeterCatalog(open_records(Settings(database_url="sqlite:////nonexistent/never-opened.db")), Settings().meters)
     req = loop.run_until_complete(parse_request(params, {}, catalog, Settings()))
-    return loop.run_until_complete(run_usage(storage, req, query_limits(Settings())))
+    return usage_json(loop.run_until_complete(run_usage(storage, req, query_limits(Settings()))))
 
 
 BASE = {"customer_id": "cust_42", "meter": "bandwidth", "start": str(START), "end": str(END)}

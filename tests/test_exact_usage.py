@@ -19,6 +19,7 @@ from services import MeterFlowServer
 
 from meterflow import samples
 from meterflow.api.responses import decimal_text
+from meterflow.api.usage import usage_json
 from meterflow.config import Settings
 from meterflow.ingest.core import Limits, decode_batch
 from meterflow.metering.catalog import MeterCatalog
@@ -65,7 +66,8 @@ async def store(storage: Storage, customer: str, values: list[tuple[str, int, st
 async def usage(storage: Storage, m: Meter, customer: str, **params: str) -> dict[str, Any]:
     catalog = MeterCatalog(storage, tuple(METERS.values()))
     q = {"meter": m.code, "customer_id": customer, "start": str(DAY1), "end": str(DAY1 + 2 * DAY), **params}
-    return await run_usage(storage, await parse_request(q, {}, catalog, Settings()), query_limits(Settings()))
+    req = await parse_request(q, {}, catalog, Settings())
+    return usage_json(await run_usage(storage, req, query_limits(Settings())))
 
 
 def exact(x: Fraction) -> Decimal:

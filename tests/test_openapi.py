@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from invoice_samples import draft
 from openapi_spec_validator import validate
 from services import Backend, MeterFlowServer
 from starlette.requests import Request
@@ -19,7 +22,10 @@ from meterflow import samples
 from meterflow.api.app import create_app
 from meterflow.api.auth import requires
 from meterflow.api.openapi import spec
+from meterflow.billing.invoices import Invoices
 from meterflow.config import Settings
+from meterflow.records import open_records
+from meterflow.runtime import started
 
 Probe = Callable[[httpx.Client], httpx.Response | int]
 JSON = {"Content-Type": "application/json"}
@@ -28,7 +34,18 @@ BIG = b'{"name": "' + b"x" * (1 << 20) + b'"}'
 USAGE = {"customer_id": "c", "meter": "api_calls"}
 METER = {"event_type": "probe", "aggregation": "COUNT"}
 # Path parameters of the generic probes (auth and rate limits answer before the route reads them).
-SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12}
+SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12, "subscription_id": "sub_probe",
+          "invoice_id": "inv_" + "0" * 24, "webhook_id": "wh_" + "0" * 24}
+PLAN = {"currency": "EUR", "charges": [{"type": "unit", "meter": "api_calls", "unit_amount": "0.001"}]}
+DIMENSIONAL = {"currency": "EUR", "charges": [{"meter": "api_calls", "price_by": "region",
+                                              "prices": {"eu-west-1": {"type": "unit", "unit_amount": "1"}}}]}
+# A plan of the config file: read-only through the API.
+CONFIG = """
+[[plans]]
+code = "config_plan"
+currency = "EUR"
+charges = [{type = "flat", amount = "1.00"}]
+"""
 # Documented answers that need a backing service to fail; the named test stops it and checks them.
 NOT_PROBED_HERE = {503: "tests/test_failures.py::test_clickhouse_down_answers_503_and_marks_nothing",
                    202: "tests/test_async.py::test_async_mode_queues_then_workers_store_each_event_once"}
@@ -84,11 +101,40 @@ def key(c: httpx.Client, scope: str, **limits: int) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['key']}"}
 
 
-def route_probes(c: httpx.Client) -> dict[tuple[str, str, int], Probe]:
+def drafts(data_dir: str, n: int) -> list[str]:
+    """Draft invoices written to the server's records database, as closing a period writes them."""
+
+    async def make() -> list[str]:
+        records = open_records(Settings(data_dir=data_dir))
+        async with started(records):
+            invoices = Invoices(records, None)
+            return [(await draft(invoices, "cust_inv", f"sub_probe_{i}"))["id"] for i in range(n)]
+
+    return asyncio.run(make())
+
+
+def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], Probe]:
     """A request per (route, status) that only the route itself answers; in an order that builds its own state."""
     events = "/v1/events"
     m, cu, k = "/v1/meters/{code}", "/v1/customers/{customer_id}", "/v1/keys/{key_id}"
+    inv, wh = "/v1/invoices/{invoice_id}", "/v1/webhooks/{webhook_id}"
+    none_inv, none_wh = f"/v1/invoices/{SAMPLE['invoice_id']}", f"/v1/webhooks/{SAMPLE['webhook_id']}"
     made: dict[str, str] = {}
+    invoice_ids: list[str] = []
+
+    def invoice(i: int) -> str:
+        if not invoice_ids:
+            invoice_ids.extend(drafts(data_dir, 2))
+        return f"/v1/invoices/{invoice_ids[i]}"
+
+    def new_webhook(c: httpx.Client) -> httpx.Response:
+        r = c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hooks"})
+        made["webhook"] = f"/v1/webhooks/{r.json().get('id', '')}"
+        return r
+
+    def paid(c: httpx.Client) -> httpx.Response:
+        assert c.post(invoice(1) + "/finalize").status_code == 200
+        return c.post(invoice(1) + "/mark_paid")
 
     def new_key(c: httpx.Client) -> httpx.Response:
         r = c.post("/v1/keys", json={"scope": "read"})
@@ -103,7 +149,83 @@ def route_probes(c: httpx.Client) -> dict[tuple[str, str, int], Probe]:
         return c.get("/v1/usage", params={"customer_id": "c_rows", "meter": "api_calls", "start": now - 60_000,
                                           "end": now + 60_000, "group_by": "region,endpoint"})  # fmt: skip
 
+    pl, sub = "/v1/plans/{code}", "/v1/subscriptions/{subscription_id}"
+    up = "/v1/customers/{customer_id}/upcoming_invoice"
+
+    def subscribe(c: httpx.Client) -> httpx.Response:
+        assert c.put("/v1/customers/cust_sub", json={"name": "S"}).status_code in (200, 201)
+        r = c.post("/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "probe_p", "start": 0})
+        made["sub"] = r.json().get("id", "")
+        return r
+
+    def change(c: httpx.Client) -> httpx.Response:
+        r = c.post(f"/v1/subscriptions/{made['sub']}/change", json={"plan": "probe_p", "at": 1000})
+        made["new"] = r.json().get("subscription", {}).get("id", "")
+        return r
+
+    def expensive_invoice(c: httpx.Client) -> httpx.Response:
+        """A dimensional charge needs a breakdown: two regions are two rows, over the limit of one."""
+        now = samples.now_ms()
+        assert c.post("/v1/plans", json={"code": "probe_dim", **DIMENSIONAL}).status_code == 201
+        assert c.put("/v1/customers/c_dim", json={"name": "D"}).status_code in (200, 201)
+        assert c.post("/v1/subscriptions", json={"customer_id": "c_dim", "plan": "probe_dim",
+                                                 "start": 0}).status_code == 201  # fmt: skip
+        two = [{**e, "customer_id": "c_dim"} for e in samples.batch(20, seed=11, prefix="dim", ts=now)]
+        assert c.post(events, content=samples.body(two), headers=JSON).json()["accepted"] == 20
+        return c.get(up.format(customer_id="c_dim"))
+
     return {
+        ("GET", "/v1/plans", 200): lambda c: c.get("/v1/plans"),
+        ("GET", "/v1/plans", 400): lambda c: c.get("/v1/plans", params={"limit": "0"}),
+        ("POST", "/v1/plans", 201): lambda c: c.post("/v1/plans", json={"code": "probe_p", **PLAN}),
+        ("POST", "/v1/plans", 409): lambda c: c.post("/v1/plans", json={"code": "probe_p", **PLAN}),
+        ("POST", "/v1/plans", 400): lambda c: c.post("/v1/plans", json={"code": "probe_q", **PLAN, "currency": "EURO"}),
+        ("POST", "/v1/plans", 413): lambda c: c.post("/v1/plans", content=BIG, headers=JSON),
+        ("POST", "/v1/plans", 415): lambda c: c.post("/v1/plans", content=b"{}", headers=TEXT),
+        ("GET", pl, 200): lambda c: c.get("/v1/plans/probe_p"),
+        ("GET", pl, 404): lambda c: c.get("/v1/plans/nope"),
+        ("PUT", pl, 201): lambda c: c.put("/v1/plans/probe_r", json=PLAN),
+        ("PUT", pl, 200): lambda c: c.put("/v1/plans/probe_r", json=PLAN),
+        ("PUT", pl, 409): lambda c: c.put("/v1/plans/config_plan", json=PLAN),
+        ("PUT", pl, 400): lambda c: c.put("/v1/plans/probe_r", json={**PLAN, "interval": "week"}),
+        ("PUT", pl, 413): lambda c: c.put("/v1/plans/probe_r", content=BIG, headers=JSON),
+        ("PUT", pl, 415): lambda c: c.put("/v1/plans/probe_r", content=b"{}", headers=TEXT),
+        ("DELETE", pl, 204): lambda c: c.delete("/v1/plans/probe_r"),
+        ("DELETE", pl, 404): lambda c: c.delete("/v1/plans/probe_r"),
+        ("DELETE", pl, 409): lambda c: c.delete("/v1/plans/config_plan"),
+        ("POST", "/v1/subscriptions", 201): subscribe,
+        ("POST", "/v1/subscriptions", 409): lambda c: c.post(
+            "/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "probe_p", "start": 1}),
+        ("POST", "/v1/subscriptions", 400): lambda c: c.post(
+            "/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "nope"}),
+        ("POST", "/v1/subscriptions", 413): lambda c: c.post("/v1/subscriptions", content=BIG, headers=JSON),
+        ("POST", "/v1/subscriptions", 415): lambda c: c.post("/v1/subscriptions", content=b"{}", headers=TEXT),
+        ("GET", "/v1/subscriptions", 200): lambda c: c.get("/v1/subscriptions", params={"customer_id": "cust_sub"}),
+        ("GET", "/v1/subscriptions", 400): lambda c: c.get("/v1/subscriptions", params={"customer_id": "bad id"}),
+        ("GET", sub, 200): lambda c: c.get(f"/v1/subscriptions/{made['sub']}"),
+        ("GET", sub, 404): lambda c: c.get("/v1/subscriptions/sub_none"),
+        ("GET", up, 200): lambda c: c.get(up.format(customer_id="cust_sub")),
+        ("GET", up, 400): lambda c: c.get(up.format(customer_id="cust_sub"), params={"subscription_id": "x"}),
+        ("GET", up, 404): lambda c: c.get(up.format(customer_id="cust_none")),
+        ("GET", up, 422): expensive_invoice,
+        ("POST", sub + "/change", 200): change,
+        ("POST", sub + "/change", 400): lambda c: c.post(f"/v1/subscriptions/{made['sub']}/change",
+                                                         json={"plan": "probe_p", "at": "soon"}),
+        ("POST", sub + "/change", 404): lambda c: c.post("/v1/subscriptions/sub_none/change", json={"plan": "probe_p"}),
+        ("POST", sub + "/change", 409): lambda c: c.post(f"/v1/subscriptions/{made['sub']}/change",
+                                                         json={"plan": "probe_p", "at": 2000}),
+        ("POST", sub + "/change", 413): lambda c: c.post("/v1/subscriptions/sub_none/change", content=BIG,
+                                                         headers=JSON),
+        ("POST", sub + "/change", 415): lambda c: c.post("/v1/subscriptions/sub_none/change", content=b"{}",
+                                                         headers=TEXT),
+        ("POST", sub + "/cancel", 200): lambda c: c.post(f"/v1/subscriptions/{made['new']}/cancel", json={}),
+        ("POST", sub + "/cancel", 400): lambda c: c.post(f"/v1/subscriptions/{made['new']}/cancel", json={"at": -1}),
+        ("POST", sub + "/cancel", 404): lambda c: c.post("/v1/subscriptions/sub_none/cancel", json={}),
+        ("POST", sub + "/cancel", 409): lambda c: c.post(f"/v1/subscriptions/{made['new']}/cancel", json={}),
+        ("POST", sub + "/cancel", 413): lambda c: c.post("/v1/subscriptions/sub_none/cancel", content=BIG,
+                                                         headers=JSON),
+        ("POST", sub + "/cancel", 415): lambda c: c.post("/v1/subscriptions/sub_none/cancel", content=b"{}",
+                                                         headers=TEXT),
         ("POST", events, 200): lambda c: c.post(events, content=samples.body([samples.seed_event()]), headers=JSON),
         ("POST", events, 400): lambda c: c.post(events, content=b"{}", headers=JSON),
         ("POST", events, 413): lambda c: c.post(events, content=samples.body(samples.batch(1001)), headers=JSON),
@@ -130,6 +252,9 @@ def route_probes(c: httpx.Client) -> dict[tuple[str, str, int], Probe]:
         ("GET", "/v1/usage", 200): lambda c: c.get("/v1/usage", params={**USAGE, "start": 1, "end": 2}),
         ("GET", "/v1/usage", 400): lambda c: c.get("/v1/usage", params=USAGE),
         ("GET", "/v1/usage", 422): too_many_rows,
+        ("GET", events, 200): lambda c: c.get(events, params={"customer_id": "c_none"}),
+        ("GET", events, 400): lambda c: c.get(events, params={"cursor": "!"}),
+        ("GET", events, 422): lambda c: c.get(events, params={"customer_id": "c_rows"}),
         ("GET", "/v1/customers", 200): lambda c: c.get("/v1/customers"),
         ("GET", "/v1/customers", 400): lambda c: c.get("/v1/customers", params={"limit": "x"}),
         ("PUT", cu, 201): lambda c: c.put("/v1/customers/cust_p", json={"name": "P"}),
@@ -156,6 +281,34 @@ def route_probes(c: httpx.Client) -> dict[tuple[str, str, int], Probe]:
         ("POST", "/v1/keys", 415): lambda c: c.post("/v1/keys", content=b"{}", headers=TEXT),
         ("DELETE", k, 204): lambda c: c.delete(f"/v1/keys/{made['key']}"),
         ("DELETE", k, 404): lambda c: c.delete(f"/v1/keys/{made['key']}"),
+        ("GET", "/v1/invoices", 200): lambda c: c.get("/v1/invoices", params={"status": "draft"}),
+        ("GET", "/v1/invoices", 400): lambda c: c.get("/v1/invoices", params={"status": "open"}),
+        ("GET", inv, 200): lambda c: c.get(invoice(0)),
+        ("GET", inv, 404): lambda c: c.get(none_inv),
+        ("GET", inv + ".html", 200): lambda c: c.get(invoice(0) + ".html"),
+        ("GET", inv + ".html", 404): lambda c: c.get(none_inv + ".html"),
+        ("GET", inv + ".pdf", 200): lambda c: c.get(invoice(0) + ".pdf"),
+        ("GET", inv + ".pdf", 404): lambda c: c.get(none_inv + ".pdf"),
+        ("POST", inv + "/finalize", 200): lambda c: c.post(invoice(0) + "/finalize"),
+        ("POST", inv + "/finalize", 409): lambda c: c.post(invoice(0) + "/finalize"),
+        ("POST", inv + "/finalize", 404): lambda c: c.post(none_inv + "/finalize"),
+        ("POST", inv + "/void", 200): lambda c: c.post(invoice(0) + "/void"),
+        ("POST", inv + "/void", 409): lambda c: c.post(invoice(0) + "/void"),
+        ("POST", inv + "/void", 404): lambda c: c.post(none_inv + "/void"),
+        ("POST", inv + "/mark_paid", 409): lambda c: c.post(invoice(0) + "/mark_paid"),
+        ("POST", inv + "/mark_paid", 200): paid,
+        ("POST", inv + "/mark_paid", 404): lambda c: c.post(none_inv + "/mark_paid"),
+        ("POST", "/v1/webhooks", 201): new_webhook,
+        ("POST", "/v1/webhooks", 400): lambda c: c.post("/v1/webhooks", json={"url": "x", "events": []}),
+        ("POST", "/v1/webhooks", 413): lambda c: c.post("/v1/webhooks", content=BIG, headers=JSON),
+        ("POST", "/v1/webhooks", 415): lambda c: c.post("/v1/webhooks", content=b"{}", headers=TEXT),
+        ("GET", "/v1/webhooks", 200): lambda c: c.get("/v1/webhooks"),
+        ("GET", "/v1/webhooks", 400): lambda c: c.get("/v1/webhooks", params={"cursor": "no way"}),
+        ("GET", wh + "/deliveries", 200): lambda c: c.get(made["webhook"] + "/deliveries"),
+        ("GET", wh + "/deliveries", 400): lambda c: c.get(made["webhook"] + "/deliveries", params={"limit": "0"}),
+        ("GET", wh + "/deliveries", 404): lambda c: c.get(none_wh + "/deliveries"),
+        ("DELETE", wh, 204): lambda c: c.delete(made["webhook"]),
+        ("DELETE", wh, 404): lambda c: c.delete(made["webhook"]),
         ("GET", "/health", 200): lambda c: c.get("/health"),
         ("GET", "/ready", 200): lambda c: c.get("/ready"),
         ("GET", "/metrics", 200): lambda c: c.get("/metrics"),
@@ -206,15 +359,19 @@ def guard_probes(c: httpx.Client, doc: dict[str, Any]) -> dict[tuple[str, str, i
 
 
 def test_every_documented_answer_is_one_the_route_gives(
-    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer], tmp_path: Path
 ) -> None:
-    server = start_server(make_backend("embedded"), MF_HTTP_BODY_TIMEOUT_S="1", MF_USAGE_MAX_RESULT_ROWS="1")
+    config = tmp_path / "plans.toml"
+    config.write_text(CONFIG)
+    backend = make_backend("embedded")
+    server = start_server(backend, MF_HTTP_BODY_TIMEOUT_S="1", MF_USAGE_MAX_RESULT_ROWS="1",
+                          MF_CONFIG=str(config))  # fmt: skip
     with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
         served = c.get("/openapi.json")
         assert served.status_code == 200
         doc = orjson.loads(served.content)
         validate(doc)
-        probes = {**route_probes(c), **guard_probes(c, doc)}
+        probes = {**route_probes(c, backend.env["MF_DATA_DIR"]), **guard_probes(c, doc)}
         for path, ops in doc["paths"].items():
             for method, op in ops.items():
                 if "requestBody" in op:

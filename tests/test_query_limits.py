@@ -113,9 +113,9 @@ async def test_the_row_limit_counts_answer_rows_not_events(storage: Storage) -> 
     params = {"customer_id": "rowlimit", "meter": "api_calls", "start": str(now - DAY), "end": str(now + DAY)}
     tight = limits(max_result_rows=4)
     req = await parse_request(params, {}, catalog, Settings())
-    assert (await run_usage(storage, req, tight))["value"] == 60
+    assert (await run_usage(storage, req, tight)).value == 60
     grouped = await parse_request({**params, "group_by": "endpoint,method,region"}, {}, catalog, Settings())
-    assert len((await run_usage(storage, grouped, limits()))["breakdown"]) > 4
+    assert len((await run_usage(storage, grouped, limits())).breakdown or {}) > 4
     with pytest.raises(QueryLimitExceeded):
         await run_usage(storage, grouped, tight)
 

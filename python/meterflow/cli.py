@@ -7,6 +7,7 @@ import asyncio
 import os
 import resource
 import sys
+import time
 
 from meterflow import config
 
@@ -253,6 +254,46 @@ def _worker_dead_letters(args: argparse.Namespace) -> int:
         return 1
 
 
+def _invoices_close(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    from meterflow.archive import open_store
+    from meterflow.archive.replay import parse_time
+    from meterflow.billing.closing import Closer
+    from meterflow.billing.preview import NotInPeriod
+    from meterflow.records import RecordsUnavailable
+    from meterflow.runtime import ClosingRuntime
+    from meterflow.storage import StorageError
+
+    try:
+        at = parse_time(args.at) if args.at else int(time.time() * 1000)
+    except ValueError as e:
+        print(f"meterflow: --at: {e}", file=sys.stderr)
+        return 2
+
+    def progress(done: int, total: int) -> None:
+        bar = "#" * (30 * done // max(total, 1))
+        sys.stderr.write(f"\rinvoices close [{bar:<30}] {done}/{total} periods")
+        sys.stderr.flush()
+
+    async def run() -> int:
+        archive = open_store(settings)
+        async with ClosingRuntime.opened(settings, archive) as rt:
+            report = await Closer(rt).run(at, args.customer, progress)
+        failed = f"; {report.failed} failed (see the log)" if report.failed else ""
+        drafted = f", {report.drafted} drafted (in their grace)" if report.drafted else ""
+        sys.stderr.write(f"\ninvoices close: {report.due} periods due; {report.closed} closed here{drafted}, "
+                         f"{report.skipped} by another closer{failed}.\n")  # fmt: skip
+        return 1 if report.failed else 0
+
+    try:
+        return asyncio.run(run())
+    except (RecordsUnavailable, StorageError, NotInPeriod, LookupError, OSError) as e:
+        print(f"\nmeterflow: closing failed: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meterflow", description="MeterFlow usage-based billing engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     rt.add_argument("ids", nargs="*", help="dead-letter entry ids (default: all)")
     rt.add_argument("--config", help="TOML settings file (MF_CONFIG)")
     rt.set_defaults(func=_worker_dead_letters)
+    inv = sub.add_parser("invoices", help="invoices").add_subparsers(dest="invoices_command", required=True)
+    close = inv.add_parser("close", help="invoice every subscription period that ended MF_INVOICE_GRACE_S ago")
+    close.add_argument("--at", help="close as of this time: epoch ms or ISO 8601 (UTC); default now")
+    close.add_argument("--customer", help="only this customer's subscriptions")
+    close.add_argument("--config", help="TOML settings file (MF_CONFIG)")
+    close.set_defaults(func=_invoices_close)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -10,6 +10,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
+from babel import Locale, UnknownLocaleError
+
+from meterflow.billing.plans import Plan, PlanError, parse_plan
 from meterflow.metering.meters import DEFAULT_METERS, Meter, MeterError, parse_meter
 
 DAY_MS = 86_400_000
@@ -93,8 +96,27 @@ class Settings:
     usage_max_query_bytes: int = 262_144
     usage_max_result_rows: int = 100_000
     usage_max_concurrent_queries: int = 4
+    # Invoices fall due this many days after they are issued; a period is closed this long after its end,
+    # by a pass of every worker each invoice_close_interval_s.
+    invoice_due_days: int = 30
+    invoice_grace_s: int = 3600
+    # Invoice documents: the seller's name and address lines (separated by "|"), and the locale of
+    # their numbers, money and dates (a CLDR name such as en_US, de_DE, fr_FR).
+    invoice_seller_name: str = "MeterFlow"
+    invoice_seller_address: str = ""
+    invoice_locale: str = "en_US"
+    invoice_close_interval_s: int = 60
+    # Webhook retries: the first after webhook_backoff_ms, doubling up to webhook_backoff_max_ms,
+    # given up webhook_retry_for_s after the event; each attempt waits webhook_timeout_ms at most.
+    webhook_backoff_ms: int = 5_000
+    webhook_backoff_max_ms: int = 3_600_000
+    webhook_retry_for_s: int = 86_400
+    webhook_timeout_ms: int = 10_000
+    webhook_poll_ms: int = 1_000
     # Meters defined as code (TOML `[[meters]]`); the seed's catalog by default.
     meters: tuple[Meter, ...] = dataclasses.field(default_factory=_default_meters)
+    # Plans defined as code (TOML `[[plans]]`), priced against the config's meters; read-only through the API.
+    plans: tuple[Plan, ...] = ()
 
     def __post_init__(self) -> None:
         positive = (
@@ -106,10 +128,20 @@ class Settings:
             "usage_max_concurrent_queries", "auth_failures_per_minute", "http_max_connections",
             "http_body_timeout_s", "key_cache_grace_s", "stream_max_entries", "worker_claim_idle_ms",
             "worker_max_attempts",
+            "http_body_timeout_s", "key_cache_grace_s", "invoice_due_days", "invoice_close_interval_s",
+            "webhook_backoff_ms",
+            "webhook_backoff_max_ms", "webhook_retry_for_s", "webhook_timeout_ms", "webhook_poll_ms",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MF_{name.upper()} must be a positive integer, got {getattr(self, name)}.")
+        try:
+            Locale.parse(self.invoice_locale)
+        except (ValueError, UnknownLocaleError):
+            shown = self.invoice_locale[:40]
+            raise ConfigError(f"MF_INVOICE_LOCALE {shown!r} is not a locale such as en_US or de_DE.") from None
+        if self.invoice_grace_s < 0:
+            raise ConfigError(f"MF_INVOICE_GRACE_S must be 0 or more, got {self.invoice_grace_s}.")
         if not 1 <= self.http_header_timeout_s <= 60:
             raise ConfigError(f"MF_HTTP_HEADER_TIMEOUT_S must be from 1 to 60, got {self.http_header_timeout_s}.")
         if not 1 <= self.port <= 65535:
@@ -208,6 +240,22 @@ def _meters(path: str, raw: Any) -> tuple[Meter, ...]:
     return tuple(out)
 
 
+def _plans(path: str, raw: Any, meters: tuple[Meter, ...]) -> tuple[Plan, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: `plans` must be an array of tables ([[plans]]).")
+    by_code = {m.code: m for m in meters}
+    out: list[Plan] = []
+    for i, doc in enumerate(raw):
+        try:
+            p = parse_plan(doc, by_code)
+        except PlanError as e:
+            raise ConfigError(f"{path}: plans[{i}].{e.field}: {e.message}") from None
+        if any(o.code == p.code for o in out):
+            raise ConfigError(f"{path}: plans[{i}].code: {p.code!r} is defined twice.")
+        out.append(p)
+    return tuple(out)
+
+
 def load(
     env: Mapping[str, str] | None = None,
     config_file: str | None = None,
@@ -229,8 +277,10 @@ def load(
         section = doc.get("meterflow", doc)
         if "meters" in doc:
             values["meters"] = _meters(path, doc["meters"])
+        if "plans" in doc:
+            values["plans"] = _plans(path, doc["plans"], values.get("meters") or _default_meters())
         for key, raw in section.items():
-            if key == "meters" or isinstance(raw, dict):
+            if key in ("meters", "plans") or isinstance(raw, dict):
                 continue
             if key not in known:
                 raise ConfigError(f"{path}: unknown setting {key!r}.")

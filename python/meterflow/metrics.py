@@ -1,8 +1,11 @@
-"""Counters and sums in Prometheus text format, per process."""
+"""Counters and sums in Prometheus text format, per process, and the recent per-minute history the dashboard draws."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
 
 HELP = {
     "meterflow_events_received_total": "Events received in accepted-for-processing requests.",
@@ -31,19 +34,56 @@ HELP = {
 }
 
 
+# The counters kept per minute as well (for the dashboard's chart), and how much history is kept.
+PER_MINUTE = ("meterflow_events_accepted_total", "meterflow_events_duplicate_total", "meterflow_events_failed_total")
+HISTORY_MINUTES = 360
+SAMPLES_KEPT = 1024  # latest observations per summary, for quantiles
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
         self._sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._samples: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=SAMPLES_KEPT))
+        # minute (epoch minutes) -> counts in PER_MINUTE order; at most HISTORY_MINUTES entries
+        self._minutes: dict[int, list[int]] = {}
+        self._clock = clock
         self.gauges: dict[str, float] = {}
 
     def inc(self, name: str, n: float = 1, **labels: str) -> None:
         self._counters[(name, tuple(sorted(labels.items())))] += n
+        if name in PER_MINUTE and n:
+            minute = int(self._clock() // 60)
+            row = self._minutes.get(minute)
+            if row is None:
+                row = self._minutes[minute] = [0] * len(PER_MINUTE)
+                for old in [m for m in self._minutes if m <= minute - HISTORY_MINUTES]:
+                    del self._minutes[old]
+            row[PER_MINUTE.index(name)] += int(n)
 
     def observe(self, name: str, value: float) -> None:
         s = self._sums[name]
         s[0] += value
         s[1] += 1
+        self._samples[name].append(value)
+
+    def quantile(self, name: str, q: float) -> float | None:
+        """The q-quantile (nearest rank) of the latest SAMPLES_KEPT observations, None without any."""
+        values = sorted(self._samples.get(name, ()))
+        if not values:
+            return None
+        rank = math.ceil(round(q * len(values), 9))  # round: 0.99 * 100 is 99.00000000000001
+        return values[min(len(values), max(1, rank)) - 1]
+
+    def counter(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Every label set of one counter and its value."""
+        return {labels: v for (n, labels), v in self._counters.items() if n == name}
+
+    def per_minute(self, minutes: int) -> list[tuple[int, list[int]]]:
+        """The last `minutes` minutes (epoch ms of each minute's start, counts in PER_MINUTE order), oldest first."""
+        now = int(self._clock() // 60)
+        first = now - min(minutes, HISTORY_MINUTES) + 1
+        return [(m * 60_000, list(self._minutes.get(m, [0] * len(PER_MINUTE)))) for m in range(first, now + 1)]
 
     def render(self) -> str:
         lines: list[str] = []

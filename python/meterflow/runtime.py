@@ -15,6 +15,12 @@ from meterflow.archive import Spool, Store, open_store
 from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore
 from meterflow.auth.ratelimit import RateLimiter, open_rate_limiter
+from meterflow.billing.catalog import PlanCatalog
+from meterflow.billing.closing import close_periodically
+from meterflow.billing.invoices import Invoices
+from meterflow.billing.outbox import Schedule, Sender
+from meterflow.billing.subscriptions import Subscriptions
+from meterflow.billing.webhooks import Webhooks
 from meterflow.config import Settings
 from meterflow.customers import Customers
 from meterflow.ingest.dedup import Dedup, open_dedup
@@ -81,6 +87,10 @@ class Runtime:
     keys: KeyStore
     auth_failures: AuthFailures
     meters: MeterCatalog
+    invoices: Invoices
+    webhooks: Webhooks
+    plans: PlanCatalog
+    subscriptions: Subscriptions
 
     def probes(self) -> list[Probe]:
         probes = [Probe("storage", self.storage), Probe("dedup", self.dedup), Probe("records", self.records),
@@ -101,6 +111,9 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
     spool = Spool(settings, archive, metrics) if archive is not None else None
     async with started(storage, dedup, records, limiter, *([archive] if archive is not None else [])):
         await import_documents(storage, records)
+        meters = MeterCatalog(records, settings.meters)
+        plans = PlanCatalog(records, meters, settings.plans)
+        await plans.start()
         service = IngestService(settings, storage, dedup, metrics, spool)
         await service.warm()
         if spool is not None:
@@ -112,11 +125,19 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
             auth_failures=AuthFailures(
                 settings.auth_failures_per_minute, settings.redis_url if settings.dedup == "redis" else None
             ),
-            meters=MeterCatalog(records, settings.meters),
+            meters=meters, plans=plans, subscriptions=Subscriptions(records, plans),
+            invoices=Invoices(records, archive, settings.invoice_due_days), webhooks=Webhooks(records),
         )  # fmt: skip
+        sender = Sender(records, webhook_schedule(settings))
+        sender.start()
+        closing = asyncio.create_task(close_periodically(rt, settings.invoice_close_interval_s), name="closing")
         try:
             yield rt
         finally:
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
+            await sender.stop()
             await rt.auth_failures.close()
             # SIGTERM: Granian has stopped taking requests; flush what is queued.
             await service.flusher.drain()
@@ -126,6 +147,36 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
                     await asyncio.wait_for(spool.drain_once(), 10)
                 except Exception as e:
                     log.warning("archive left spooled at shutdown", extra={"error": str(e)[:300]})
+
+
+@dataclass(frozen=True)
+class ClosingRuntime:
+    """What `meterflow invoices close` needs, without the ingest path: records, storage, catalogs, invoices."""
+
+    settings: Settings
+    storage: Storage
+    records: Records
+    meters: MeterCatalog
+    plans: PlanCatalog
+    subscriptions: Subscriptions
+    invoices: Invoices
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def opened(cls, settings: Settings, archive: Store | None) -> AsyncIterator[ClosingRuntime]:
+        storage, records = open_storage(settings), open_records(settings)
+        async with started(storage, records, *([archive] if archive is not None else [])):
+            meters = MeterCatalog(records, settings.meters)
+            plans = PlanCatalog(records, meters, settings.plans)
+            await plans.start()
+            yield cls(settings, storage, records, meters, plans, Subscriptions(records, plans),
+                      Invoices(records, archive, settings.invoice_due_days))  # fmt: skip
+
+
+def webhook_schedule(settings: Settings) -> Schedule:
+    return Schedule(first_ms=settings.webhook_backoff_ms, max_ms=settings.webhook_backoff_max_ms,
+                    give_up_ms=settings.webhook_retry_for_s * 1000, timeout_ms=settings.webhook_timeout_ms,
+                    poll_ms=settings.webhook_poll_ms)  # fmt: skip
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -16,13 +16,33 @@ from meterflow import config
 from meterflow.api import errors
 from meterflow.api.auth import requires
 from meterflow.api.customers import delete_customer, get_customer, list_customers, patch_customer, put_customer
-from meterflow.api.events import events_lag, post_events
+from meterflow.api.events import events_lag, get_events, post_events
 from meterflow.api.health import health, metrics, ready
+from meterflow.api.invoices import (
+    finalize_invoice,
+    get_invoice,
+    get_invoice_html,
+    get_invoice_pdf,
+    list_invoices,
+    mark_invoice_paid,
+    void_invoice,
+)
 from meterflow.api.keys import create_key, list_keys, revoke_key
 from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
 from meterflow.api.openapi import openapi
+from meterflow.api.plans import create_plan, delete_plan, get_plan, list_plans, put_plan
+from meterflow.api.subscriptions import (
+    cancel_subscription,
+    change_subscription,
+    create_subscription,
+    get_subscription,
+    list_subscriptions,
+    upcoming_invoice,
+)
 from meterflow.api.usage import get_usage
+from meterflow.api.webhooks import create_webhook, delete_webhook, list_deliveries, list_webhooks
 from meterflow.auth.keys import KeyStore
+from meterflow.dashboard.routes import dashboard_mount
 from meterflow.logs import setup_logging
 from meterflow.records import RecordsUnavailable, StaleVersion
 from meterflow.runtime import running
@@ -47,6 +67,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
     # Every route but /health and /ready needs a key with the named scope (or admin).
     routes = [
         Route("/v1/events", requires("ingest", post_events), methods=["POST"]),
+        Route("/v1/events", requires("read", get_events), methods=["GET"]),
         Route("/v1/events/lag", requires("read", events_lag), methods=["GET"]),
         Route("/v1/meters", requires("read", list_meters), methods=["GET"]),
         Route("/v1/meters", requires("admin", create_meter), methods=["POST"]),
@@ -59,13 +80,37 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         Route("/v1/customers/{customer_id}", requires("admin", put_customer), methods=["PUT"]),
         Route("/v1/customers/{customer_id}", requires("admin", patch_customer), methods=["PATCH"]),
         Route("/v1/customers/{customer_id}", requires("admin", delete_customer), methods=["DELETE"]),
+        Route("/v1/customers/{customer_id}/upcoming_invoice", requires("read", upcoming_invoice), methods=["GET"]),
+        Route("/v1/plans", requires("read", list_plans), methods=["GET"]),
+        Route("/v1/plans", requires("admin", create_plan), methods=["POST"]),
+        Route("/v1/plans/{code}", requires("read", get_plan), methods=["GET"]),
+        Route("/v1/plans/{code}", requires("admin", put_plan), methods=["PUT"]),
+        Route("/v1/plans/{code}", requires("admin", delete_plan), methods=["DELETE"]),
+        Route("/v1/subscriptions", requires("read", list_subscriptions), methods=["GET"]),
+        Route("/v1/subscriptions", requires("admin", create_subscription), methods=["POST"]),
+        Route("/v1/subscriptions/{subscription_id}", requires("read", get_subscription), methods=["GET"]),
+        Route("/v1/subscriptions/{subscription_id}/cancel", requires("admin", cancel_subscription), methods=["POST"]),
+        Route("/v1/subscriptions/{subscription_id}/change", requires("admin", change_subscription), methods=["POST"]),
         Route("/v1/keys", requires("admin", list_keys), methods=["GET"]),
         Route("/v1/keys", requires("admin", create_key), methods=["POST"]),
         Route("/v1/keys/{key_id}", requires("admin", revoke_key), methods=["DELETE"]),
+        Route("/v1/invoices", requires("read", list_invoices), methods=["GET"]),
+        # The documents first: `{invoice_id}` alone would also match "inv_....pdf".
+        Route("/v1/invoices/{invoice_id}.html", requires("read", get_invoice_html), methods=["GET"]),
+        Route("/v1/invoices/{invoice_id}.pdf", requires("read", get_invoice_pdf), methods=["GET"]),
+        Route("/v1/invoices/{invoice_id}", requires("read", get_invoice), methods=["GET"]),
+        Route("/v1/invoices/{invoice_id}/finalize", requires("admin", finalize_invoice), methods=["POST"]),
+        Route("/v1/invoices/{invoice_id}/void", requires("admin", void_invoice), methods=["POST"]),
+        Route("/v1/invoices/{invoice_id}/mark_paid", requires("admin", mark_invoice_paid), methods=["POST"]),
+        Route("/v1/webhooks", requires("admin", list_webhooks), methods=["GET"]),
+        Route("/v1/webhooks", requires("admin", create_webhook), methods=["POST"]),
+        Route("/v1/webhooks/{webhook_id}", requires("admin", delete_webhook), methods=["DELETE"]),
+        Route("/v1/webhooks/{webhook_id}/deliveries", requires("admin", list_deliveries), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", requires("read", metrics), methods=["GET"]),
         Route("/openapi.json", requires("read", openapi), methods=["GET"]),
+        dashboard_mount(),
     ]
     return Starlette(
         routes=routes,

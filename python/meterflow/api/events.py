@@ -1,21 +1,26 @@
-"""POST /v1/events, the ingest endpoint, and GET /v1/events/lag, the async backlog."""
+"""/v1/events: ingest a batch (POST), the stored events newest first (GET); /v1/events/lag: the async backlog."""
 
 from __future__ import annotations
 
 import logging
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.auth import check_rate
 from meterflow.api.errors import ApiError
-from meterflow.api.openapi import operation
+from meterflow.api.openapi import Param, operation
 from meterflow.api.responses import check_json, json_response, read_body
 from meterflow.auth.keys import Principal
 from meterflow.ingest.dedup import DedupUnavailable
 from meterflow.ingest.service import DecodeError, Unavailable
 from meterflow.ingest.stream import Lag
+from meterflow.metering.events import EVENTS_PAGE_MAX, EventsError, OtherCustomer, list_events, parse_query
+from meterflow.metering.usage import query_limits
+from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
 from meterflow.runtime import runtime_of
+from meterflow.storage.base import QueryLimitExceeded
 
 _DECODE_STATUS = {"too_many_events": 413}
 _BACKEND_DOWN = {"storage_unavailable": "Storage", "dedup_unavailable": "The dedup store"}
@@ -71,3 +76,43 @@ async def events_lag(request: Request) -> Response:
         raise ApiError(503, "dedup_unavailable", f"Redis is unavailable; retry after {rt.settings.retry_after_s} s.",
                        {"Retry-After": str(rt.settings.retry_after_s)}) from None  # fmt: skip
     return json_response({"mode": "async", **lag.as_json()})
+
+
+EPOCH = {"type": "integer", "minimum": EPOCH_MS_MIN, "maximum": EPOCH_MS_MAX}
+
+
+@operation("The stored events, newest first, a page at a time", {
+    200: "A page of events (`properties` as sent, exact numbers)", 400: "A parameter is invalid; the message names it.",
+    403: "The key lacks the scope this route needs, or is bound to another customer.",
+    422: "The query went over a time, size or row limit (`events_query_too_expensive`)."}, result="Page", params=(
+    Param("customer_id", "Only this customer's events (a key bound to a customer sees its own only)."),
+    Param("event_type", "Only events of this type."),
+    Param("start", "Only events at or after this time, epoch milliseconds.", schema=EPOCH),
+    Param("end", "Only events before this time, epoch milliseconds.", schema=EPOCH),
+    Param("limit", f"Page size, 1 to {EVENTS_PAGE_MAX} (default 100).",
+          schema={"type": "integer", "minimum": 1, "maximum": EVENTS_PAGE_MAX}),
+    Param("cursor", "The `next_cursor` of the previous page."),
+))  # fmt: skip
+async def get_events(request: Request) -> Response:
+    rt = runtime_of(request)
+    principal: Principal = request.state.principal
+    try:
+        query = parse_query(request.query_params, principal.customer_id)
+        page = await list_events(rt.storage, query, query_limits(rt.settings))
+    except OtherCustomer as e:
+        raise ApiError(403, "other_customer", e.message) from None
+    except EventsError as e:
+        raise ApiError(400, "invalid_parameter", e.message) from None
+    except QueryLimitExceeded:
+        s = rt.settings
+        raise ApiError(
+            422, "events_query_too_expensive",
+            f"The events query went over a limit ({s.usage_max_execution_s} s, {s.usage_max_result_rows} rows); "
+            "ask for a shorter period or a smaller `limit`.",
+        ) from None  # fmt: skip
+    data = [
+        {"transaction_id": e.transaction_id, "customer_id": e.customer_id, "event_type": e.event_type,
+         "timestamp": e.timestamp_ms, "properties": orjson.Fragment(e.properties)}  # stored JSON, exact numbers
+        for e in page.events
+    ]  # fmt: skip
+    return json_response({"data": data, "next_cursor": page.next_cursor})

@@ -15,11 +15,12 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from meterflow import __version__
 from meterflow.api.responses import ADMIN_BODY_MAX, PAGE_MAX, json_response
 from meterflow.config import Settings
+from meterflow.metering.meters import AGGREGATIONS
 from meterflow.runtime import runtime_of
 
 E = TypeVar("E", bound=Callable[..., Any])
@@ -149,6 +150,8 @@ def spec(routes: Iterable[BaseRoute], settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `routes`; a LookupError names a route without documentation."""
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
+        if isinstance(route, Mount) and route.path == "/dashboard":
+            continue  # HTML pages for people, not the API
         if not isinstance(route, Route):
             raise LookupError(f"{route!r} is not a documented Route")
         for method in sorted((route.methods or set()) - {"HEAD"}):
@@ -246,7 +249,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,62}$"},
                 "name": {"type": "string"},
                 "event_type": {"type": "string"},
-                "aggregation": {"enum": ["COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST"]},
+                "aggregation": {"enum": list(AGGREGATIONS)},
                 "property": {"type": ["string", "null"], "description": "Required for all but COUNT."},
                 "unit": {"type": "string"},
                 "filters": {"type": "object", "description": "property: value or [values]"},
@@ -281,10 +284,115 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 },
             },
         },
+        "WebhookRequest": {
+            "type": "object",
+            "required": ["url"],
+            "properties": {
+                "url": {"type": "string", "format": "uri"},
+                "events": {"type": "array", "items": {"enum": ["invoice.finalized", "invoice.voided", "invoice.paid"]}},
+                "description": {"type": "string", "maxLength": 500},
+            },
+        },
+        "Webhook": {
+            "type": "object",
+            "required": ["id", "url", "events"],
+            "properties": {
+                "id": {"type": "string"},
+                "url": {"type": "string"},
+                "events": {"type": "array", "items": {"type": "string"}},
+                "secret": {"type": "string", "description": "whsec_...; only in the answer that registers it."},
+            },
+        },
+        "Invoice": {
+            "type": "object",
+            "required": ["id", "number", "status", "customer_id", "currency", "lines", "total"],
+            "description": "The upcoming invoice's shape plus id, number (MF-YYYY-NNNNNN once finalized), "
+            "status and dates. Amounts are decimal strings.",
+            "properties": {
+                "id": {"type": "string"},
+                "number": {"type": ["string", "null"]},
+                "status": {"enum": ["draft", "finalized", "paid", "void"]},
+                "customer_id": {"type": "string"},
+                "currency": {"type": "string"},
+                "lines": {"type": "array", "items": OBJECT},
+                "subtotal": {"type": "string"},
+                "minimum_adjustment": {"type": "string"},
+                "total": {"type": "string"},
+                "issued_at": {"type": ["integer", "null"]},
+                "due_at": {"type": ["integer", "null"]},
+            },
+        },
         "Page": {
             "type": "object",
             "required": ["data", "next_cursor"],
             "properties": {"data": {"type": "array", "items": OBJECT}, "next_cursor": {"type": ["string", "null"]}},
+        },
+        "Plan": {
+            "type": "object",
+            "required": ["code", "currency", "charges"],
+            "description": "Amounts and quantities are decimal strings. Charge types: flat, unit, graduated, "
+            "volume, package; a usage charge may price each value of a group-by property (`price_by`, `prices`, "
+            "`default`).",
+            "properties": {
+                "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,62}$"},
+                "name": {"type": "string"},
+                "description": {"type": "string"},
+                "currency": {"type": "string", "description": "ISO 4217"},
+                "interval": {"enum": ["month", "year"]},
+                "minimum": {"type": "string"},
+                "charges": {"type": "array", "items": OBJECT},
+            },
+        },
+        "Subscription": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "customer_id": ID,
+                "plan": {"type": "string"},
+                "plan_version": {"type": "integer"},
+                "start": {"type": "integer"},
+                "end": {"type": ["integer", "null"]},
+                "status": {"enum": ["scheduled", "active", "ended"]},
+            },
+        },
+        "SubscriptionRequest": {
+            "type": "object",
+            "required": ["customer_id", "plan"],
+            "properties": {
+                "customer_id": ID,
+                "plan": {"type": "string"},
+                "start": {"type": "integer", "description": "Epoch ms; default now."},
+            },
+        },
+        "CancelRequest": {"type": "object", "properties": {"at": {"type": "integer", "description": "Default now."}}},
+        "ChangeRequest": {
+            "type": "object",
+            "required": ["plan"],
+            "properties": {"plan": {"type": "string"}, "at": {"type": "integer", "description": "Default now."}},
+        },
+        "PlanChange": {
+            "type": "object",
+            "properties": {
+                "ended": {"$ref": "#/components/schemas/Subscription"},
+                "subscription": {"$ref": "#/components/schemas/Subscription"},
+            },
+        },
+        "UpcomingInvoice": {
+            "type": "object",
+            "required": [
+                "customer_id",
+                "subscription_id",
+                "plan",
+                "currency",
+                "period",
+                "lines",
+                "subtotal",
+                "minimum_adjustment",
+                "total",
+            ],
+            "description": "Money and quantities are decimal strings; each line is rounded to the currency's minor "
+            "unit half up, the subtotal is their sum, a minimum tops it up.",
+            "properties": {"lines": {"type": "array", "items": OBJECT}, "period": OBJECT, "billing_period": OBJECT},
         },
         "Usage": {
             "type": "object",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -10,13 +11,44 @@ from starlette.responses import Response
 from meterflow.api.errors import ApiError
 from meterflow.api.openapi import Param, operation
 from meterflow.api.responses import json_response
-from meterflow.metering.usage import UsageError, UsageOutOfRange, parse_request, query_limits, run_usage
+from meterflow.metering.usage import (
+    GROUP_SEPARATOR,
+    Usage,
+    UsageError,
+    UsageOutOfRange,
+    parse_request,
+    query_limits,
+    run_usage,
+)
 from meterflow.metering.windows import WINDOWS
 from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
 from meterflow.runtime import runtime_of
 from meterflow.storage.base import QueryLimitExceeded
 
 FILTER_RE = re.compile(r"filter\[(.+)\]")
+
+
+def usage_json(u: Usage) -> dict[str, Any]:
+    """The JSON shape of a usage answer: values as exact numbers, breakdown keys joined by `|`."""
+    r = u.request
+    out: dict[str, Any] = {
+        "customer_id": r.customer_id,
+        "meter": r.meter.code,
+        "period": {"start": r.start, "end": r.end},
+        "value": u.value,
+        "unit": r.meter.unit,
+        "aggregation": r.meter.aggregation,
+    }
+    if r.filters:
+        out["filters"] = {p: list(v) for p, v in r.filters}
+    if u.breakdown is not None:
+        out["group_by"] = list(r.group_by)
+        out["breakdown"] = {GROUP_SEPARATOR.join(k): v for k, v in u.breakdown.items()}
+    if u.series is not None:
+        out["window"] = r.window
+        out["tz"] = r.tz.key
+        out["series"] = [{"start": w.start, "end": w.end, "value": w.value} for w in u.series]
+    return out
 
 
 EPOCH = {"type": "integer", "minimum": EPOCH_MS_MIN, "maximum": EPOCH_MS_MAX}
@@ -56,4 +88,4 @@ async def get_usage(request: Request) -> Response:
             f"The usage query went over a limit ({s.usage_max_execution_s} s, {s.usage_max_result_rows} rows, "
             f"{s.usage_max_query_bytes} bytes of SQL); ask for a shorter period, fewer windows or groups.",
         ) from None  # fmt: skip
-    return json_response(result)
+    return json_response(usage_json(result))

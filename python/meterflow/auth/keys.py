@@ -156,6 +156,19 @@ class KeyStore:
         return Principal(key_id=key_id, scope=doc["scope"], customer_id=doc.get("customer_id"),
                          rate_limits=doc.get("rate_limits") or {})  # fmt: skip
 
+    async def principal_of(self, key_id: str) -> Principal | None:
+        """The principal of an active key by its id alone (a dashboard session names its key this way);
+        None once the key is revoked (within the cache time)."""
+        if self._static is not None and key_id == self._static[0]:
+            return Principal(key_id=key_id, scope="admin")
+        if len(key_id) != ID_LEN or not all(c in ALPHABET for c in key_id):
+            return None
+        doc = await self._lookup(key_id)
+        if doc is None:
+            return None
+        return Principal(key_id=key_id, scope=doc["scope"], customer_id=doc.get("customer_id"),
+                         rate_limits=doc.get("rate_limits") or {})  # fmt: skip
+
     async def _lookup(self, key_id: str) -> dict[str, Any] | None:
         now = time.monotonic()
         hit = self._cache.get(key_id)

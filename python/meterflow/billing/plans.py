@@ -28,7 +28,7 @@ Interval = Literal["month", "year"]
 INTERVALS: tuple[Interval, ...] = ("month", "year")
 # What a usage charge can price: quantities that count or measure something used.
 # MIN is refused: the smallest value seen in a period is not an amount of use.
-PRICEABLE: tuple[Aggregation, ...] = ("COUNT", "SUM", "MAX", "AVG", "LATEST", "UNIQUE_COUNT")
+PRICEABLE: tuple[Aggregation, ...] = ("COUNT", "SUM", "MAX", "AVG", "LATEST", "UNIQUE_COUNT", "TIME_WEIGHTED_SUM")
 
 # Prices: at most 15 digits before the point and 12 after. Quantities (tier
 # bounds, free units, package sizes): the meters' Decimal128(38, 9) range.

@@ -8,10 +8,11 @@ from typing import Any, Literal
 
 from meterflow.errors import FieldError
 
-AGGREGATIONS = ("COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST")
-Aggregation = Literal["COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST"]
+AGGREGATIONS = ("COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST", "TIME_WEIGHTED_SUM")
+Aggregation = Literal["COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST", "TIME_WEIGHTED_SUM"]
 # Aggregations over the property's numeric value (exact Decimal128(9)).
-NUMERIC = ("SUM", "MAX", "MIN", "AVG", "LATEST")
+# TIME_WEIGHTED_SUM: the integral over time of the last value reported (a gauge), in value-hours.
+NUMERIC = ("SUM", "MAX", "MIN", "AVG", "LATEST", "TIME_WEIGHTED_SUM")
 CODE_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 FIELDS = ("code", "name", "event_type", "aggregation", "property", "unit", "filters", "group_by", "description")
 

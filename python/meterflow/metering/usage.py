@@ -25,6 +25,7 @@ from meterflow.config import Settings
 from meterflow.customers import ID_RE
 from meterflow.errors import FieldError
 from meterflow.metering.catalog import MeterCatalog
+from meterflow.metering.gauge import Point, integrate, value_hours
 from meterflow.metering.meters import NUMERIC, Meter
 from meterflow.metering.windows import WINDOWS, Window, bucket_sql, count_spans, hour_shift_ms, spans
 from meterflow.params import epoch_ms
@@ -135,14 +136,16 @@ def _prop_text(p: str, keys: str = "str_keys", values: str = "str_values") -> st
     return f"{values}[indexOf({keys}, {quote(p)})]"
 
 
-def _inner_sql(r: UsageRequest) -> str:
+def _inner_sql(r: UsageRequest, start: int | None = None, end: int | None = None) -> str:
+    """One row per transaction of the request's events in [start, end) (default: the request's period;
+    start None with end given: every event before end)."""
     m = r.meter
-    conds = [
-        f"customer_id = {quote(r.customer_id)}",
-        f"event_type = {quote(m.event_type)}",
-        f"timestamp_ms >= {int(r.start)}",
-        f"timestamp_ms < {int(r.end)}",
-    ]
+    lo, hi = (r.start, r.end) if start is None and end is None else (start, end)
+    conds = [f"customer_id = {quote(r.customer_id)}", f"event_type = {quote(m.event_type)}"]
+    if lo is not None:
+        conds.append(f"timestamp_ms >= {int(lo)}")
+    if hi is not None:
+        conds.append(f"timestamp_ms < {int(hi)}")
     for prop, values in (*m.filters.items(), *r.filters):
         conds.append(f"has(str_keys, {quote(prop)})")
         conds.append(f"{_prop_text(prop)} IN ({', '.join(quote(v) for v in values)})")
@@ -229,10 +232,30 @@ def query_limits(settings: Settings) -> QueryLimits:
     return QueryLimits(settings.usage_max_execution_s, settings.usage_max_query_bytes, settings.usage_max_result_rows)
 
 
-async def run_usage(storage: Storage, r: UsageRequest, limits: QueryLimits) -> dict[str, Any]:
-    """The usage answer; values are Decimals (exact), the API writes them as JSON numbers.
-    Each query runs under `limits` (QueryLimitExceeded past them)."""
+@dataclass(frozen=True)
+class WindowValue:
+    """One window of a series: [start, end) and the meter's value inside it."""
+
+    start: int
+    end: int
+    value: Decimal
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A usage answer, typed: exact Decimals; breakdown keys are tuples of the `group_by` values, in order."""
+
+    request: UsageRequest
+    value: Decimal
+    breakdown: dict[tuple[str, ...], Decimal] | None = None  # sorted by key; None without group_by
+    series: tuple[WindowValue, ...] | None = None  # None without a window
+
+
+async def run_usage(storage: Storage, r: UsageRequest, limits: QueryLimits) -> Usage:
+    """The usage of `r`, exact. Each query runs under `limits` (QueryLimitExceeded past them)."""
     m = r.meter
+    if m.aggregation == "TIME_WEIGHTED_SUM":
+        return await time_weighted(storage, r, limits)
     inner = _inner_sql(r)
     aggs = _agg_sql(m)
     jobs: dict[str, Any] = {"total": storage.query(f"SELECT {aggs} FROM ({inner})", limits)}
@@ -245,28 +268,81 @@ async def run_usage(storage: Storage, r: UsageRequest, limits: QueryLimits) -> d
         b = bucket_sql(r.window, r.tz, shift)
         jobs["series"] = storage.query(f"SELECT {b} AS b, {aggs} FROM ({inner}) GROUP BY b", limits)
     results = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
-    out: dict[str, Any] = {
-        "customer_id": r.customer_id,
-        "meter": m.code,
-        "period": {"start": r.start, "end": r.end},
-        "value": _value(m, results["total"][0], "value") if results["total"] else Decimal(0),
-        "unit": m.unit,
-        "aggregation": m.aggregation,
-    }
-    if r.filters:
-        out["filters"] = {p: list(v) for p, v in r.filters}
+    value = _value(m, results["total"][0], "value") if results["total"] else Decimal(0)
+    breakdown: dict[tuple[str, ...], Decimal] | None = None
     if r.group_by:
-        out["group_by"] = list(r.group_by)
-        rows = sorted(results["breakdown"], key=lambda x: [str(x[f"g{i}"]) for i in range(len(r.group_by))])
-        labels = [GROUP_SEPARATOR.join(str(row[f"g{i}"]) for i in range(len(r.group_by))) for row in rows]
-        out["breakdown"] = {k: _value(m, row, f"breakdown[{k!r}]") for k, row in zip(labels, rows, strict=True)}
+        n = len(r.group_by)
+        keyed = sorted(
+            ((tuple(str(row[f"g{i}"]) for i in range(n)), row) for row in results["breakdown"]), key=lambda kr: kr[0]
+        )
+        breakdown = {k: _value(m, row, f"breakdown[{GROUP_SEPARATOR.join(k)!r}]") for k, row in keyed}
+    series: tuple[WindowValue, ...] | None = None
     if r.window:
         by_key = {int(row["b"]): row for row in results["series"]}
-        out["window"] = r.window
-        out["tz"] = r.tz.key
-        out["series"] = [
-            {"start": s.start, "end": s.end,
-             "value": _value(m, by_key[s.key], f"series[{i}]") if s.key in by_key else Decimal(0)}
+        series = tuple(
+            WindowValue(s.start, s.end, _value(m, by_key[s.key], f"series[{i}]") if s.key in by_key else Decimal(0))
             for i, s in enumerate(spans(r.window, r.tz, shift, r.start, r.end))
-        ]  # fmt: skip
-    return out
+        )
+    return Usage(r, value, breakdown, series)
+
+
+async def time_weighted(storage: Storage, r: UsageRequest, limits: QueryLimits) -> Usage:
+    """TIME_WEIGHTED_SUM: the reported points in the period and the last one before it, per group,
+    integrated in Python (`metering.gauge`)."""
+    m = r.meter
+    v = f"nv[indexOf(nk, {quote(m.property or '')})]"
+    keys = "".join(f"{_prop_text(g, 'sk', 'sv')} AS g{i}, " for i, g in enumerate(r.group_by))
+    names = ", ".join(f"g{i}" for i in range(len(r.group_by)))
+    points_sql = f"SELECT {keys}t, {_text19(v, 'v')} FROM ({_inner_sql(r)}) ORDER BY t, id"
+    carry = f"{_text19(f'argMax({v}, (t, id))', 'v')}, count() AS c"
+    jobs = [
+        storage.query(points_sql, limits),
+        storage.query(f"SELECT {carry} FROM ({_inner_sql(r, None, r.start)})", limits),
+    ]
+    if r.group_by:
+        jobs.append(storage.query(f"SELECT {keys}{carry} FROM ({_inner_sql(r, None, r.start)}) GROUP BY {names}",
+                                  limits))  # fmt: skip
+    rows, total_carry, *grouped = await asyncio.gather(*jobs)
+    n = len(r.group_by)
+
+    def key(row: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(str(row[f"g{i}"]) for i in range(n))
+
+    def first(rows: Sequence[Mapping[str, Any]]) -> int | None:
+        return _joined(rows[0], "v") if rows and int(rows[0]["c"]) else None
+
+    points: list[Point] = [(int(row["t"]), _joined(row, "v")) for row in rows]
+
+    def check(raw: int, cell: str) -> Decimal:
+        if abs(raw) >= _RAW_LIMIT:
+            raise UsageOutOfRange(f"`{cell}` (TIME_WEIGHTED_SUM of meter {m.code!r}) is {_decimal(raw):.3e}; "
+                                  "usage values must be smaller than 1e29 in magnitude.")  # fmt: skip
+        return _decimal(raw)
+
+    value = check(value_hours(integrate(first(total_carry), points, r.start, r.end)), "value")
+    breakdown: dict[tuple[str, ...], Decimal] | None = None
+    if r.group_by:
+        carried = {key(row): _joined(row, "v") for row in grouped[0] if int(row["c"])}
+        by_group: dict[tuple[str, ...], list[Point]] = {}
+        for row in rows:
+            by_group.setdefault(key(row), []).append((int(row["t"]), _joined(row, "v")))
+        breakdown = {
+            k: check(value_hours(integrate(carried.get(k), by_group.get(k, []), r.start, r.end)),
+                     f"breakdown[{GROUP_SEPARATOR.join(k)!r}]")
+            for k in sorted(set(carried) | set(by_group))
+        }  # fmt: skip
+    series: tuple[WindowValue, ...] | None = None
+    if r.window:
+        out: list[WindowValue] = []
+        before, i = first(total_carry), 0
+        for j, s in enumerate(spans(r.window, r.tz, hour_shift_ms(r.tz, r.start), r.start, r.end)):
+            k = i
+            while k < len(points) and points[k][0] < s.end:
+                k += 1
+            out.append(WindowValue(s.start, s.end, check(value_hours(integrate(before, points[i:k], s.start, s.end)),
+                                                         f"series[{j}]")))  # fmt: skip
+            if k > i:
+                before = points[k - 1][1]
+            i = k
+        series = tuple(out)
+    return Usage(r, value, breakdown, series)

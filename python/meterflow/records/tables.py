@@ -75,3 +75,124 @@ legacy_imports = sa.Table(
     sa.Column("api_keys", sa.Integer, nullable=False),
     sa.Column("meters", sa.Integer, nullable=False),
 )
+
+# Receivers of invoice events (Standard Webhooks); the secret signs every delivery, so it is kept as is.
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    sa.Column("id", record_id(32), primary_key=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("secret", sa.String(64), nullable=False),
+    sa.Column("events", sa.JSON, nullable=False),
+    sa.Column("description", sa.Text),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("deleted_at", sa.BigInteger),
+)
+
+# The outbox: one row per (event, webhook), written in the transaction that makes the event.
+# `next_attempt_at` is also the claim: a sender moves it one lease ahead with a compare-and-set.
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", record_id(40), primary_key=True),
+    sa.Column("webhook_id", record_id(32), sa.ForeignKey("webhooks.id"), nullable=False),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("next_attempt_at", sa.BigInteger, nullable=False),
+    sa.Column("claim", sa.String(32)),
+    sa.Column("delivered_at", sa.BigInteger),
+    sa.CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="webhook_deliveries_status"),
+    sa.Index("webhook_deliveries_due", "status", "next_attempt_at"),
+    sa.Index("webhook_deliveries_webhook", "webhook_id", "created_at"),
+)
+
+# The delivery log: every attempt, its answer or its error.
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("delivery_id", record_id(40), sa.ForeignKey("webhook_deliveries.id"), nullable=False),
+    sa.Column("attempted_at", sa.BigInteger, nullable=False),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("error", sa.Text),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Index("webhook_attempts_delivery", "delivery_id", "id"),
+)
+
+# Invoices: `document` holds the priced lines; frozen (never written again) once finalized.
+invoices = sa.Table(
+    "invoices",
+    metadata,
+    sa.Column("id", record_id(32), primary_key=True),
+    sa.Column("customer_id", record_id(), nullable=False),
+    sa.Column("subscription_id", record_id(64), nullable=False),
+    sa.Column("period_start", sa.BigInteger, nullable=False),
+    sa.Column("period_end", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("number", sa.String(32), unique=True),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("total", sa.String(64), nullable=False),
+    sa.Column("document", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("issued_at", sa.BigInteger),
+    sa.Column("due_at", sa.BigInteger),
+    sa.Column("paid_at", sa.BigInteger),
+    sa.Column("voided_at", sa.BigInteger),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.CheckConstraint("status IN ('draft', 'finalized', 'paid', 'void')", name="invoices_status"),
+    sa.UniqueConstraint("subscription_id", "period_start", name="invoices_subscription_period"),
+    sa.Index("invoices_customer", "customer_id", "id"),
+)
+
+# The last invoice number given per calendar year, raised in the transaction that finalizes.
+invoice_numbers = sa.Table(
+    "invoice_numbers",
+    metadata,
+    sa.Column("year", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("last", sa.Integer, nullable=False),
+)
+
+# Plans made through the API (config plans live in the config file). `version` is the
+# record's (the ETag); `plan_version` the definition in force for new subscriptions.
+plans = sa.Table(
+    "plans",
+    metadata,
+    sa.Column("code", record_id(63), primary_key=True),
+    sa.Column("plan_version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("archived_at", sa.BigInteger),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+# Every definition a plan has had that a subscription may bill with; config plans
+# are recorded here too (once per distinct definition), so subscriptions name them alike.
+plan_versions = sa.Table(
+    "plan_versions",
+    metadata,
+    sa.Column("code", record_id(63), primary_key=True),
+    sa.Column("plan_version", sa.Integer, primary_key=True),
+    sa.Column("definition", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+# A customer on one version of a plan over [start_at, end_at) (end_at NULL: open).
+subscriptions = sa.Table(
+    "subscriptions",
+    metadata,
+    sa.Column("id", record_id(40), primary_key=True),
+    sa.Column("customer_id", record_id(), nullable=False, index=True),
+    sa.Column("plan_code", record_id(63), nullable=False),
+    sa.Column("plan_version", sa.Integer, nullable=False),
+    sa.Column("start_at", sa.BigInteger, nullable=False),
+    sa.Column("end_at", sa.BigInteger),
+    sa.Column("end_reason", sa.String(16)),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.ForeignKeyConstraint(["plan_code", "plan_version"], ["plan_versions.code", "plan_versions.plan_version"]),
+    sa.CheckConstraint("end_at IS NULL OR end_at >= start_at", name="subscriptions_ends_after_start"),
+)

@@ -1,0 +1,176 @@
+"""/v1/subscriptions: put a customer on a plan from a date, cancel, change plan; and the upcoming invoice."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from meterflow.api.errors import ApiError
+from meterflow.api.openapi import PAGE, Param, operation
+from meterflow.api.responses import json_body, json_response, page_params
+from meterflow.billing.catalog import StoredPlanBroken
+from meterflow.billing.preview import billing_context, price_service_period
+from meterflow.billing.render import priced_period_json
+from meterflow.billing.subscriptions import Subscription, SubscriptionConflict, SubscriptionError, Subscriptions
+from meterflow.customers import ID_RE
+from meterflow.metering.usage import UsageOutOfRange
+from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
+from meterflow.runtime import runtime_of
+from meterflow.storage.base import QueryLimitExceeded
+
+
+def _store(request: Request) -> Subscriptions:
+    return runtime_of(request).subscriptions
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _answer(sub: Subscription, status: int = 200) -> Response:
+    return json_response(sub.as_json(_now_ms()), status)
+
+
+def _object(doc: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise ApiError(400, "invalid_subscription", "The body must be a JSON object.")
+    unknown = sorted(set(doc) - set(fields))
+    if unknown:
+        raise ApiError(400, "invalid_subscription", f"`{unknown[0]}` is not a field here; the fields are "
+                       f"{', '.join(fields)}.")  # fmt: skip
+    return doc
+
+
+def _instant(doc: dict[str, Any], name: str, default: int | None = None) -> int:
+    v = doc.get(name)
+    if v is None and default is not None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not EPOCH_MS_MIN <= v <= EPOCH_MS_MAX:
+        raise ApiError(400, "invalid_subscription", f"`{name}` must be epoch milliseconds from {EPOCH_MS_MIN} to "
+                       f"{EPOCH_MS_MAX}, got {str(v)[:40]!r}.")  # fmt: skip
+    return v
+
+
+def _fail(e: SubscriptionError | SubscriptionConflict) -> ApiError:
+    if isinstance(e, SubscriptionConflict):
+        return ApiError(409, "subscription_conflict", str(e))
+    return ApiError(400, "invalid_subscription", e.message)
+
+
+def _sub_id(request: Request) -> str:
+    return str(request.path_params["subscription_id"])
+
+
+@operation("Subscribe a customer to a plan from `start`", {
+    201: "Created", 409: "The customer has a subscription to this plan that overlaps."},
+    body="SubscriptionRequest", result="Subscription")  # fmt: skip
+async def create_subscription(request: Request) -> Response:
+    doc = _object(await json_body(request), ("customer_id", "plan", "start"))
+    customer = doc.get("customer_id")
+    if not isinstance(customer, str) or not ID_RE.fullmatch(customer):
+        raise ApiError(400, "invalid_subscription", "`customer_id` is required: 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
+    try:
+        sub = await _store(request).create(customer, doc.get("plan"), _instant(doc, "start", _now_ms()))  # type: ignore[arg-type]
+    except (SubscriptionError, SubscriptionConflict) as e:
+        raise _fail(e) from None
+    return _answer(sub, 201)
+
+
+@operation("List subscriptions, in id order", {200: "A page of subscriptions", 400: "A parameter is invalid."},
+           result="Page", params=(*PAGE, Param("customer_id", "Only this customer's subscriptions.")))  # fmt: skip
+async def list_subscriptions(request: Request) -> Response:
+    limit, cursor = page_params(request)
+    customer = request.query_params.get("customer_id")
+    if customer is not None and not ID_RE.fullmatch(customer):
+        raise ApiError(400, "invalid_parameter", "`customer_id` must be 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
+    rows = await _store(request).page(customer, cursor, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    now = _now_ms()
+    return json_response(
+        {"data": [s.as_json(now) for s in rows], "next_cursor": rows[-1].id if more and rows else None}
+    )
+
+
+@operation("Get a subscription", {200: "The subscription", 404: "There is no such subscription."},
+           result="Subscription")  # fmt: skip
+async def get_subscription(request: Request) -> Response:
+    sub = await _store(request).get(_sub_id(request))
+    if sub is None:
+        raise ApiError(404, "subscription_not_found", f"There is no subscription {_sub_id(request)!r}.")
+    return _answer(sub)
+
+
+@operation("Cancel a subscription at `at` (default now)", {
+    200: "Cancelled", 404: "There is no such subscription.", 409: "The subscription ends before `at` already."},
+    body="CancelRequest", result="Subscription")  # fmt: skip
+async def cancel_subscription(request: Request) -> Response:
+    doc = _object(await json_body(request), ("at",))
+    try:
+        sub = await _store(request).cancel(_sub_id(request), _instant(doc, "at", _now_ms()))
+    except (SubscriptionError, SubscriptionConflict) as e:
+        raise _fail(e) from None
+    if sub is None:
+        raise ApiError(404, "subscription_not_found", f"There is no subscription {_sub_id(request)!r}.")
+    return _answer(sub)
+
+
+@operation("Move a subscription to another plan at `at` (default now): the old plan bills up to `at`", {
+    200: "Changed: `ended` is this subscription, `subscription` the new one", 404: "There is no such subscription.",
+    409: "The subscription ends before `at`, or the new plan overlaps another subscription to it."},
+    body="ChangeRequest", result="PlanChange")  # fmt: skip
+async def change_subscription(request: Request) -> Response:
+    doc = _object(await json_body(request), ("plan", "at"))
+    try:
+        done = await _store(request).change(_sub_id(request), doc.get("plan"), _instant(doc, "at", _now_ms()))  # type: ignore[arg-type]
+    except (SubscriptionError, SubscriptionConflict) as e:
+        raise _fail(e) from None
+    if done is None:
+        raise ApiError(404, "subscription_not_found", f"There is no subscription {_sub_id(request)!r}.")
+    now = _now_ms()
+    return json_response({"ended": done[0].as_json(now), "subscription": done[1].as_json(now)})
+
+
+@operation("The customer's current period so far, priced", {
+    200: "The upcoming invoice", 400: "The customer id or `subscription_id` is invalid, or the customer has several "
+    "active subscriptions and `subscription_id` does not name one of them.",
+    404: "The customer has no active subscription.",
+    422: "A usage value is outside the exact range, a usage query went over its limits, or the plan version "
+         "prices a meter that no longer exists."},
+    result="UpcomingInvoice",
+    params=(Param("subscription_id", "Which active subscription (when several)."),))  # fmt: skip
+async def upcoming_invoice(request: Request) -> Response:
+    rt = runtime_of(request)
+    cid = str(request.path_params["customer_id"])
+    if not ID_RE.fullmatch(cid):
+        raise ApiError(400, "invalid_customer_id", "A customer id is 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
+    now = _now_ms()
+    active = [s for s in await rt.subscriptions.of_customer(cid) if s.active_at(now)]
+    wanted = request.query_params.get("subscription_id")
+    if wanted is not None:
+        active = [s for s in active if s.id == wanted]
+        if not active:
+            raise ApiError(400, "invalid_parameter", f"`subscription_id` {wanted[:60]!r} is not an active "
+                           f"subscription of customer {cid!r}.")  # fmt: skip
+    if not active:
+        raise ApiError(404, "no_active_subscription", f"Customer {cid!r} has no active subscription.")
+    if len(active) > 1:
+        ids = ", ".join(s.id for s in active)
+        raise ApiError(400, "invalid_parameter", f"Customer {cid!r} has {len(active)} active subscriptions ({ids}); "
+                       "name one in `subscription_id`.")  # fmt: skip
+    sub = active[0]
+    try:
+        ctx = await billing_context(rt, sub)
+        priced = await price_service_period(rt, ctx, ctx.period_at(now))
+    except UsageOutOfRange as e:
+        raise ApiError(422, "usage_out_of_range", e.message) from None
+    except QueryLimitExceeded:
+        raise ApiError(422, "usage_query_too_expensive", "A usage query of this period went over its limits "
+                       "(MF_USAGE_MAX_*).") from None  # fmt: skip
+    except StoredPlanBroken as e:
+        raise ApiError(422, "plan_not_priceable", str(e)) from None
+    return json_response({"customer_id": cid, "subscription_id": sub.id, "plan_version": sub.plan_version,
+                          **priced_period_json(priced)})  # fmt: skip

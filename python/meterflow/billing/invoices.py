@@ -1,0 +1,197 @@
+"""Invoices as records: drafts from priced periods, the draft → finalized → paid | void lifecycle, gapless numbers.
+
+A number is given at finalization, in the transaction that finalizes: the
+year's counter row is raised by one there (an upsert that locks the row on
+PostgreSQL, the database lock on SQLite), so numbers of a year are 1, 2, 3...
+with no gap even when finalizations run concurrently or one rolls back. A
+finalized invoice's document is never written again; voiding keeps its number.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+import time
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterflow.archive import Store
+from meterflow.billing.periods import Period
+from meterflow.billing.rating import PricedPeriod
+from meterflow.billing.render import priced_period_json
+from meterflow.billing.webhooks import enqueue
+from meterflow.records import Records, plain
+from meterflow.records.tables import invoice_numbers, invoices
+
+log = logging.getLogger("meterflow.invoices")
+
+STATUSES = ("draft", "finalized", "paid", "void")
+DAY_MS = 86_400_000
+# A transition: the status it needs, the status it makes, the time column it sets, the event it sends.
+TRANSITIONS = {
+    "finalize": ("draft", "finalized", "issued_at", "invoice.finalized"),
+    "void": ("finalized", "void", "voided_at", "invoice.voided"),
+    "mark_paid": ("finalized", "paid", "paid_at", "invoice.paid"),
+}
+
+
+class WrongStatus(Exception):
+    """The invoice's current status does not allow the transition (HTTP 409)."""
+
+    def __init__(self, current: str, action: str) -> None:
+        super().__init__(f"{action} needs another status than {current}")
+        self.current = current
+        self.action = action
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def number_text(year: int, n: int) -> str:
+    return f"MF-{year}-{n:06d}"
+
+
+def public(row: dict[str, Any]) -> dict[str, Any]:
+    """An invoice as the API shows it: the upcoming invoice's shape plus id, number, status and dates."""
+    return {"id": row["id"], "number": row["number"], "status": row["status"], "customer_id": row["customer_id"],
+            "subscription_id": row["subscription_id"], **row["document"], "created_at": row["created_at"],
+            "issued_at": row["issued_at"], "due_at": row["due_at"], "paid_at": row["paid_at"],
+            "voided_at": row["voided_at"]}  # fmt: skip
+
+
+def archive_key(number: str, issued_at: int) -> str:
+    at = dt.datetime.fromtimestamp(issued_at / 1000, dt.UTC)
+    return f"invoices/{at:%Y}/{at:%m}/{number}.json"
+
+
+class Invoices:
+    """Invoices in the records database; finalized ones also go to the archive store."""
+
+    def __init__(self, records: Records, archive: Store | None, due_days: int = 30) -> None:
+        self._db = records
+        self._archive = archive
+        self._due_ms = due_days * DAY_MS
+
+    async def create_draft(
+        self, customer_id: str, subscription_id: str, priced: PricedPeriod
+    ) -> tuple[dict[str, Any], bool]:
+        """The draft of a priced period; (invoice, created)."""
+        return await self.create_draft_document(
+            customer_id, subscription_id, priced.period.period, priced.currency, priced_period_json(priced)
+        )
+
+    async def create_draft_document(
+        self, customer_id: str, subscription_id: str, period: Period, currency: str, document: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        """The period's draft with `document` (the priced period's JSON, late lines included); (invoice,
+        created). The unique (subscription, period start) makes a second draft of the same period
+        impossible: the loser of a race gets the winner's invoice."""
+        row = {"id": "inv_" + secrets.token_hex(12), "customer_id": customer_id, "subscription_id": subscription_id,
+               "period_start": period.start, "period_end": period.end, "status": "draft", "number": None,
+               "currency": currency, "total": document["total"], "document": document, "created_at": _now_ms(),
+               "issued_at": None, "due_at": None, "paid_at": None, "voided_at": None, "version": 1}  # fmt: skip
+        try:
+            async with self._db.begin() as conn:
+                await conn.execute(sa.insert(invoices).values(row))
+        except IntegrityError:
+            existing = await self.of_period(subscription_id, period.start)
+            if existing is None:
+                raise
+            return existing, False
+        return public(row), True
+
+    async def refresh_draft(self, invoice_id: str, document: dict[str, Any]) -> dict[str, Any] | None:
+        """The draft with a new document; None if it is no longer a draft."""
+        async with self._db.begin() as conn:
+            done = await conn.execute(
+                sa.update(invoices)
+                .where(invoices.c.id == invoice_id, invoices.c.status == "draft")
+                .values(document=document, total=document["total"], version=invoices.c.version + 1)
+            )
+        return await self.get(invoice_id) if done.rowcount == 1 else None
+
+    async def of_period(self, subscription_id: str, period_start: int) -> dict[str, Any] | None:
+        q = sa.select(invoices).where(invoices.c.subscription_id == subscription_id,
+                                      invoices.c.period_start == period_start)  # fmt: skip
+        async with self._db.connect() as conn:
+            row = (await conn.execute(q)).mappings().first()
+        return public(plain(row)) if row is not None else None
+
+    async def get(self, invoice_id: str) -> dict[str, Any] | None:
+        async with self._db.connect() as conn:
+            row = (await conn.execute(sa.select(invoices).where(invoices.c.id == invoice_id))).mappings().first()
+        return public(plain(row)) if row is not None else None
+
+    async def list(self, after: str, limit: int, customer_id: str = "", status: str = "") -> list[dict[str, Any]]:
+        q = sa.select(invoices).where(invoices.c.id > after)
+        if customer_id:
+            q = q.where(invoices.c.customer_id == customer_id)
+        if status:
+            q = q.where(invoices.c.status == status)
+        async with self._db.connect() as conn:
+            rows = (await conn.execute(q.order_by(invoices.c.id).limit(limit))).mappings().all()
+        return [public(plain(r)) for r in rows]
+
+    async def transition(self, invoice_id: str, action: str) -> dict[str, Any] | None:
+        """Applies `action` (finalize, void, mark_paid); None when there is no such invoice; WrongStatus
+        when its status does not allow it. The webhook deliveries commit with the change."""
+        needs, makes, column, event = TRANSITIONS[action]
+        async with self._db.begin() as conn:
+            q = sa.select(invoices).where(invoices.c.id == invoice_id)
+            if conn.dialect.name == "postgresql":
+                q = q.with_for_update()
+            found = (await conn.execute(q)).mappings().first()
+            if found is None:
+                return None
+            row = plain(found)
+            if row["status"] != needs:
+                raise WrongStatus(row["status"], action)
+            now = _now_ms()
+            values: dict[str, Any] = {"status": makes, column: now, "version": row["version"] + 1}
+            if action == "finalize":
+                values["number"] = number_text(*await self._next_number(conn, now))
+                values["due_at"] = now + self._due_ms
+            done = await conn.execute(
+                sa.update(invoices)
+                .where(invoices.c.id == invoice_id, invoices.c.version == row["version"])
+                .values(values)
+            )
+            if done.rowcount != 1:  # SQLite: changed between our read and write (PostgreSQL holds the row lock)
+                current = (await conn.execute(sa.select(invoices.c.status).where(invoices.c.id == invoice_id))).scalar()
+                raise WrongStatus(str(current), action)
+            row |= values
+            invoice = public(row)
+            await enqueue(conn, event, invoice)
+        if action == "finalize":
+            await self._archive_copy(invoice)
+        return invoice
+
+    async def _next_number(self, conn: AsyncConnection, now: int) -> tuple[int, int]:
+        """(year, n): the year's counter raised by one inside the caller's transaction."""
+        year = dt.datetime.fromtimestamp(now / 1000, dt.UTC).year
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        stmt = (
+            insert(invoice_numbers)
+            .values(year=year, last=1)
+            .on_conflict_do_update(index_elements=[invoice_numbers.c.year], set_={"last": invoice_numbers.c.last + 1})
+            .returning(invoice_numbers.c.last)
+        )
+        n = (await conn.execute(stmt)).scalar_one()
+        return year, int(n)
+
+    async def _archive_copy(self, invoice: dict[str, Any]) -> None:
+        """The disaster-recovery copy; the records database stays the truth if the store is down."""
+        if self._archive is None:
+            return
+        try:
+            key = archive_key(invoice["number"], invoice["issued_at"])
+            await self._archive.put(key, orjson.dumps(invoice, option=orjson.OPT_SORT_KEYS), 1)
+        except Exception as e:
+            log.warning("invoice not archived", extra={"invoice": invoice["id"], "error": str(e)[:300]})

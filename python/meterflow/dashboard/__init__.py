@@ -1,0 +1,1 @@
+"""The dashboard: server-rendered pages for the people who run billing, served at /dashboard."""

@@ -1,0 +1,263 @@
+"""The dashboard's pages: each reads the same services the JSON API uses, never the API over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from meterflow.api.auth import client_address
+from meterflow.api.health import _check
+from meterflow.api.usage import usage_json
+from meterflow.auth.keys import SCOPES, KeyError_
+from meterflow.customers import ID_RE
+from meterflow.dashboard.billing_pages import billing_of
+from meterflow.dashboard.guard import form_of, principal_of, secure, set_session, signed_in, signer_of, to_signin
+from meterflow.dashboard.render import page
+from meterflow.metering.events import EventsError, list_events, parse_query
+from meterflow.metering.meters import Meter
+from meterflow.metering.usage import UsageError, UsageOutOfRange, parse_request, query_limits, run_usage
+from meterflow.metrics import PER_MINUTE
+from meterflow.runtime import runtime_of
+from meterflow.storage.base import QueryLimitExceeded
+
+SIGNIN_COOKIE = "mf_signin"  # the sign-in form's own CSRF token, before any session exists
+PAGE = 25
+HOUR_MS = 3_600_000
+PERIODS = {"24h": 24 * HOUR_MS, "7d": 7 * 24 * HOUR_MS, "30d": 30 * 24 * HOUR_MS, "90d": 90 * 24 * HOUR_MS,
+           "365d": 365 * 24 * HOUR_MS}  # fmt: skip
+WINDOW_PERIOD = {"HOUR": "24h", "DAY": "30d", "MONTH": "365d"}
+METERS_SHOWN = 50
+ZONES = ("UTC", "Europe/London", "Europe/Paris", "Europe/Berlin", "America/New_York", "America/Chicago",
+         "America/Los_Angeles", "Asia/Tokyo", "Asia/Kolkata", "Australia/Sydney")  # fmt: skip
+
+
+# --- signing in and out ----------------------------------------------------------------------------------------
+
+
+async def signin_form(request: Request, error: str = "", status: int = 200) -> Response:
+    token = secrets.token_urlsafe(16)
+    why = request.query_params.get("why")
+    notice = "Your session ended: its API key was revoked." if why == "revoked" and not error else ""
+    response = page(request, "signin.html", {"error": error, "notice": notice, "signin_token": token}, status)
+    response.set_cookie(SIGNIN_COOKIE, token, max_age=3600, path="/dashboard", httponly=True, samesite="strict",
+                        secure=secure(request))  # fmt: skip
+    return response
+
+
+async def signin(request: Request) -> Response:
+    rt = runtime_of(request)
+    form = await form_of(request)
+    token, raw = form.get("csrf"), form.get("key")
+    expected = request.cookies.get(SIGNIN_COOKIE, "")
+    if not (isinstance(token, str) and expected and hmac.compare_digest(token.encode(), expected.encode())):
+        return await signin_form(request, "The form's `csrf` token is missing or wrong; try again.", 403)
+    address = client_address(request, rt.settings.client_address_header)
+    if (wait := rt.auth_failures.retry_after(address)) is not None:
+        return await signin_form(request, f"Too many unknown keys from this address; retry after {wait} s.", 429)
+    principal = await rt.keys.authenticate(raw.strip()) if isinstance(raw, str) else None
+    if principal is None:
+        await rt.auth_failures.failed(address)
+        return await signin_form(request, "The API key is unknown or revoked.", 401)
+    if principal.scope not in ("read", "admin"):
+        return await signin_form(request, f"This key has scope `{principal.scope}`; sign in with a `read` or "
+                                          "`admin` key.", 403)  # fmt: skip
+    cookie, _ = signer_of(request).issue(principal.key_id)
+    response = RedirectResponse("/dashboard/", status_code=303)
+    set_session(response, request, cookie)
+    response.delete_cookie(SIGNIN_COOKIE, path="/dashboard")
+    return response
+
+
+async def signout(request: Request) -> Response:
+    return to_signin(request)
+
+
+# --- overview --------------------------------------------------------------------------------------------------
+
+
+async def _overview_context(request: Request) -> dict[str, Any]:
+    rt = runtime_of(request)
+    m = rt.metrics
+    minutes = m.per_minute(180)
+    series = {"x": [t // 1000 for t, _ in minutes],
+              "series": [{"label": name.removeprefix("meterflow_events_").removesuffix("_total"),
+                          "values": [row[i] for _, row in minutes]} for i, name in enumerate(PER_MINUTE)]}  # fmt: skip
+    reasons = sorted(((dict(labels).get("reason", "?"), int(v)) for labels, v in
+                      m.counter("meterflow_events_failed_total").items()), key=lambda x: -x[1])  # fmt: skip
+    totals = {name.removeprefix("meterflow_events_").removesuffix("_total"): int(sum(m.counter(name).values()))
+              for name in ("meterflow_events_received_total", *PER_MINUTE)}  # fmt: skip
+    probes = rt.probes()
+    checks = await asyncio.gather(*(_check(p) for p in probes))
+    spool = None
+    if rt.spool is not None:
+        objects, size = rt.spool.depth()
+        spool = {"objects": objects, "bytes": size, "max_bytes": rt.spool.max_bytes, "last_error": rt.spool.last_error}
+    return {
+        "chart": series, "reasons": reasons, "totals": totals,
+        "p50": m.quantile("meterflow_flush_seconds", 0.5), "p99": m.quantile("meterflow_flush_seconds", 0.99),
+        "queued_rows": rt.ingest.flusher.queued_rows, "spool": spool,
+        "health": [(p.label, c["status"], p.essential) for p, c in zip(probes, checks, strict=True)],
+    }  # fmt: skip
+
+
+@signed_in
+async def overview(request: Request) -> Response:
+    return page(request, "overview.html", await _overview_context(request))
+
+
+@signed_in
+async def overview_live(request: Request) -> Response:
+    return page(request, "overview_live.html", await _overview_context(request))
+
+
+# --- customers -------------------------------------------------------------------------------------------------
+
+
+@signed_in
+async def customers(request: Request) -> Response:
+    q = request.query_params.get("q", "")[:500]
+    cursor = request.query_params.get("cursor", "")
+    if not ID_RE.fullmatch(cursor or "x"):
+        cursor = ""
+    rows = await runtime_of(request).customers.list(cursor, PAGE + 1, q, "")
+    more = len(rows) > PAGE
+    rows = rows[:PAGE]
+    ctx = {"rows": rows, "q": q, "cursor": cursor, "next_cursor": rows[-1]["id"] if more and rows else None}
+    template = "customers_table.html" if request.headers.get("hx-request") else "customers.html"
+    return page(request, template, ctx)
+
+
+def _usage_params(request: Request) -> dict[str, str]:
+    q = request.query_params
+    window = q.get("window", "DAY").upper()
+    window = window if window in WINDOW_PERIOD else "DAY"
+    period = q.get("period") or WINDOW_PERIOD[window]
+    period = period if period in PERIODS else WINDOW_PERIOD[window]
+    tz = q.get("tz", "UTC")[:64] or "UTC"
+    end = (int(time.time() * 1000) // HOUR_MS + 1) * HOUR_MS  # the end of the current hour
+    return {"window": window, "period": period, "tz": tz, "group_by": q.get("group_by", "")[:255],
+            "start": str(end - PERIODS[period]), "end": str(end)}  # fmt: skip
+
+
+async def _usage_of(request: Request, customer_id: str, meter: Meter, params: dict[str, str]) -> dict[str, Any]:
+    """One meter's usage for the chart: the answer GET /v1/usage gives for the same parameters, or an error."""
+    rt = runtime_of(request)
+    asked = {"customer_id": customer_id, "meter": meter.code, "start": params["start"], "end": params["end"],
+             "window": params["window"], "tz": params["tz"]}  # fmt: skip
+    if params["group_by"] in meter.group_by:
+        asked["group_by"] = params["group_by"]
+    try:
+        req = await parse_request(asked, {}, rt.meters, rt.settings)
+        usage = usage_json(await run_usage(rt.storage, req, query_limits(rt.settings)))
+        return {"meter": meter, "usage": usage, "error": ""}
+    except (UsageError, UsageOutOfRange) as e:
+        return {"meter": meter, "usage": None, "error": e.message}
+    except QueryLimitExceeded:
+        return {"meter": meter, "usage": None, "error": "This query goes over the usage query limits; pick a "
+                                                        "shorter period or a larger window."}  # fmt: skip
+
+
+async def _usage_context(request: Request, customer_id: str) -> dict[str, Any]:
+    rt = runtime_of(request)
+    params = _usage_params(request)
+    meters = [m for m, _ in await rt.meters.list("", METERS_SHOWN)]
+    charts = await asyncio.gather(*(_usage_of(request, customer_id, m, params) for m in meters))
+    group_props = sorted({g for m in meters for g in m.group_by})
+    return {"params": params, "charts": charts, "group_props": group_props, "periods": list(PERIODS),
+            "zones": ZONES, "customer_id": customer_id}  # fmt: skip
+
+
+@signed_in
+async def customer(request: Request) -> Response:
+    cid = str(request.path_params["customer_id"])
+    found = await runtime_of(request).customers.get(cid) if ID_RE.fullmatch(cid) else None
+    if found is None:
+        return page(request, "refused.html", {"message": f"There is no customer {cid!r}."}, 404)
+    billing = await billing_of(request, cid)
+    return page(request, "customer.html", {"customer": found, **billing, **await _usage_context(request, cid)})
+
+
+@signed_in
+async def customer_usage(request: Request) -> Response:
+    cid = str(request.path_params["customer_id"])
+    if not ID_RE.fullmatch(cid):
+        return page(request, "refused.html", {"message": f"There is no customer {cid!r}."}, 404)
+    return page(request, "usage.html", await _usage_context(request, cid))
+
+
+# --- meters ----------------------------------------------------------------------------------------------------
+
+
+@signed_in
+async def meters(request: Request) -> Response:
+    rows = await runtime_of(request).meters.list("", 500)
+    return page(request, "meters.html", {"meters": [(m, v) for m, v in rows]})
+
+
+# --- API keys --------------------------------------------------------------------------------------------------
+
+
+async def _keys_page(request: Request, created: dict[str, Any] | None = None, error: str = "",
+                     status: int = 200) -> Response:  # fmt: skip
+    rows = await runtime_of(request).keys.list("", 500)
+    return page(request, "keys.html", {"keys": rows, "created": created, "error": error, "scopes": SCOPES}, status)
+
+
+@signed_in
+async def keys(request: Request) -> Response:
+    return await _keys_page(request)
+
+
+async def _create_key(request: Request) -> Response:
+    form = await form_of(request)
+    scope, name = str(form.get("scope", "")), str(form.get("name", ""))[:200]
+    customer = str(form.get("customer_id", "")).strip() or None
+    try:
+        key, secret = await runtime_of(request).keys.create(scope, name, customer)
+    except KeyError_ as e:
+        return await _keys_page(request, error=str(e), status=400)
+    # The secret is in this answer only: it is never stored, so it can never be shown again.
+    return await _keys_page(request, created={**key, "key": secret}, status=201)
+
+
+async def _revoke_key(request: Request) -> Response:
+    key_id = str(request.path_params["key_id"])
+    if key_id == principal_of(request).key_id:
+        return await _keys_page(request, error="This is the key you signed in with; sign in with another admin "
+                                               "key to revoke it.", status=400)  # fmt: skip
+    if not await runtime_of(request).keys.revoke(key_id):
+        return await _keys_page(request, error=f"There is no active key {key_id!r}.", status=404)
+    return RedirectResponse("/dashboard/keys", status_code=303)
+
+
+create_key = signed_in(_create_key, change=True)
+revoke_key = signed_in(_revoke_key, change=True)
+signout_ = signed_in(signout)
+
+
+# --- events explorer -------------------------------------------------------------------------------------------
+
+
+@signed_in
+async def events(request: Request) -> Response:
+    rt = runtime_of(request)
+    q = request.query_params
+    ctx: dict[str, Any] = {"customer_id": q.get("customer_id", ""), "event_type": q.get("event_type", ""),
+                           "page": None, "error": ""}  # fmt: skip
+    params = {k: v for k, v in q.items() if k in ("customer_id", "event_type", "cursor") and v}
+    params["limit"] = str(PAGE)
+    try:
+        query = parse_query(params, principal_of(request).customer_id)
+        ctx["page"] = await list_events(rt.storage, query, query_limits(rt.settings))
+    except EventsError as e:
+        ctx["error"] = e.message
+    except QueryLimitExceeded:
+        ctx["error"] = "This search goes over the query limits; name a customer or an event type."
+    template = "events_table.html" if request.headers.get("hx-request") else "events.html"
+    return page(request, template, ctx)

@@ -1,0 +1,94 @@
+"""Invoice documents: the HTML page and the PDF say the same things (one model), money and dates follow the
+locale, and the PDF's text (pdftotext) holds the number, every line amount and the total."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from babel.numbers import format_currency
+from invoice_samples import draft, priced
+from services import ROOT, Backend, MeterFlowServer
+
+from meterflow.billing.documents import DASH, Seller, build, render_html, render_pdf
+from meterflow.billing.invoices import Invoices
+from meterflow.billing.render import priced_period_json
+from meterflow.config import Settings
+from meterflow.records import open_records
+from meterflow.runtime import started
+
+OUTPUT = ROOT / "test-output"
+SELLER = Seller("Acme Metering GmbH", ("Hauptstr. 1", "10115 Berlin"))
+
+
+def invoice_json(status: str = "finalized", number: str | None = "MF-2026-000042") -> dict[str, object]:
+    return {"id": "inv_" + "1" * 24, "number": number, "status": status, "customer_id": "cust_1",
+            "subscription_id": "sub_1", **priced_period_json(priced()), "issued_at": 1_769_904_000_000,
+            "due_at": 1_772_496_000_000}  # fmt: skip
+
+
+def pdf_text(pdf: bytes, tmp_path: Path) -> str:
+    path = tmp_path / "invoice.pdf"
+    path.write_bytes(pdf)
+    return subprocess.run(["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True, check=True).stdout
+
+
+def test_html_and_pdf_say_what_the_model_says(tmp_path: Path) -> None:
+    doc = build(invoice_json(), {"name": "Globex & Co <EU>", "timezone": "UTC"}, SELLER,
+                {"api_calls": "calls", "bandwidth": "bytes"}, "en_US")  # fmt: skip
+    page = render_html(doc)
+    text = pdf_text(render_pdf(doc), tmp_path)
+    assert "Globex &amp; Co &lt;EU&gt;" in page and "Globex & Co <EU>" in text  # escaped in HTML, literal in Typst
+    cells = [c for r in doc.rows for c in r.cells if c] + [v for kv in doc.totals for v in kv] + [doc.title]
+    for cell in cells:
+        assert cell.replace("&", "&amp;") in page, cell
+        assert cell in text, cell
+    assert f"Tier 0 {DASH} 1,000,000,000" in text and "312,500 calls" in text
+    assert f"Jan 1, 2026 {DASH} Jan 31, 2026" in text
+
+
+def test_money_and_dates_follow_the_locale() -> None:
+    doc = build(invoice_json(), None, SELLER, {}, "de_DE")
+    assert ("Total (EUR)", "200,00\xa0€") in doc.totals
+    assert any(v == f"01.01.2026 {DASH} 31.01.2026" for _, v in doc.facts)
+    assert build(invoice_json(status="void"), None, SELLER, {}, "en_US").stamp == "VOID"
+    assert build(invoice_json(status="draft", number=None), None, SELLER, {}, "en_US").title == "Draft invoice"
+
+
+def test_pdf_over_http_holds_number_amounts_and_total(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer], tmp_path: Path
+) -> None:
+    backend = make_backend("embedded")
+    server = start_server(backend, MF_INVOICE_SELLER_NAME="Acme Metering GmbH",
+                          MF_INVOICE_SELLER_ADDRESS="Hauptstr. 1|10115 Berlin")  # fmt: skip
+
+    async def make() -> str:
+        records = open_records(Settings(data_dir=backend.env["MF_DATA_DIR"]))
+        async with started(records):
+            return str((await draft(Invoices(records, None)))["id"])
+
+    iid = asyncio.run(make())
+    with httpx.Client(base_url=server.url, headers=server.auth, timeout=60) as c:
+        assert c.put("/v1/customers/cust_1", json={"name": "Globex Corporation"}).status_code == 201
+        invoice = c.post(f"/v1/invoices/{iid}/finalize").json()
+        r = c.get(f"/v1/invoices/{iid}.pdf")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/pdf" and r.content[:5] == b"%PDF-"
+        page = c.get(f"/v1/invoices/{iid}.html")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert c.get("/v1/invoices/inv_" + "0" * 24 + ".pdf").status_code == 404
+    text = pdf_text(r.content, tmp_path)
+    money = [format_currency(ln["amount"], "EUR", locale="en_US") for ln in invoice["lines"]]
+    total = format_currency(invoice["total"], "EUR", locale="en_US")
+    for expected in (invoice["number"], *money, total, "Globex Corporation", "Acme Metering GmbH", "10115 Berlin"):
+        assert expected in text, expected
+        assert expected in page.text, expected
+    OUTPUT.mkdir(exist_ok=True)
+    (OUTPUT / "invoice.pdf").write_bytes(r.content)
+    subprocess.run(["pdftoppm", "-png", "-r", "80", "-f", "1", "-l", "1", "-singlefile", str(OUTPUT / "invoice.pdf"),
+                    str(OUTPUT / "invoice-page1")], check=True)  # fmt: skip
+    png = OUTPUT / "invoice-page1.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"first page of the invoice PDF: {png}")
