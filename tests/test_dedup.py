@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from services import Redis, flush_redis, free_port
+from redis.exceptions import RedisError
+from services import Redis, flush_redis, free_port, until
 
 from meterflow import samples
 from meterflow.config import Settings
@@ -17,10 +18,13 @@ from meterflow.ingest.dedup import (
     Dedup,
     DedupUnavailable,
     RedisDedup,
+    Reservation,
     new_flush_id,
     open_dedup,
 )
-from meterflow.ingest.service import hour_runs
+from meterflow.ingest.service import IngestResult, IngestService, Unavailable, hour_runs
+from meterflow.metrics import Metrics
+from meterflow.storage.embedded import EmbeddedStorage
 
 NOW = samples.now_ms()
 
@@ -223,3 +227,39 @@ async def test_ids_of_a_queued_flush_are_never_taken_over(redis_server: Redis) -
     assert (await d.redis.get(KEY_PREFIX + b.key(0))).startswith(taker + b"|")
     assert entries[2][1][b"e"].count(b"\n") == 20
     await d.close()
+
+
+class _LostAfterPipeline(RedisDedup):
+    """Real Redis; the connection is lost right after the reservation pipeline (a Redis crash's timing)."""
+
+    async def _resolve(self, *args: object, **kwargs: object) -> Reservation:
+        raise RedisError("Connection lost")
+
+
+async def test_a_request_failing_while_reserving_leaves_its_flush_uncommitted(
+    redis_server: Redis, chdb_storage: EmbeddedStorage
+) -> None:
+    """Its keys may be held by the flush without its rows: a commit record would make
+    them duplicates never stored. So the flush commits nothing and its ids are taken over."""
+    flush_redis(redis_server)
+    settings = Settings(dedup="redis", redis_url=redis_server.url, flush_timeout_s=1)
+    plain, lossy = RedisDedup(settings), _LostAfterPipeline(settings)
+    await plain.start()
+    await lossy.start()
+    f = new_flush_id()
+    await plain.reserve(events_of("c_lost", ["held"]), f)
+    await plain.commit(f)
+    service = IngestService(settings, chdb_storage, lossy, Metrics())
+    good, bad = events_of("c_lost", ["g1"]), events_of("c_lost", ["held", "n1", "n2"])
+    answers = await asyncio.gather(service.accept(good), service.accept(bad), return_exceptions=True)
+    assert isinstance(answers[0], IngestResult) and answers[0].accepted == 1  # stored, in the same flush
+    assert isinstance(answers[1], Unavailable)
+
+    async def retried() -> bool:
+        r = await plain.reserve(events_of("c_lost", ["n1", "n2"]), new_flush_id())
+        assert r.duplicates == 0, "the failed request's events are reported as duplicates, never stored"
+        return r.accepted == 2
+
+    await until(retried, "the failed request's ids taken over", 10, every=0.2)
+    await plain.close()
+    await lossy.close()

@@ -37,6 +37,9 @@ class Flush:
     pending: int = 0
     sealed: bool = False
     writing: bool = False
+    # A request failed after its reservation may have reached the dedup store:
+    # no commit record, so the flush's ids are taken over after the flush timeout.
+    tainted: bool = False
 
     def reserved_keys(self) -> list[str]:
         """The dedup keys this flush holds (used only to release them after a failure)."""
@@ -149,7 +152,10 @@ class Flusher:
             f.done.set_exception(StorageError(f"insert interrupted: {e!r}"))
             raise
         self.queued_rows -= f.count
-        await commit.commit(self._dedup, f.id)
+        if f.tainted:
+            log.warning("commit record skipped: a request failed while reserving", extra={"flush_id": f.id})
+        else:
+            await commit.commit(self._dedup, f.id)
         f.done.set_result(None)
         # This write is over: the flush gathered meanwhile may go now.
         self._writes.discard(asyncio.current_task())

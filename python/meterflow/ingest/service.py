@@ -199,8 +199,14 @@ class IngestService:
         try:
             try:
                 res = await self.dedup.reserve(batch, flush.id)
-            except DedupUnavailable as e:
-                raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e
+            except BaseException as e:
+                # The pipeline may have reserved some keys under this flush before
+                # failing: its commit record would make them duplicates never stored.
+                # (The in-process index reserves all or nothing, and has no take-over.)
+                flush.tainted = self.dedup.name != "memory"
+                if isinstance(e, DedupUnavailable):
+                    raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e
+                raise
             if res.accepted:
                 self.flusher.add(flush, batch, res.keep, batch.storage_rows(res.keep), res.accepted, n)
                 added = True
