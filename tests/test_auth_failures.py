@@ -7,12 +7,15 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from services import Backend, MeterFlowServer
+from redis.exceptions import RedisError
+from services import Backend, MeterFlowServer, Redis, free_port
 
 from meterflow import samples
 from meterflow.auth import keys as keys_module
+from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore
-from meterflow.storage.embedded import EmbeddedStorage
+from meterflow.records import Records
+from meterflow.runtime import started
 
 LIMIT = 5
 
@@ -67,9 +70,47 @@ def test_the_address_comes_from_the_trusted_proxy_header(
         assert send("198.51.100.4", random_key()) == 401
 
 
-async def test_unknown_keys_do_not_grow_the_cache(chdb_storage: EmbeddedStorage, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(keys_module, "CACHE_MAX", 100)
-    store = KeyStore(chdb_storage)
+async def test_unknown_keys_do_not_grow_the_cache(records: Records, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keys_module, "MISSES_MAX", 100)
+    store = KeyStore(records)
     for _ in range(300):
         assert await store.authenticate(random_key()) is None
-    assert len(store._cache) == 100
+    assert len(store._misses) == 100 and len(store._cache) == 0
+
+
+async def test_active_keys_stay_cached_through_a_flood_of_unknown_keys(
+    records: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of unknown keys evicts no active key; among active keys the least recently used goes first."""
+    monkeypatch.setattr(keys_module, "CACHE_MAX", 3)
+    monkeypatch.setattr(keys_module, "MISSES_MAX", 10)
+    store = KeyStore(records)
+    made = [await store.create("read", f"k{i}") for i in range(4)]
+    busy, other, third, fourth = ((key["id"], secret) for key, secret in made)
+    for _, secret in (busy, other, third):
+        assert await store.authenticate(secret) is not None
+    for _ in range(50):
+        assert await store.authenticate(random_key()) is None
+    assert list(store._cache) == [busy[0], other[0], third[0]]
+    assert await store.authenticate(busy[1]) is not None  # used again: now the most recent
+    assert await store.authenticate(fourth[1]) is not None  # one more active key drops the least recent
+    assert list(store._cache) == [third[0], busy[0], fourth[0]]
+
+
+async def test_the_shared_count_is_a_backend_ready_probes(redis_server: Redis) -> None:
+    shared = AuthFailures(LIMIT, redis_server.url)
+    async with started(shared):
+        await shared.ping()
+    gone = AuthFailures(LIMIT, f"redis://127.0.0.1:{free_port()}")
+    async with started(gone):
+        with pytest.raises((RedisError, OSError)):
+            await gone.ping()
+        # Redis away: the worker's own count stands in, the limit still holds.
+        assert [await gone.failed("192.0.2.1") for _ in range(LIMIT)] == [None] * LIMIT
+        assert await gone.failed("192.0.2.1") is not None
+
+
+def test_ready_reports_the_failure_count_backend(server: MeterFlowServer, backend: Backend) -> None:
+    checks = httpx.get(f"{server.url}/ready").json()["checks"]
+    name = "redis" if backend.kind == "full" else "memory"
+    assert checks[f"authfailures:{name}"] == {"status": "ok"}

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from services import Backend, ClickHouse, MeterFlowServer
+import sqlalchemy as sa
+from services import Backend, MeterFlowServer
+from sqlalchemy.exc import DBAPIError
+from starlette.requests import Request
 
 from meterflow import config
+from meterflow.api import errors
 from meterflow.api.app import bootstrap_admin_key
 from meterflow.auth.keys import KeyStore
+from meterflow.metering.calendar import known_zones
+from meterflow.metering.windows import Window, bucket_sql
 from meterflow.params import EPOCH_MS_MAX
-from meterflow.storage import open_storage
+from meterflow.records import Records, open_records
+from meterflow.records.tables import api_keys
+from meterflow.runtime import started
+from meterflow.storage import Storage
 
 LIST_ROUTES = ["/v1/customers", "/v1/keys", "/v1/meters"]
 USAGE = {"customer_id": "c", "meter": "api_calls", "start": "1", "end": "2"}
@@ -132,22 +145,20 @@ def test_admin_body_is_refused_at_the_limit_while_it_streams(server: MeterFlowSe
 
 
 async def test_admin_key_and_data_dir_are_private_from_creation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clickhouse: ClickHouse
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With chmod made a no-op, only a file and a directory created with their final modes pass:
     no moment exists where the admin key is readable by others."""
     monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
     monkeypatch.setattr("os.chmod", lambda *a, **k: None)
     data = tmp_path / "fresh" / "data"
-    clickhouse.reset_database("mf_bootstrap")  # a store with no key yet (chdb allows one path per process)
-    storage = open_storage(config.Settings(storage="clickhouse", clickhouse_url=clickhouse.url,
-                                           clickhouse_database="mf_bootstrap"))  # fmt: skip
+    # The records live outside the data directory, so bootstrap_admin_key is what creates it.
+    records = open_records(config.Settings(database_url=f"sqlite:///{tmp_path / 'records.db'}"))
     old = os.umask(0o022)
     try:
-        await storage.start()
-        await bootstrap_admin_key(config.Settings(data_dir=str(data)), KeyStore(storage))
+        async with started(records):
+            await bootstrap_admin_key(config.Settings(data_dir=str(data)), KeyStore(records))
     finally:
-        await storage.close()
         os.umask(old)
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     key = data / "admin.key"
@@ -172,3 +183,117 @@ def test_the_largest_valid_customer_is_stored(server: MeterFlowServer) -> None:
     assert r.status_code == 201, r.text[:300]
     got = httpx.get(f"{server.url}/v1/customers/cust_big", headers=server.auth, timeout=60).json()
     assert got["metadata"] == metadata
+
+
+def test_null_timezone_in_a_patch_is_400(server: MeterFlowServer) -> None:
+    url = f"{server.url}/v1/customers/cust_tz"
+    assert httpx.put(url, json={"name": "A", "timezone": "Europe/Paris"}, headers=server.auth).status_code == 201
+    r = httpx.patch(url, json={"timezone": None}, headers=server.auth)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_customer" and "`timezone`" in r.json()["message"]
+    assert httpx.get(url, headers=server.auth).json()["timezone"] == "Europe/Paris"
+    assert_no_traceback(server)
+
+
+def test_nul_character_is_refused_in_every_text_field(server: MeterFlowServer) -> None:
+    """PostgreSQL's text cannot hold U+0000: refused as a 400 naming the field, on both engines alike."""
+    url = f"{server.url}/v1/customers/cust_nul"
+    h = server.auth
+    assert httpx.put(url, json={"name": "A"}, headers=h).status_code == 201
+    bodies = {"name": {"name": "a\u0000b"}, "email": {"email": "a\u0000@b.example"},
+              "metadata": {"metadata": {"k\u0000": "v"}}, "metadata'": {"metadata": {"k": "v\u0000"}}}  # fmt: skip
+    for field, body in bodies.items():
+        for r in (httpx.put(url, json=body, headers=h), httpx.patch(url, json=body, headers=h)):
+            assert r.status_code == 400, (field, r.text)
+            assert f"`{field.rstrip(chr(39))}`" in r.json()["message"], r.text
+    for field in ("name", "email"):
+        r = httpx.get(f"{server.url}/v1/customers", params={field: "a\u0000"}, headers=h)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_parameter", r.text
+        assert f"`{field}`" in r.json()["message"]
+    r = httpx.post(f"{server.url}/v1/keys", json={"scope": "read", "name": "k\u0000"}, headers=h)
+    assert r.status_code == 400 and "`name`" in r.json()["message"], r.text
+    assert httpx.get(url, headers=h).json()["name"] == "A"
+    assert_no_traceback(server)
+
+
+def test_if_match_outside_the_version_range_matches_nothing(server: MeterFlowServer) -> None:
+    """A tag no version can have is stale (412) on every conditional route, never an overflow in SQL."""
+    url = f"{server.url}/v1/customers/cust_tag"
+    assert httpx.put(url, json={"name": "A"}, headers=server.auth).status_code == 201
+    meter = {"code": "seats", "event_type": "seat", "aggregation": "MAX", "property": "n"}
+    assert httpx.post(f"{server.url}/v1/meters", json=meter, headers=server.auth).status_code == 201
+    key = httpx.post(f"{server.url}/v1/keys", json={"scope": "read"}, headers=server.auth).json()
+    for tag in ['"99999999999999999999"', '"9223372036854775808"', '"2147483648"', '"0"', '"\u00b2"']:
+        headers = [(k.encode(), v.encode()) for k, v in {**server.auth, "If-Match": tag}.items()]
+        with httpx.Client(headers=headers) as c:
+            answers = [
+                c.put(url, json={"name": "B"}),
+                c.patch(url, json={"name": "B"}),
+                c.delete(url),
+                c.put(f"{server.url}/v1/meters/seats", json=meter),
+                c.delete(f"{server.url}/v1/meters/seats"),
+                c.delete(f"{server.url}/v1/keys/{key['id']}"),
+            ]
+        assert [r.status_code for r in answers] == [412] * 6, (tag, [r.text[:200] for r in answers])
+    assert httpx.get(url, headers=server.auth).json()["version"] == 1
+    assert_no_traceback(server)
+
+
+def test_time_zone_the_store_cannot_compute_in_is_400(server: MeterFlowServer) -> None:
+    """Python's zoneinfo loads `right/UTC`, ClickHouse does not: a client's mistake, never a 503."""
+    for tz in ["right/UTC", "posix/UTC", "localtime", "Nowhere/City", "../etc/passwd"]:
+        r = httpx.get(f"{server.url}/v1/usage", params={**USAGE, "tz": tz, "window": "DAY"}, headers=server.auth)
+        assert r.status_code == 400, (tz, r.text)
+        assert r.json()["error"] == "invalid_parameter" and "`tz`" in r.json()["message"]
+        c = httpx.put(f"{server.url}/v1/customers/cust_zone", json={"timezone": tz}, headers=server.auth)
+        assert c.status_code == 400 and "`timezone`" in c.json()["message"], (tz, c.text)
+    r = httpx.get(f"{server.url}/v1/usage", params={**USAGE, "tz": "Europe/Paris", "window": "DAY"},
+                  headers=server.auth)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert_no_traceback(server)
+
+
+async def test_every_accepted_time_zone_computes_windows_in_the_store(storage: Storage) -> None:
+    """Each zone the API accepts runs in a window query on chdb and on ClickHouse 18.16 (one statement)."""
+    zones = sorted(known_zones())
+    assert "UTC" in zones and "Europe/Paris" in zones and not {"right/UTC", "posix/UTC", "localtime"} & set(zones)
+    windows: tuple[Window, ...] = ("DAY", "MONTH")
+    for window in windows:
+        columns = ", ".join(f"{bucket_sql(window, ZoneInfo(z), 0)} AS c{i}" for i, z in enumerate(zones))
+        rows = await storage.query(f"SELECT {columns} FROM (SELECT toInt64(86400000) AS t)")
+        assert len(rows) == 1 and len(rows[0]) == len(zones)
+
+
+async def test_a_value_or_constraint_the_database_refuses_is_a_4xx(records: Records) -> None:
+    """The last guard behind the routes' checks: the database's own refusal maps to 409 / 400, never 500."""
+    request = Request({"type": "http", "method": "PUT", "path": "/v1/x", "query_string": b"", "headers": []})
+    row: dict[str, object] = {"id": "k" * 12, "name": "", "scope": "read", "customer_id": None, "rate_limits": {}, "hash": "h",
+           "created_at": 0, "version": 1}  # fmt: skip
+    async with records.begin() as conn:
+        await conn.execute(sa.insert(api_keys).values(row))
+    with pytest.raises(DBAPIError) as dup:
+        async with records.begin() as conn:
+            await conn.execute(sa.insert(api_keys).values({**row, "id": "j" * 12}))  # the same hash
+    answer = await errors.record_rejected(request, dup.value)
+    assert answer.status_code == 409 and json.loads(bytes(answer.body))["error"] == "conflict"
+    if records.name == "postgresql":  # SQLite's text holds U+0000; PostgreSQL's cannot
+        with pytest.raises(DBAPIError) as nul:
+            async with records.begin() as conn:
+                await conn.execute(sa.insert(api_keys).values({**row, "id": "n" * 12, "hash": "n", "name": "\x00"}))
+        answer = await errors.record_rejected(request, nul.value)
+        assert answer.status_code == 400 and json.loads(bytes(answer.body))["error"] == "invalid_value"
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["keys", "create", "--scope", "read"]])
+def test_cli_first_run_creates_the_data_dir_0700(tmp_path: Path, command: list[str]) -> None:
+    """The CLI's first touch of a fresh data directory is the records database: it too creates it private."""
+    data = tmp_path / "fresh" / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MF_")} | {"MF_DATA_DIR": str(data)}
+    old = os.umask(0o022)  # the child inherits it: a plain mkdir would make 0755
+    try:
+        out = subprocess.run([sys.executable, "-m", "meterflow.cli", *command], env=env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    finally:
+        os.umask(old)
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700

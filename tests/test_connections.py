@@ -158,7 +158,8 @@ def nginx(tmp_path: Path) -> Iterator[Callable[[int], str]]:
 
 
 def test_the_documented_proxy_closes_silent_connections_and_passes_the_client_address(
-    nginx: Callable[[int], str], make_backend: Callable[[str], Backend],
+    nginx: Callable[[int], str],
+    make_backend: Callable[[str], Backend],
     start_server: Callable[..., MeterFlowServer],
 ) -> None:
     server = start_server(make_backend("embedded"), MF_CLIENT_ADDRESS_HEADER="x-real-ip",
@@ -171,8 +172,10 @@ def test_the_documented_proxy_closes_silent_connections_and_passes_the_client_ad
     finally:
         for s in silent:
             s.close()
-    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.9"), timeout=30) as guesser, \
-            httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.10"), timeout=30) as other:
+    with (
+        httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.9"), timeout=30) as guesser,
+        httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.10"), timeout=30) as other,
+    ):
         bad = {"Authorization": "Bearer mf_" + "B" * 44}
         assert [guesser.get(f"{url}/v1/meters", headers=bad).status_code for _ in range(4)] == [401] * 3 + [429]
         # The proxy's own address is not what is limited: another client goes on.
@@ -187,4 +190,9 @@ def test_connection_settings_are_checked_at_start() -> None:
         Settings(http_body_timeout_s=0)
     # The cap per worker follows the open-file limit, so an accept never fails for a descriptor.
     assert connection_cap(Settings(), 1 << 20) == Settings().http_max_connections
-    assert connection_cap(Settings(workers=2, storage="clickhouse", dedup="redis"), 9216) == (9216 - FD_RESERVE) // 2
+    assert (
+        connection_cap(
+            Settings(workers=2, storage="clickhouse", dedup="redis", database_url="postgresql://mf@127.0.0.1/mf"), 9216
+        )
+        == (9216 - FD_RESERVE) // 2
+    )

@@ -25,9 +25,12 @@ from meterflow.ingest.core import Limits, decode_batch
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import AGGREGATIONS, Meter, parse_meter
 from meterflow.metering.usage import UsageOutOfRange, parse_request, query_limits, run_usage
+from meterflow.records import open_records
 from meterflow.storage import Storage
 
 DAY = 86_400_000
+# Config meters only: the catalog never opens this records database (nothing connects to it).
+CONFIG_ONLY = open_records(Settings(database_url="sqlite:////nonexistent/never-opened.db"))
 DAY1 = int(datetime(2024, 10, 1, tzinfo=UTC).timestamp() * 1000)
 NOW = DAY1 + 3 * DAY
 LIMITS = Limits(max_events=250_000, max_age_ms=20 * 365 * DAY)
@@ -64,7 +67,7 @@ async def store(storage: Storage, customer: str, values: list[tuple[str, int, st
 
 
 async def usage(storage: Storage, m: Meter, customer: str, **params: str) -> dict[str, Any]:
-    catalog = MeterCatalog(storage, tuple(METERS.values()))
+    catalog = MeterCatalog(CONFIG_ONLY, tuple(METERS.values()))
     q = {"meter": m.code, "customer_id": customer, "start": str(DAY1), "end": str(DAY1 + 2 * DAY), **params}
     req = await parse_request(q, {}, catalog, Settings())
     return usage_json(await run_usage(storage, req, query_limits(Settings())))

@@ -24,6 +24,7 @@ from meterflow.api.auth import requires
 from meterflow.api.openapi import spec
 from meterflow.billing.invoices import Invoices
 from meterflow.config import Settings
+from meterflow.ingest.core import Limits, decode_batch
 from meterflow.records import open_records
 from meterflow.runtime import started
 
@@ -33,6 +34,7 @@ TEXT = {"Content-Type": "text/plain"}
 BIG = b'{"name": "' + b"x" * (1 << 20) + b'"}'
 USAGE = {"customer_id": "c", "meter": "api_calls"}
 METER = {"event_type": "probe", "aggregation": "COUNT"}
+STALE = {"If-Match": '"999"'}  # a version none of the probes' records reaches
 # Path parameters of the generic probes (auth and rate limits answer before the route reads them).
 SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12, "subscription_id": "sub_probe",
           "invoice_id": "inv_" + "0" * 24, "webhook_id": "wh_" + "0" * 24}
@@ -76,6 +78,17 @@ def test_scope_and_limits_come_from_the_routes_and_settings() -> None:
     assert "12345 bytes" in ingest["responses"]["413"]["description"] and "50 events" in ingest["responses"]["413"]["description"]
     assert "2 minutes ahead" in doc["components"]["schemas"]["Event"]["properties"]["timestamp"]["description"]
     assert "7 days old" in doc["components"]["schemas"]["Event"]["properties"]["timestamp"]["description"]
+    event = doc["components"]["schemas"]["Event"]["properties"]
+    core = Limits()
+    assert event["properties"]["maxProperties"] == core.max_properties
+    assert event["properties"]["additionalProperties"]["oneOf"][0]["maxLength"] == core.max_property_value_len
+    assert event["event_type"]["maxLength"] == core.max_event_type_len
+    assert event["transaction_id"]["maxLength"] == core.max_id_len
+    # The documented limit is the one the core applies: one property more fails the event.
+    now = samples.now_ms()
+    for n, failed in ((core.max_properties, 0), (core.max_properties + 1, 1)):
+        e = {**samples.seed_event(), "timestamp": now, "properties": {f"p{i}": "v" for i in range(n)}}
+        assert len(decode_batch(samples.body([e]), now).failed) == failed
     assert doc["paths"]["/health"]["get"]["security"] == []  # no key needed
     assert "401" not in doc["paths"]["/health"]["get"]["responses"]
     assert "`admin`" in doc["paths"]["/v1/keys"]["post"]["description"]
@@ -242,10 +255,12 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         ("GET", m, 404): lambda c: c.get("/v1/meters/nope"),
         ("PUT", m, 201): lambda c: c.put("/v1/meters/probe_b", json=METER),
         ("PUT", m, 200): lambda c: c.put("/v1/meters/probe_b", json=METER),
+        ("PUT", m, 412): lambda c: c.put("/v1/meters/probe_b", json=METER, headers=STALE),
         ("PUT", m, 409): lambda c: c.put("/v1/meters/api_calls", json=METER),
         ("PUT", m, 400): lambda c: c.put("/v1/meters/probe_b", json={"aggregation": "MEDIAN"}),
         ("PUT", m, 413): lambda c: c.put("/v1/meters/probe_b", content=BIG, headers=JSON),
         ("PUT", m, 415): lambda c: c.put("/v1/meters/probe_b", content=b"{}", headers=TEXT),
+        ("DELETE", m, 412): lambda c: c.delete("/v1/meters/probe_b", headers=STALE),
         ("DELETE", m, 204): lambda c: c.delete("/v1/meters/probe_b"),
         ("DELETE", m, 404): lambda c: c.delete("/v1/meters/probe_b"),
         ("DELETE", m, 409): lambda c: c.delete("/v1/meters/api_calls"),
@@ -259,6 +274,7 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         ("GET", "/v1/customers", 400): lambda c: c.get("/v1/customers", params={"limit": "x"}),
         ("PUT", cu, 201): lambda c: c.put("/v1/customers/cust_p", json={"name": "P"}),
         ("PUT", cu, 200): lambda c: c.put("/v1/customers/cust_p", json={"name": "P"}),
+        ("PUT", cu, 412): lambda c: c.put("/v1/customers/cust_p", json={"name": "P"}, headers=STALE),
         ("PUT", cu, 400): lambda c: c.put("/v1/customers/cust_p", json={"currency": "euro"}),
         ("PUT", cu, 413): lambda c: c.put("/v1/customers/cust_p", content=BIG, headers=JSON),
         ("PUT", cu, 415): lambda c: c.put("/v1/customers/cust_p", content=b"{}", headers=TEXT),
@@ -266,10 +282,12 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         ("GET", cu, 400): lambda c: c.get("/v1/customers/bad id!"),
         ("GET", cu, 404): lambda c: c.get("/v1/customers/cust_none"),
         ("PATCH", cu, 200): lambda c: c.patch("/v1/customers/cust_p", json={"name": "Q"}),
+        ("PATCH", cu, 412): lambda c: c.patch("/v1/customers/cust_p", json={"name": "Q"}, headers=STALE),
         ("PATCH", cu, 400): lambda c: c.patch("/v1/customers/cust_p", json={"email": "nope"}),
         ("PATCH", cu, 404): lambda c: c.patch("/v1/customers/cust_none", json={"name": "Q"}),
         ("PATCH", cu, 413): lambda c: c.patch("/v1/customers/cust_p", content=BIG, headers=JSON),
         ("PATCH", cu, 415): lambda c: c.patch("/v1/customers/cust_p", content=b"{}", headers=TEXT),
+        ("DELETE", cu, 412): lambda c: c.delete("/v1/customers/cust_p", headers=STALE),
         ("DELETE", cu, 204): lambda c: c.delete("/v1/customers/cust_p"),
         ("DELETE", cu, 400): lambda c: c.delete("/v1/customers/bad id!"),
         ("DELETE", cu, 404): lambda c: c.delete("/v1/customers/cust_p"),
@@ -279,6 +297,7 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         ("POST", "/v1/keys", 400): lambda c: c.post("/v1/keys", json={"scope": "root"}),
         ("POST", "/v1/keys", 413): lambda c: c.post("/v1/keys", content=BIG, headers=JSON),
         ("POST", "/v1/keys", 415): lambda c: c.post("/v1/keys", content=b"{}", headers=TEXT),
+        ("DELETE", k, 412): lambda c: c.delete(f"/v1/keys/{made['key']}", headers=STALE),
         ("DELETE", k, 204): lambda c: c.delete(f"/v1/keys/{made['key']}"),
         ("DELETE", k, 404): lambda c: c.delete(f"/v1/keys/{made['key']}"),
         ("GET", "/v1/invoices", 200): lambda c: c.get("/v1/invoices", params={"status": "draft"}),

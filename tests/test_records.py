@@ -24,15 +24,18 @@ from services import Backend, MeterFlowServer, PostgreSQL
 from sqlalchemy.exc import IntegrityError
 
 from meterflow import samples
-from meterflow.auth.keys import KeyStore, new_key
+from meterflow.auth.keys import KeyStore, digest, new_key, split_key
 from meterflow.config import ConfigError, Settings, load
 from meterflow.customers import Customers, validate
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import parse_meter
 from meterflow.records import IfMatch, Records, StaleVersion, migrate, open_records
 from meterflow.records.database import database_url
-from meterflow.records.tables import api_keys, metadata
+from meterflow.records.legacy import LegacyImportFailed, import_documents
+from meterflow.records.tables import api_keys, legacy_imports, metadata
+from meterflow.records.tables import customers as customer_rows
 from meterflow.runtime import started
+from meterflow.storage.embedded import EmbeddedStorage
 
 JSON = {"Content-Type": "application/json"}
 
@@ -85,6 +88,24 @@ async def test_concurrent_changes_with_one_if_match_let_one_win(records: Records
     await asyncio.gather(*(customers.patch("cust_race", {"metadata": {f"k{i}": "v"}}) for i in range(8)))
     final = await customers.get("cust_race")
     assert final is not None and final["version"] == 10
+
+
+async def test_many_concurrent_changes_without_if_match_all_apply(records: Records) -> None:
+    """A change without If-Match is never lost or refused, however many run at once: each applies on the
+    version before it (the row is locked for the read-modify-write), so the versions are exactly 2..N+1."""
+    n = 40
+    customers = Customers(records)
+    await customers.put("cust_many", fields(name="Start"))
+    patched = await asyncio.gather(*(customers.patch("cust_many", {"name": f"n{i}"}) for i in range(n)))
+    assert sorted(c["version"] for c in patched if c is not None) == list(range(2, n + 2))
+    put = await asyncio.gather(*(customers.put("cust_many", fields(name=f"p{i}")) for i in range(n)))
+    assert sorted(c["version"] for c, _ in put) == list(range(n + 2, 2 * n + 2))
+    fresh = await asyncio.gather(*(customers.put("cust_new", fields(name=f"c{i}")) for i in range(n)))
+    assert sorted(created for _, created in fresh) == [False] * (n - 1) + [True]
+    catalog = MeterCatalog(records, ())
+    meter = parse_meter({"code": "many", "event_type": "e", "aggregation": "COUNT"}, "api")
+    replaced = await asyncio.gather(*(catalog.replace(meter) for _ in range(n)))
+    assert sorted(v for _, v in replaced) == list(range(1, n + 1))
 
 
 async def test_the_database_enforces_unique_and_check_constraints(records: Records) -> None:
@@ -245,20 +266,38 @@ async def test_two_workers_concurrent_patches_with_one_if_match(two_workers: Met
 
 
 def test_revocation_reaches_every_worker_within_two_seconds(two_workers: MeterFlowServer) -> None:
+    """Both workers serve the key before the revocation and refuse it 2 s after: a keep-alive connection
+    stays on the worker that accepted it, and /health names that worker's pid."""
     server = two_workers
     key = httpx.post(f"{server.url}/v1/keys", json={"scope": "read"}, headers=server.auth).json()
     headers = {"Authorization": f"Bearer {key['key']}"}
-    # Fresh connections spread over both workers and fill each one's key cache.
-    for _ in range(40):
-        assert httpx.get(f"{server.url}/v1/meters", headers=headers).status_code == 200
-    assert httpx.delete(f"{server.url}/v1/keys/{key['id']}", headers=server.auth).status_code == 204
-    deadline = time.monotonic() + 2.0
-    # Until the bound a worker may still hold the key in its cache...
-    while time.monotonic() < deadline:
-        assert httpx.get(f"{server.url}/v1/meters", headers=headers).status_code in (200, 401)
-    # ...from 2 s after the revocation on, none accepts it.
-    statuses = [httpx.get(f"{server.url}/v1/meters", headers=headers).status_code for _ in range(40)]
-    assert set(statuses) == {401}
+    on: dict[int, httpx.Client] = {}  # one single-connection client per worker pid
+    spare: list[httpx.Client] = []
+    deadline = time.monotonic() + 30
+    try:
+        while len(on) < 2:
+            assert time.monotonic() < deadline, f"fresh connections reached only the workers {sorted(on)}"
+            c = httpx.Client(base_url=server.url, limits=httpx.Limits(max_connections=1), timeout=10)
+            pid = c.get("/health").json()["pid"]
+            if pid in on:
+                spare.append(c)
+            else:
+                on[pid] = c
+        for c in on.values():  # each worker serves the key (and caches it)
+            assert c.get("/v1/meters", headers=headers).status_code == 200
+        assert httpx.delete(f"{server.url}/v1/keys/{key['id']}", headers=server.auth).status_code == 204
+        bound = time.monotonic() + 2.0
+        # Until the bound a worker may still hold the key in its cache (polling keeps the connections open)...
+        while time.monotonic() < bound:
+            for c in on.values():
+                assert c.get("/v1/meters", headers=headers).status_code in (200, 401)
+        # ...from 2 s after the revocation on, neither accepts it: each answer comes from the same worker as before.
+        for pid, c in on.items():
+            assert c.get("/v1/meters", headers=headers).status_code == 401
+            assert c.get("/health").json()["pid"] == pid
+    finally:
+        for c in [*on.values(), *spare]:
+            c.close()
 
 
 # --- upgrade from the documents table of the previous release ---------------------------------
@@ -357,6 +396,30 @@ def test_start_on_a_previous_release_keeps_every_record(
     again = start_server(backend)
     assert httpx.get(f"{again.url}/v1/customers/cust_acme", headers=again.auth).json()["name"] == "Acme AG"
     assert again.logs().count("imported records of the previous release") == 0
+
+
+async def test_an_import_that_collides_fails_the_start_with_a_clear_error(
+    records: Records, chdb_storage: EmbeddedStorage
+) -> None:
+    """A constraint the old rows break is not "another worker imported them": the start stops, nothing is marked."""
+    sql, secrets = previous_release_rows()
+    await chdb_storage.execute("DROP TABLE IF EXISTS documents")
+    try:
+        for statement in sql:
+            await chdb_storage.execute(statement)
+        live = split_key(secrets["live"])
+        assert live is not None
+        row = {"id": "X" * 12, "name": "same hash", "scope": "read", "customer_id": None, "rate_limits": {},
+               "hash": digest(live[1]), "created_at": 0, "version": 1}  # fmt: skip
+        async with records.begin() as conn:
+            await conn.execute(sa.insert(api_keys).values(row))
+        with pytest.raises(LegacyImportFailed, match="previous release's records"):
+            await import_documents(chdb_storage, records)
+        async with records.connect() as conn:
+            assert (await conn.execute(sa.select(sa.func.count()).select_from(legacy_imports))).scalar() == 0
+            assert (await conn.execute(sa.select(sa.func.count()).select_from(customer_rows))).scalar() == 0
+    finally:
+        await chdb_storage.execute("DROP TABLE IF EXISTS documents")
 
 
 # --- a PostgreSQL outage -----------------------------------------------------------------------

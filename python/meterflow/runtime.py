@@ -94,8 +94,10 @@ class Runtime:
 
     def probes(self) -> list[Probe]:
         probes = [Probe("storage", self.storage), Probe("dedup", self.dedup), Probe("records", self.records),
-                  # Limits fail open and the archive spools: neither makes the server unready.
-                  Probe("ratelimit", self.limiter, essential=False)]  # fmt: skip
+                  # Limits fail open, failed-auth counts fall back to the worker's own and the archive
+                  # spools: none of them makes the server unready.
+                  Probe("ratelimit", self.limiter, essential=False),
+                  Probe("authfailures", self.auth_failures, essential=False)]  # fmt: skip
         if self.archive is not None:
             probes.append(Probe("archive", self.archive, essential=False))
         return probes
@@ -109,7 +111,9 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
     limiter, archive = open_rate_limiter(settings), open_store(settings)
     metrics = Metrics()
     spool = Spool(settings, archive, metrics) if archive is not None else None
-    async with started(storage, dedup, records, limiter, *([archive] if archive is not None else [])):
+    auth_failures = AuthFailures(settings.auth_failures_per_minute,
+                                 settings.redis_url if settings.dedup == "redis" else None)  # fmt: skip
+    async with started(storage, dedup, records, limiter, auth_failures, *([archive] if archive is not None else [])):
         await import_documents(storage, records)
         meters = MeterCatalog(records, settings.meters)
         plans = PlanCatalog(records, meters, settings.plans)
@@ -122,9 +126,7 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
             settings=settings, metrics=metrics, storage=storage, dedup=dedup, records=records, limiter=limiter,
             archive=archive, spool=spool, ingest=service, customers=Customers(records),
             keys=KeyStore(records, settings.admin_key, settings.key_cache_grace_s),
-            auth_failures=AuthFailures(
-                settings.auth_failures_per_minute, settings.redis_url if settings.dedup == "redis" else None
-            ),
+            auth_failures=auth_failures,
             meters=meters, plans=plans, subscriptions=Subscriptions(records, plans),
             invoices=Invoices(records, archive, settings.invoice_due_days), webhooks=Webhooks(records),
         )  # fmt: skip
@@ -138,7 +140,6 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
             with contextlib.suppress(asyncio.CancelledError):
                 await closing
             await sender.stop()
-            await rt.auth_failures.close()
             # SIGTERM: Granian has stopped taking requests; flush what is queued.
             await service.flusher.drain()
             if spool is not None:

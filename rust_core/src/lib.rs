@@ -99,6 +99,26 @@ impl PyLimits {
     fn max_age_ms(&self) -> i64 {
         self.inner.max_age_ms
     }
+    #[getter]
+    fn max_id_len(&self) -> usize {
+        self.inner.max_id_len
+    }
+    #[getter]
+    fn max_event_type_len(&self) -> usize {
+        self.inner.max_event_type_len
+    }
+    #[getter]
+    fn max_property_value_len(&self) -> usize {
+        self.inner.max_property_value_len
+    }
+    #[getter]
+    fn max_property_key_len(&self) -> usize {
+        self.inner.max_property_key_len
+    }
+    #[getter]
+    fn max_properties(&self) -> usize {
+        self.inner.max_properties
+    }
 }
 
 /// The outcome of one decoded batch.

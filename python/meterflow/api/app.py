@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
@@ -119,6 +120,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             errors.ApiError: errors.api_error,
             StaleVersion: errors.precondition_failed,
             RecordsUnavailable: errors.records_unavailable,
+            DBAPIError: errors.record_rejected,
             HTTPException: errors.http_error,
             StorageError: errors.storage_error,
             Exception: errors.internal_error,

@@ -6,9 +6,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
-from meterflow.api.openapi import PAGE, Param, operation
+from meterflow.api.openapi import PAGE, STALE, Param, operation
 from meterflow.api.responses import json_body, json_response, page_params
-from meterflow.customers import ID_RE, CustomerError, Customers, validate
+from meterflow.customers import ID_RE, NUL, NUL_MESSAGE, CustomerError, Customers, validate
 from meterflow.records import IfMatch
 from meterflow.records.versions import etag
 from meterflow.runtime import runtime_of
@@ -42,7 +42,8 @@ def _fields(doc: object, partial: bool) -> dict[str, object]:
         raise ApiError(400, "invalid_customer", e.message) from None
 
 
-@operation("Create or replace a customer", {200: "Replaced", 201: "Created"}, body="Customer", result="Customer")
+@operation("Create or replace a customer", {200: "Replaced", 201: "Created", **STALE}, body="Customer",
+           result="Customer")  # fmt: skip
 async def put_customer(request: Request) -> Response:
     cid = _id(request)
     doc = await json_body(request)
@@ -52,7 +53,7 @@ async def put_customer(request: Request) -> Response:
     return _answer(customer, 201 if created else 200)
 
 
-@operation("Change some fields of a customer", {200: "Changed", 404: "There is no such customer."},
+@operation("Change some fields of a customer", {200: "Changed", 404: "There is no such customer.", **STALE},
            body="Customer", result="Customer")  # fmt: skip
 async def patch_customer(request: Request) -> Response:
     cid = _id(request)
@@ -73,7 +74,7 @@ async def get_customer(request: Request) -> Response:
 
 
 @operation("Delete a customer (soft: kept for past invoices)", {
-    204: "Deleted", 400: "The id is not a valid customer id.", 404: "There is no such customer."})  # fmt: skip
+    204: "Deleted", 400: "The id is not a valid customer id.", 404: "There is no such customer.", **STALE})  # fmt: skip
 async def delete_customer(request: Request) -> Response:
     cid = _id(request)
     if not await _store(request).delete(cid, _if_match(request)):
@@ -90,6 +91,8 @@ async def list_customers(request: Request) -> Response:
     for name in ("name", "email"):
         if len(q.get(name, "")) > FILTER_MAX:
             raise ApiError(400, "invalid_parameter", f"`{name}` is longer than {FILTER_MAX} characters, the limit.")
+        if NUL in q.get(name, ""):
+            raise ApiError(400, "invalid_parameter", NUL_MESSAGE.format(name))
     rows = await _store(request).list(cursor, limit + 1, q.get("name", ""), q.get("email", ""))
     more = len(rows) > limit
     rows = rows[:limit]

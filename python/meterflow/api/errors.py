@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -64,6 +65,20 @@ async def records_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("records database unavailable", extra={"path": request.url.path, "error": str(exc)[:300]})
     message = f"The records database (customers, keys, meters) is unavailable; retry after {retry} s."
     return error_response(503, "records_unavailable", message, {"Retry-After": retry})
+
+
+async def record_rejected(request: Request, exc: Exception) -> Response:
+    """The last guard behind the routes' own checks: a constraint or a value the records database refuses
+    is the client's problem (409 / 400), not a 500; the database's text goes to the log only."""
+    assert isinstance(exc, DBAPIError)
+    if isinstance(exc, IntegrityError):
+        log.warning("record refused by a constraint", extra={"path": request.url.path, "error": str(exc.orig)[:300]})
+        return error_response(409, "conflict", "The change conflicts with another record; read it again and retry.")
+    sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+    if isinstance(exc, DataError) or sqlstate.startswith("22"):  # SQLSTATE class 22: data exception
+        log.warning("record value refused", extra={"path": request.url.path, "error": str(exc.orig)[:300]})
+        return error_response(400, "invalid_value", "A value in the request cannot be stored; check its text fields.")
+    return await internal_error(request, exc)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

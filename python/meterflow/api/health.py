@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from starlette.requests import Request
@@ -17,9 +18,10 @@ from meterflow.runtime import Probe, runtime_of
 log = logging.getLogger("meterflow.api")
 
 
-@operation("Liveness: the process answers", {200: "Alive"})
+@operation("Liveness: the process answers", {200: "Alive, with the answering worker's process id"})
 async def health(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    # The pid tells the workers apart (a keep-alive connection stays on the one that accepted it).
+    return json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def _check(probe: Probe) -> dict[str, str]:
@@ -59,8 +61,10 @@ async def ready(request: Request) -> Response:
         # The archive never blocks ingestion: its state is reported, not a reason for 503.
         objects, size = spool.depth()
         check = next(r for p, r in zip(probes, results, strict=True) if p.family == "archive")
+        # A code, never the store's own text (/ready needs no key); the uploader logs the detail.
+        last_error = "upload_failed" if spool.last_error else None
         body["archive"] = {**check, "spool_objects": objects, "spool_bytes": size,
-                           "spool_max_bytes": spool.max_bytes, "last_error": spool.last_error}  # fmt: skip
+                           "spool_max_bytes": spool.max_bytes, "last_error": last_error}  # fmt: skip
         if size >= spool.max_bytes:
             ok = False
             body["status"] = "unavailable"

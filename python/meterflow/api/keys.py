@@ -6,9 +6,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
-from meterflow.api.openapi import PAGE, operation
+from meterflow.api.openapi import PAGE, STALE, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.auth.keys import KeyError_, check_rate_limits
+from meterflow.customers import NUL, NUL_MESSAGE
 from meterflow.records import IfMatch
 from meterflow.records.versions import etag
 from meterflow.runtime import runtime_of
@@ -26,6 +27,8 @@ async def create_key(request: Request) -> Response:
     customer = doc.get("customer_id")
     if not isinstance(name, str) or (customer is not None and not isinstance(customer, str)):
         raise ApiError(400, "invalid_key", "`name` and `customer_id` must be strings.")
+    if NUL in name:
+        raise ApiError(400, "invalid_key", NUL_MESSAGE.format("name"))
     try:
         limits = check_rate_limits(doc.get("rate_limits"))
         key, secret = await keys.create(str(doc.get("scope")), name, customer, limits)
@@ -45,7 +48,7 @@ async def list_keys(request: Request) -> Response:
     return json_response({"data": rows, "next_cursor": rows[-1]["id"] if more and rows else None})
 
 
-@operation("Revoke an API key", {204: "Revoked", 404: "There is no active key with this id."})
+@operation("Revoke an API key", {204: "Revoked", 404: "There is no active key with this id.", **STALE})
 async def revoke_key(request: Request) -> Response:
     keys = runtime_of(request).keys
     if not await keys.revoke(request.path_params["key_id"], IfMatch.parse(request.headers.get("if-match"))):

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.errors import ApiError
-from meterflow.api.openapi import PAGE, operation
+from meterflow.api.openapi import PAGE, STALE, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.metering.catalog import MeterCatalog, MeterConflict
 from meterflow.metering.meters import Meter, MeterError, parse_meter
@@ -63,7 +63,7 @@ async def get_meter(request: Request) -> Response:
 
 
 @operation("Create or replace a meter (not one defined in the config)",
-           {200: "Replaced", 201: "Created", 409: "The meter is defined in the config file."}, body="Meter",
+           {200: "Replaced", 201: "Created", 409: "The meter is defined in the config file.", **STALE}, body="Meter",
            result="Meter")  # fmt: skip
 async def put_meter(request: Request) -> Response:
     code = request.path_params["code"]
@@ -76,7 +76,7 @@ async def put_meter(request: Request) -> Response:
 
 
 @operation("Delete a meter", {204: "Deleted", 404: "There is no such meter.",
-                              409: "The meter is defined in the config file."})  # fmt: skip
+                              409: "The meter is defined in the config file.", **STALE})  # fmt: skip
 async def delete_meter(request: Request) -> Response:
     code = request.path_params["code"]
     try:

@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from meterflow import __version__
 from meterflow.api.responses import ADMIN_BODY_MAX, PAGE_MAX, json_response
 from meterflow.config import Settings
+from meterflow.ingest.core import Limits
 from meterflow.metering.meters import AGGREGATIONS
 from meterflow.runtime import runtime_of
 
@@ -81,8 +82,11 @@ GUARDED = {
     401: "Missing, unknown or revoked API key.",
     403: "The key lacks the scope this route needs.",
     429: "Rate limited (this key's requests, or failed keys from this address); retry after `Retry-After` s.",
-    503: "Storage is unavailable; retry after `Retry-After` seconds.",
+    503: "Storage (`storage_unavailable`) or the records database (`records_unavailable`) is unavailable; "
+    "retry after `Retry-After` seconds.",
 }
+# The answer of a change whose `If-Match` is stale (records/versions.py).
+STALE = {412: "`If-Match` names a version that is not the record's current one; nothing changed."}
 JSON_BODY = {
     400: "The body is not JSON, or a field is invalid; the message names it.",
     413: "The body is over the byte limit.",
@@ -174,7 +178,9 @@ def spec(routes: Iterable[BaseRoute], settings: Settings) -> dict[str, Any]:
     }
 
 
-ID = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_-]+$"}
+# The event contract's limits as the core is built with them (ingest/service.py leaves these at the core's own).
+CORE = Limits()
+ID = {"type": "string", "minLength": 1, "maxLength": CORE.max_id_len, "pattern": "^[A-Za-z0-9_-]+$"}
 OBJECT = {"type": "object"}
 
 
@@ -193,7 +199,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "properties": {
                 "transaction_id": ID,
                 "customer_id": ID,
-                "event_type": {"type": "string", "minLength": 1, "maxLength": 100},
+                "event_type": {"type": "string", "minLength": 1, "maxLength": CORE.max_event_type_len},
                 "timestamp": {
                     "type": "integer",
                     "description": f"Unix epoch milliseconds; at most {ahead_min:g} "
@@ -201,9 +207,14 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 },
                 "properties": {
                     "type": "object",
-                    "maxProperties": 100,
+                    "maxProperties": CORE.max_properties,
+                    "propertyNames": {"maxLength": CORE.max_property_key_len},
                     "additionalProperties": {
-                        "oneOf": [{"type": "string", "maxLength": 1000}, {"type": "number"}, {"type": "boolean"}]
+                        "oneOf": [
+                            {"type": "string", "maxLength": CORE.max_property_value_len},
+                            {"type": "number"},
+                            {"type": "boolean"},
+                        ]
                     },
                 },
             },

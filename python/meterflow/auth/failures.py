@@ -54,6 +54,15 @@ class AuthFailures:
         self._counts = _Bounded()
         self._blocked = _Bounded()  # address -> window it is blocked in (value 1)
         self._redis = aioredis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) if redis_url else None
+        self.name = "redis" if redis_url else "memory"
+
+    async def start(self) -> None:
+        pass  # connects on first use; while Redis is away the worker's own count stands in
+
+    async def ping(self) -> None:
+        """Raises when the shared count (Redis) does not answer."""
+        if self._redis is not None:
+            await self._redis.ping()
 
     @staticmethod
     def _window(now: float) -> int:

@@ -7,8 +7,9 @@ import hmac
 import secrets
 import string
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 
@@ -22,8 +23,10 @@ ALPHABET = string.ascii_letters + string.digits
 ID_LEN = 12
 SECRET_LEN = 32  # 32 base62 characters: about 190 bits of randomness
 CACHE_S = 2.0  # a revoked key stops working on every worker within this time
-CACHE_MAX = 10_000  # keys (known or not) remembered per worker
+CACHE_MAX = 10_000  # active keys remembered per worker, least recently used dropped first
+MISSES_MAX = 1_000  # unknown or revoked ids remembered per worker, apart: a flood of them evicts no active key
 LAST_USED_EVERY_S = 60.0
+V = TypeVar("V")
 RATE_FIELDS = ("requests_per_s", "requests_burst", "events_per_s", "events_burst")
 
 
@@ -84,7 +87,8 @@ class KeyStore:
     def __init__(self, records: Records, static_admin_key: str = "", grace_s: float = 60.0) -> None:
         self._db = records
         self._grace_s = grace_s
-        self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._cache: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._misses: OrderedDict[str, float] = OrderedDict()
         self._last_used_written: dict[str, float] = {}
         self._static = split_key(static_admin_key) if static_admin_key else None
 
@@ -135,6 +139,7 @@ class KeyStore:
                 if active.first() is not None:
                     raise StaleVersion
         self._cache.pop(key_id, None)
+        self._misses.pop(key_id, None)
         return bool(done.rowcount)
 
     async def authenticate(self, raw: str) -> Principal | None:
@@ -171,7 +176,11 @@ class KeyStore:
 
     async def _lookup(self, key_id: str) -> dict[str, Any] | None:
         now = time.monotonic()
-        hit = self._cache.get(key_id)
+        hit: tuple[float, dict[str, Any] | None] | None = self._cache.get(key_id)
+        if hit is not None:
+            self._cache.move_to_end(key_id)  # least recently used goes first
+        elif key_id in self._misses:
+            hit = (self._misses[key_id], None)
         if hit is not None and now - hit[0] < CACHE_S:
             return hit[1]
         q = sa.select(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
@@ -185,9 +194,12 @@ class KeyStore:
                 return hit[1]
             raise
         doc = plain(row) if row is not None else None  # revoked keys: None
-        self._cache[key_id] = (now, doc)
-        if len(self._cache) > CACHE_MAX:  # unknown ids must not grow it: drop the oldest (dicts keep order)
-            del self._cache[next(iter(self._cache))]
+        if doc is not None:
+            self._misses.pop(key_id, None)
+            _remember(self._cache, key_id, (now, doc), CACHE_MAX)
+        else:
+            self._cache.pop(key_id, None)
+            _remember(self._misses, key_id, now, MISSES_MAX)
         return doc
 
     async def _touch(self, doc: dict[str, Any]) -> None:
@@ -204,6 +216,14 @@ class KeyStore:
                 )
         except RecordsUnavailable:
             pass  # a statistic: it does not stop a request that is otherwise served
+
+
+def _remember(cache: OrderedDict[str, V], key: str, value: V, limit: int) -> None:
+    """Puts `key` last (most recent); drops the least recently used beyond `limit`."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def public(doc: dict[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,25 @@ local date of an instant is that of its whole second.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, available_timezones
+
+
+@functools.cache
+def known_zones() -> frozenset[str]:
+    """The zone names both Python and the storage engines know (chdb and ClickHouse 18.16).
+
+    `available_timezones()` already leaves out the `right/` (leap-second) and
+    `posix/` trees, which ZoneInfo loads but ClickHouse refuses; `localtime` is
+    the host's own zone under a machine-dependent name, and chdb lacks it.
+    """
+    return frozenset(available_timezones() - {"localtime"})
+
+
+def time_zone(name: str) -> ZoneInfo | None:
+    """The zone called `name`, or None when it is not one every engine can compute windows in."""
+    return ZoneInfo(name) if name in known_zones() else None
 
 
 def local_datetime(tz: ZoneInfo, t_ms: int) -> datetime:

@@ -7,9 +7,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterflow.metering.meters import CODE_RE, Meter, parse_meter
-from meterflow.records import IfMatch, Records, StaleVersion, plain
+from meterflow.records import IfMatch, Records, StaleVersion, locked_row, plain
 from meterflow.records.tables import meters
 
 
@@ -55,28 +56,30 @@ class MeterCatalog:
         conflict = MeterConflict(f"Meter {meter.code!r} already exists; use PUT /v1/meters/{meter.code} to replace it.")
         if meter.code in self._config:
             raise conflict
-        old = await self._row(meter.code, include_deleted=True)
-        if old is not None and old["deleted_at"] is None:
-            raise conflict
         try:
-            return await self._write(meter, old)
-        except StaleVersion:
+            async with self._db.begin() as conn:
+                old = await locked_row(conn, meters, meters.c.code == meter.code)
+                if old is not None and old["deleted_at"] is None:
+                    raise conflict
+                return await _write(conn, meter, old)
+        except IntegrityError:  # created concurrently
             raise conflict from None
 
     async def replace(self, meter: Meter, if_match: IfMatch | None = None) -> tuple[bool, int]:
         """Creates or replaces; returns (created, version)."""
         self._writable(meter.code)
-        for _ in range(_RETRIES):
-            old = await self._row(meter.code, include_deleted=True)
-            live = old is not None and old["deleted_at"] is None
-            if if_match is not None:
-                if_match.check(int(old["version"]) if old is not None and live else None)
+        for attempt in range(2):  # the second turn only after a concurrent create of the same code
             try:
-                return not live, await self._write(meter, old)
-            except StaleVersion:
-                if if_match is not None:
+                async with self._db.begin() as conn:
+                    old = await locked_row(conn, meters, meters.c.code == meter.code)
+                    live = old is not None and old["deleted_at"] is None
+                    if if_match is not None:
+                        if_match.check(int(old["version"]) if old is not None and live else None)
+                    return not live, await _write(conn, meter, old)
+            except IntegrityError:
+                if attempt:
                     raise
-        raise StaleVersion
+        raise AssertionError("unreachable")
 
     async def delete(self, code: str, if_match: IfMatch | None = None) -> bool:
         self._writable(code)
@@ -99,44 +102,36 @@ class MeterCatalog:
             row = (await conn.execute(q)).mappings().first()
         return plain(row) if row is not None else None
 
-    async def _write(self, meter: Meter, old: dict[str, Any] | None) -> int:
-        """Inserts, or updates `old` if it is still the version read (else StaleVersion)."""
-        now = _now_ms()
-        async with self._db.begin() as conn:
-            if old is None:
-                try:
-                    await conn.execute(sa.insert(meters).values(code=meter.code, definition=_body(meter),
-                                                                created_at=now, updated_at=now, version=1))  # fmt: skip
-                except IntegrityError:
-                    raise StaleVersion from None
-                return 1
-            live = old["deleted_at"] is None
-            version = int(old["version"]) + 1
-            done = await conn.execute(
-                sa.update(meters)
-                .where(meters.c.code == meter.code, meters.c.version == old["version"])
-                .values(
-                    definition=_body(meter),
-                    created_at=old["created_at"] if live else now,
-                    updated_at=now,
-                    deleted_at=None,
-                    version=version,
-                )
-            )
-        if not done.rowcount:
-            raise StaleVersion
-        return version
-
     def _writable(self, code: str) -> None:
         if code in self._config:
             raise MeterConflict(f"Meter {code!r} is defined in the configuration file; change it there.")
 
 
-_RETRIES = 10
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+async def _write(conn: AsyncConnection, meter: Meter, old: dict[str, Any] | None) -> int:
+    """Inserts, or updates `old` (its row locked by the caller's transaction); returns the new version."""
+    now = _now_ms()
+    if old is None:
+        await conn.execute(sa.insert(meters).values(code=meter.code, definition=_body(meter), created_at=now,
+                                                    updated_at=now, version=1))  # fmt: skip
+        return 1
+    live = old["deleted_at"] is None
+    version = int(old["version"]) + 1
+    await conn.execute(
+        sa.update(meters)
+        .where(meters.c.code == meter.code)
+        .values(
+            definition=_body(meter),
+            created_at=old["created_at"] if live else now,
+            updated_at=now,
+            deleted_at=None,
+            version=version,
+        )
+    )
+    return version
 
 
 def _body(m: Meter) -> dict[str, object]:

@@ -19,11 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from meterflow.config import Settings
 from meterflow.customers import ID_RE
 from meterflow.errors import FieldError
+from meterflow.metering.calendar import time_zone
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.gauge import Point, integrate, value_hours
 from meterflow.metering.meters import NUMERIC, Meter
@@ -108,10 +109,9 @@ async def parse_request(
     if window_raw is not None and window_raw not in WINDOWS:
         raise UsageError("window", f"`window` must be one of {', '.join(WINDOWS)}, got {params.get('window')!r}.")
     tz_name = params.get("tz") or "UTC"
-    try:
-        tz = ZoneInfo(tz_name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UsageError("tz", f"`tz` {tz_name!r} is not an IANA time zone name.") from None
+    tz = time_zone(tz_name)
+    if tz is None:
+        raise UsageError("tz", f"`tz` {tz_name[:100]!r} is not an IANA time zone name such as Europe/Paris.")
     if window_raw is not None and count_spans(window_raw, start, end) > settings.usage_max_windows:  # type: ignore[arg-type]
         raise UsageError(
             "window", f"`window={window_raw}` over this period gives more than {settings.usage_max_windows} windows."
@@ -127,6 +127,9 @@ async def parse_request(
             raise UsageError(
                 f"filter[{prop}]", f"`filter[{prop}]`: {prop!r} is not a group-by property of meter {code!r}."
             )
+        if len(set(values)) != len(values):
+            repeated = next(v for v in values if values.count(v) > 1)
+            raise UsageError(f"filter[{prop}]", f"`filter[{prop}]` gives {repeated[:100]!r} more than once.")
         extra.append((prop, tuple(values)))
     return UsageRequest(customer, meter, start, end, group_by, window_raw, tz, tuple(extra))  # type: ignore[arg-type]
 

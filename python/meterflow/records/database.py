@@ -14,7 +14,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from meterflow.config import Settings
+from meterflow.config import Settings, private_dir
 from meterflow.records import migrate
 
 log = logging.getLogger("meterflow.records")
@@ -66,7 +66,8 @@ class Records:
     def _create_engine(self) -> AsyncEngine:
         if self.name == "sqlite":
             if self.url.database:
-                Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+                # The data directory (by default) holds the admin key too: created 0700, never by a plain mkdir.
+                private_dir(Path(self.url.database).parent)
             engine = create_async_engine(self.url, connect_args={"timeout": 10})
 
             @event.listens_for(engine.sync_engine, "connect")
@@ -129,6 +130,21 @@ class Records:
             if _is_down(e):
                 raise RecordsUnavailable(f"the records database ({self.name}) does not answer: {_short(e)}") from e
             raise
+
+
+async def locked_row(conn: AsyncConnection, table: sa.Table, key: sa.ColumnElement[bool]) -> dict[str, Any] | None:
+    """The row `key` selects, locked until the transaction ends, so a read-modify-write needs no retry.
+
+    PostgreSQL: `SELECT ... FOR UPDATE` reads and locks the row in one statement (a waiting one reads
+    the row as the holder committed it). SQLite has no row locks: a no-op UPDATE first opens the
+    transaction as the writer (as BEGIN IMMEDIATE would), so no other writer commits before this one ends.
+    A row that does not exist yet is not locked on PostgreSQL: a concurrent insert of it fails with
+    IntegrityError, and the caller runs once more.
+    """
+    if conn.dialect.name == "sqlite":
+        await conn.execute(sa.update(table).where(key).values(version=table.c.version))
+    row = (await conn.execute(sa.select(table).where(key).with_for_update())).mappings().first()
+    return plain(row) if row is not None else None
 
 
 def plain(row: Mapping[Any, Any]) -> dict[str, Any]:

@@ -18,13 +18,15 @@ log = logging.getLogger("meterflow.records")
 SOURCE = "clickhouse-documents"
 
 
+class LegacyImportFailed(Exception):
+    """The previous release's records cannot be imported: the start stops rather than run without them."""
+
+
 async def import_documents(storage: Storage, records: Records) -> dict[str, int] | None:
     """Copies the documents table's records once (a marker row says it is done); the table stays.
     Returns the counts, or None when there was nothing to do."""
-    async with records.connect() as conn:
-        done = await conn.execute(sa.select(legacy_imports.c.source).where(legacy_imports.c.source == SOURCE))
-        if done.first() is not None:
-            return None
+    if await _imported(records):
+        return None
     if not await docs.exists(storage):
         return None
     rows = {
@@ -43,11 +45,24 @@ async def import_documents(storage: Storage, records: Records) -> dict[str, int]
                 fresh = [r for r in rows[table.name] if r[key] not in existing]
                 if fresh:
                     await conn.execute(sa.insert(table), fresh)
-    except IntegrityError:
-        return None  # another worker imported them
+    except IntegrityError as e:
+        if await _imported(records):
+            return None  # another worker imported them meanwhile
+        # Not a race: a row of the old table collides with one already here (a key's hash, say).
+        detail = str(e.orig).splitlines()[0][:300] if e.orig is not None else type(e).__name__
+        log.error("import of the previous release's records failed", extra={"source": SOURCE, "error": detail})
+        raise LegacyImportFailed(
+            f"importing the previous release's records (ClickHouse's documents table) failed: {detail}"
+        ) from e
     if any(counts.values()):
         log.info("imported records of the previous release", extra={"source": SOURCE, **counts})
     return counts
+
+
+async def _imported(records: Records) -> bool:
+    async with records.connect() as conn:
+        done = await conn.execute(sa.select(legacy_imports.c.source).where(legacy_imports.c.source == SOURCE))
+        return done.first() is not None
 
 
 def _customer(d: dict[str, Any], deleted: bool) -> dict[str, Any]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+VERSION_MAX = 2**31 - 1  # the `version` column is a 32-bit INTEGER on both engines
+# ASCII digits only (str.isdigit() passes '²', which int() refuses); 10 digits cover VERSION_MAX.
+_TAG = re.compile(r'(?:W/)?"([0-9]{1,10})"')
 
 
 class StaleVersion(Exception):
@@ -25,9 +30,10 @@ class IfMatch:
             return cls(any=True)
         versions = set()
         for tag in header.split(","):
-            tag = tag.strip().removeprefix("W/")
-            if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
-                versions.add(int(tag[1:-1]))
+            found = _TAG.fullmatch(tag.strip())
+            # A version is an INTEGER column: a tag beyond it names no version (and never reaches SQL).
+            if found and 1 <= int(found[1]) <= VERSION_MAX:
+                versions.add(int(found[1]))
         return cls(frozenset(versions))
 
     def allows(self, version: int) -> bool:
