@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,6 +24,19 @@ def post(server: MeterFlowServer, events: list[dict[str, Any]]) -> httpx.Respons
 
 def get(server: MeterFlowServer, path: str) -> httpx.Response:
     return httpx.get(f"{server.url}{path}", headers=server.auth, timeout=10)
+
+
+def overview_html(server: MeterFlowServer) -> str:
+    """The dashboard's overview as a signed-in admin sees it (the sign-in form's CSRF token, then the session)."""
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        form = c.get("/dashboard/signin").text
+        token = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert token, form
+        key = server.auth["Authorization"].removeprefix("Bearer ")
+        assert c.post("/dashboard/signin", data={"csrf": token.group(1), "key": key}).status_code == 303
+        page = c.get("/dashboard/")
+        assert page.status_code == 200, page.text
+        return page.text
 
 
 def archived_ids(backend: Backend) -> list[str]:
@@ -122,6 +136,7 @@ async def test_an_entry_failing_max_attempts_goes_to_the_dead_letters_and_retry_
     await until(lambda: httpx.get(f"{server.url}/ready").json()["stream"]["dead_letters"] == 1,
                 "the entry reaching the dead letters", 60)  # fmt: skip
     assert "meterflow_stream_dead_letters 1" in get(server, "/metrics").text
+    assert "<span class=\"label\">Dead letters</span><span class=\"value\">1</span>" in overview_html(server)
     cli = [sys.executable, "-m", "meterflow.cli", "worker"]
     listed = subprocess.run([*cli, "dead-letters"], env=worker.env, capture_output=True, timeout=60)
     assert listed.returncode == 0 and "50 events  2 attempts" in listed.stdout.decode(), listed
