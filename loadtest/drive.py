@@ -72,7 +72,7 @@ async def drive(url: str, key: str, batch_size: int, concurrency: int, seconds: 
             async with session.post(target, data=body, headers=headers) as r:
                 payload = await r.read()
             latencies.append(time.monotonic() - due)
-            if r.status == 200:
+            if r.status in (200, 202):  # 202: async mode, durably queued
                 n = orjson.loads(payload)["accepted"]
                 accepted += n
                 if n == batch_size:

@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from meterflow.archive import DirectoryStore, Spool, object_key
 from meterflow.config import Settings
-from meterflow.ingest.archive import DirectoryStore, Spool, object_key
 from meterflow.ingest.dedup import flush_created_ms, new_flush_id
 from meterflow.metrics import Metrics
 

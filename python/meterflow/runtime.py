@@ -12,6 +12,7 @@ from typing import Protocol
 
 from starlette.requests import Request
 
+from meterflow.archive import Spool, Store, open_store
 from meterflow.auth.failures import AuthFailures
 from meterflow.auth.keys import KeyStore
 from meterflow.auth.ratelimit import RateLimiter, open_rate_limiter
@@ -23,7 +24,6 @@ from meterflow.billing.subscriptions import Subscriptions
 from meterflow.billing.webhooks import Webhooks
 from meterflow.config import Settings
 from meterflow.customers import Customers
-from meterflow.ingest.archive import Spool, Store, open_store
 from meterflow.ingest.dedup import Dedup, open_dedup
 from meterflow.ingest.service import IngestService
 from meterflow.metering.catalog import MeterCatalog

@@ -112,11 +112,20 @@ return {1, math.max(remaining, 0), '0', tostring(new_tat - now_ms)}
 """
 
 
+REDIS_CONNECTIONS = 64
+
+
 class RedisRateLimiter:
     name = "redis"
 
     def __init__(self, url: str) -> None:
-        self._redis = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        # A bounded pool that waits for a free connection: redis-py's default pool
+        # refuses past 100 connections, which at a few hundred concurrent requests
+        # would fail most checks open ("Too many connections").
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=2, socket_timeout=2, socket_connect_timeout=2
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._script = self._redis.register_script(_GCRA)
 
     async def start(self) -> None:
