@@ -145,7 +145,8 @@ class RedisRateLimiter:
         return Verdict(bool(allowed), burst, int(remaining), float(retry) / 1000, float(reset) / 1000)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        # The pool is this limiter's own (passed in, so redis-py would leave it open).
+        await self._redis.aclose(close_connection_pool=True)
 
 
 # A lease is at most 1% of a second's rate and a tenth of the burst, and lasts a second.
