@@ -12,7 +12,7 @@ RUST_SRC := $(shell find rust_core/src -name '*.rs') rust_core/Cargo.toml rust_c
 GARAGE_ROOT := $(HOME)/.cache/meterflow/garage
 GARAGE := $(GARAGE_ROOT)/bin/garage
 
-.PHONY: run test test-rust test-python bench bench-baseline bench-compare lint format services build clean garage
+.PHONY: loadtest run test test-rust test-python bench bench-baseline bench-compare lint format services build clean garage
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -98,3 +98,11 @@ format: build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
+
+# The full stack on loopback (Redis, ClickHouse, PostgreSQL, Garage), MeterFlow against the
+# naive baseline server (loadtest/naive.py) at batch 1000 and batch 1, CPU per process, the
+# services' own ceilings, a storage check, and a py-spy profile in test-output/ (~4 minutes).
+LOADTEST_SECONDS ?= 8
+loadtest: build services garage
+	$(PY) -m pip install -q py-spy
+	$(PY) loadtest/run.py --seconds $(LOADTEST_SECONDS) --profile

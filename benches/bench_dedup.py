@@ -117,7 +117,7 @@ def test_core_resp(benchmark: Any, loop: asyncio.AbstractEventLoop, redis_server
     loop.run_until_complete(d.start())
 
     async def run(b: Any) -> int:
-        return (await d.reserve(b, new_flush_id(), 1)).accepted
+        return (await d.reserve(b, new_flush_id())).accepted
 
     measure(benchmark, loop, run)
     loop.run_until_complete(d.close())
@@ -161,7 +161,7 @@ def test_core_resp_vs_redis_benchmark_paired(
         t0 = time.perf_counter()
         for r in range(rounds):
             chunk = batches[r * CONCURRENCY : (r + 1) * CONCURRENCY]
-            got = await asyncio.gather(*(d.reserve(b, new_flush_id(), 1) for b in chunk))
+            got = await asyncio.gather(*(d.reserve(b, new_flush_id()) for b in chunk))
             assert sum(x.accepted for x in got) == 1000 * CONCURRENCY
         return rounds * CONCURRENCY * 1000 / (time.perf_counter() - t0)
 

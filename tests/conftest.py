@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from services import Backend, ClickHouse, MeterFlowServer, PostgreSQL, Redis, flush_redis
+from services import ASYNC, Backend, ClickHouse, MeterFlowServer, MeterFlowWorker, PostgreSQL, Redis, flush_redis
 
 from meterflow.config import Settings
 from meterflow.records import Records, open_records
@@ -67,6 +67,22 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., MeterFlowServer]]:
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., MeterFlowWorker]]:
+    """`meterflow worker` processes on a backend, in async mode; stopped (SIGTERM) at the end."""
+    workers: list[MeterFlowWorker] = []
+
+    def start(backend: Backend, **env: str) -> MeterFlowWorker:
+        w = MeterFlowWorker(tmp_path, {**backend.env, **ASYNC, **env})
+        w.start()
+        workers.append(w)
+        return w
+
+    yield start
+    for w in workers:
+        w.stop()
 
 
 @pytest.fixture

@@ -105,7 +105,8 @@ class Redis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = Process(
             [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--daemonize", "no"],
+             "--dir", str(self.dir), "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+             "--daemonize", "no"],
             self.dir / "redis.log",
         )  # fmt: skip
 
@@ -366,6 +367,37 @@ class MeterFlowServer:
             return http_ok(self.url + "/health")
 
         wait_for(up, "meterflow", timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        return self.proc.stop(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def logs(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+# Async mode as the tests run it: dead workers' entries claimed after half a second.
+ASYNC = {"MF_INGEST_MODE": "async", "MF_WORKER_CLAIM_IDLE_MS": "500", "MF_FLUSH_TIMEOUT_S": "2"}
+
+
+class MeterFlowWorker:
+    """`meterflow worker` in a subprocess (async mode), as a user runs it."""
+
+    _seq = itertools.count(1)
+
+    def __init__(self, workdir: Path, env: Mapping[str, str]) -> None:
+        self.log = workdir / f"worker-{next(self._seq)}.log"
+        full = {k: v for k, v in os.environ.items() if not k.startswith("MF_")}
+        full.update({"MF_LOG_LEVEL": "info"})
+        full.update(env)
+        self.env = full
+        self.proc = Process([sys.executable, "-m", "meterflow.cli", "worker"], self.log, full)
+
+    def start(self) -> None:
+        self.proc.start()
+        wait_for(lambda: "reading the event stream" in self.logs(), "meterflow worker")
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         return self.proc.stop(sig)

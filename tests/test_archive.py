@@ -22,10 +22,10 @@ import pytest
 from services import Backend, Garage, MeterFlowServer, free_port, until, wait_for
 
 from meterflow import samples
+from meterflow.archive import DirectoryStore, S3Store, Store, object_key
+from meterflow.archive.replay import replay as replay_range
 from meterflow.config import Settings
-from meterflow.ingest.archive import DirectoryStore, S3Store, Store, object_key
 from meterflow.ingest.dedup import new_flush_id
-from meterflow.ingest.replay import replay as replay_range
 from meterflow.storage import Storage
 
 JSON = {"Content-Type": "application/json"}
@@ -62,11 +62,7 @@ async def read_archive(store: Store) -> tuple[Counter[str], int, int]:
             lines = gzip.decompress(await store.get(key)).splitlines()
             ids.update(orjson.loads(x)["transaction_id"] for x in lines)
             objects += 1
-            if isinstance(store, S3Store):
-                head = await store._client.head_object(Bucket=store._s.s3_bucket, Key=key)
-                meta_rows += int(head["Metadata"]["rows"])
-            else:
-                meta_rows += int(orjson.loads((store.root / (key + ".meta.json")).read_bytes())["rows"])
+            meta_rows += await store.rows(key)  # the metadata, through the protocol
     finally:
         await store.close()
     return ids, objects, meta_rows

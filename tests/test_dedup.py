@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator
 
 import pytest
-from services import Redis, flush_redis, free_port
+from redis.exceptions import RedisError
+from services import Redis, flush_redis, free_port, until
 
 from meterflow import samples
 from meterflow.config import Settings
 from meterflow.ingest.core import Batch, decode_batch
-from meterflow.ingest.dedup import Dedup, DedupUnavailable, RedisDedup, new_flush_id, open_dedup
-from meterflow.ingest.service import hour_runs
+from meterflow.ingest.dedup import (
+    KEY_PREFIX,
+    QUEUED_PREFIX,
+    Dedup,
+    DedupUnavailable,
+    RedisDedup,
+    Reservation,
+    new_flush_id,
+    open_dedup,
+)
+from meterflow.ingest.service import IngestResult, IngestService, Unavailable, hour_runs
+from meterflow.metrics import Metrics
+from meterflow.storage.embedded import EmbeddedStorage
 
 NOW = samples.now_ms()
-_seq = itertools.count(1)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -36,45 +46,45 @@ def batch(n: int, seed: int = 1) -> Batch:
     return decode_batch(samples.body(samples.batch(n, seed=seed, ts=NOW)), NOW)
 
 
-def flush() -> tuple[str, int]:
-    return new_flush_id(), next(_seq)
+def flush() -> str:
+    return new_flush_id()
 
 
 async def test_new_ids_are_reserved_then_duplicates_after_commit(dedup: Dedup) -> None:
     b = batch(1000)
     f = flush()
-    r = await dedup.reserve(b, *f)
+    r = await dedup.reserve(b, f)
     assert (r.accepted, r.duplicates, r.in_flight, r.keep) == (1000, 0, [], None)
-    await dedup.commit(*f)
-    again = await dedup.reserve(b, *flush())
+    await dedup.commit(f)
+    again = await dedup.reserve(b, flush())
     assert (again.accepted, again.duplicates) == (0, 1000)
     assert again.keep == bytes(1000)
 
 
 async def test_uncommitted_ids_are_in_flight(dedup: Dedup) -> None:
     b = batch(10)
-    await dedup.reserve(b, *flush())
-    r = await dedup.reserve(b, *flush())
+    await dedup.reserve(b, flush())
+    r = await dedup.reserve(b, flush())
     assert (r.accepted, r.duplicates, r.in_flight) == (0, 0, list(range(10)))
 
 
 async def test_released_ids_can_be_reserved_again(dedup: Dedup) -> None:
     b = batch(10)
     f = flush()
-    await dedup.reserve(b, *f)
-    await dedup.release(*f, [b.key(i) for i in range(len(b))])
-    r = await dedup.reserve(b, *flush())
+    await dedup.reserve(b, f)
+    await dedup.release(f, [b.key(i) for i in range(len(b))])
+    r = await dedup.reserve(b, flush())
     assert r.accepted == 10
 
 
 async def test_mixed_batch_keeps_only_new_ids(dedup: Dedup) -> None:
     old = batch(5, seed=9)
     f = flush()
-    await dedup.reserve(old, *f)
-    await dedup.commit(*f)
+    await dedup.reserve(old, f)
+    await dedup.commit(f)
     events = samples.batch(5, seed=9, ts=NOW) + samples.batch(5, seed=10, ts=NOW)
     b = decode_batch(samples.body(events), NOW)
-    r = await dedup.reserve(b, *flush())
+    r = await dedup.reserve(b, flush())
     assert (r.accepted, r.duplicates) == (5, 5)
     assert r.keep == b"\x00" * 5 + b"\x01" * 5
 
@@ -94,14 +104,14 @@ def events_of(customer: str, ids: list[str], ts: int = NOW, **props: object) -> 
 
 async def committed(dedup: Dedup, b: Batch) -> None:
     f = flush()
-    r = await dedup.reserve(b, *f)
+    r = await dedup.reserve(b, f)
     assert r.accepted == len(b)
-    await dedup.commit(*f)
+    await dedup.commit(f)
 
 
 async def test_same_id_for_two_customers_is_two_reservations(dedup: Dedup) -> None:
     await committed(dedup, events_of("cust_a", ["inv_0001", "inv_0002"]))
-    r = await dedup.reserve(events_of("cust_b", ["inv_0001", "inv_0002"]), *flush())
+    r = await dedup.reserve(events_of("cust_b", ["inv_0001", "inv_0002"]), flush())
     assert (r.accepted, r.duplicates, r.keep) == (2, 0, None)
 
 
@@ -116,7 +126,7 @@ async def test_same_key_other_content_is_a_conflict(dedup: Dedup) -> None:
         + b"]}",
         NOW,
     )
-    r = await dedup.reserve(b, *flush())
+    r = await dedup.reserve(b, flush())
     assert (r.accepted, r.duplicates, r.in_flight) == (1, 1, [])
     assert r.conflicts == [(1, 2), (2, 4)]  # timestamp; properties
     assert r.keep == b"\x00\x00\x00\x01"
@@ -124,7 +134,7 @@ async def test_same_key_other_content_is_a_conflict(dedup: Dedup) -> None:
 
 async def test_concurrent_reservations_accept_each_id_once(dedup: Dedup) -> None:
     b = batch(300, seed=4)
-    results = await asyncio.gather(*(dedup.reserve(b, *flush()) for _ in range(10)))
+    results = await asyncio.gather(*(dedup.reserve(b, flush()) for _ in range(10)))
     assert sum(r.accepted for r in results) == 300
     assert all(r.accepted in (0, 300) or r.keep is not None for r in results)
 
@@ -135,10 +145,10 @@ async def test_ids_of_a_dead_flush_are_taken_over_after_the_timeout(redis_server
     await d.start()
     b = batch(20, seed=5)
     dead = new_flush_id(NOW - 3_000)  # a flush that reserved, then its process died
-    await d.reserve(b, dead, 1)
-    r = await d.reserve(batch(20, seed=5), new_flush_id(), 3)
+    await d.reserve(b, dead)
+    r = await d.reserve(batch(20, seed=5), new_flush_id())
     assert r.accepted == 20  # taken over from the dead flush, atomically
-    loser = await d.reserve(b, new_flush_id(), 4)
+    loser = await d.reserve(b, new_flush_id())
     assert loser.accepted == 0 and len(loser.in_flight) == 20
     await d.close()
 
@@ -148,14 +158,14 @@ async def test_take_over_stores_the_new_events_fingerprint(redis_server: Redis) 
     flush_redis(redis_server)
     d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url, flush_timeout_s=2))
     await d.start()
-    await d.reserve(events_of("c", ["x", "y"]), new_flush_id(NOW - 3_000), 1)
+    await d.reserve(events_of("c", ["x", "y"]), new_flush_id(NOW - 3_000))
     other = events_of("c", ["x", "y"], ts=NOW - 7)  # never acknowledged: other content may take over
     f = new_flush_id()
-    r = await d.reserve(other, f, 2)
+    r = await d.reserve(other, f)
     assert (r.accepted, r.conflicts) == (2, [])
-    await d.commit(f, 2)
-    assert (await d.reserve(other, new_flush_id(), 3)).duplicates == 2
-    first = await d.reserve(events_of("c", ["x", "y"]), new_flush_id(), 4)
+    await d.commit(f)
+    assert (await d.reserve(other, new_flush_id())).duplicates == 2
+    first = await d.reserve(events_of("c", ["x", "y"]), new_flush_id())
     assert first.conflicts == [(0, 2), (1, 2)]
     await d.close()
 
@@ -166,10 +176,10 @@ async def test_release_frees_only_this_flushs_keys(redis_server: Redis) -> None:
     await d.start()
     b = events_of("c", ["r1", "r2"])
     mine, theirs = new_flush_id(), new_flush_id()
-    await d.reserve(events_of("c", ["r1"]), mine, 1)
-    await d.reserve(b, theirs, 2)  # r2 is theirs
-    await d.release(mine, 1, [b.key(0), b.key(1)])
-    r = await d.reserve(b, new_flush_id(), 3)
+    await d.reserve(events_of("c", ["r1"]), mine)
+    await d.reserve(b, theirs)  # r2 is theirs
+    await d.release(mine, [b.key(0), b.key(1)])
+    r = await d.reserve(b, new_flush_id())
     assert (r.accepted, r.in_flight) == (1, [1])
     await d.close()
 
@@ -178,7 +188,7 @@ async def test_redis_down_is_dedup_unavailable() -> None:
     d = RedisDedup(Settings(dedup="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     await d.start()
     with pytest.raises(DedupUnavailable):
-        await d.reserve(batch(3), *flush())
+        await d.reserve(batch(3), flush())
     with pytest.raises(DedupUnavailable):
         await d.ping()
     await d.close()
@@ -191,3 +201,65 @@ def test_warm_up_reads_bounded_runs_of_hours() -> None:
     assert runs == [(10 * hour, 12 * hour), (13 * hour, 21 * hour)]
     assert list(hour_runs([{"h": 1, "n": 500}], 60)) == [(hour, 2 * hour)]  # one hour may hold more
     assert list(hour_runs([], 60)) == []
+
+
+async def test_ids_of_a_queued_flush_are_never_taken_over(redis_server: Redis) -> None:
+    """Async mode: a flush's entry may wait in the stream past the flush timeout; its ids stay its own."""
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url, flush_timeout_s=2))
+    await d.start()
+    stream = "test:stream"
+    b = batch(20, seed=6)
+    old = new_flush_id(NOW - 3_000)  # queued long ago, not yet committed by a worker
+    assert (await d.reserve_queued(b, old, stream)).accepted == 20
+    assert await d.redis.xlen(stream) == 1
+    again = await d.reserve(batch(20, seed=6), new_flush_id())
+    assert again.accepted == 0 and again.duplicates == 20  # queued is as good as committed
+    # Without its marker (a flush whose process died before queueing) the ids are
+    # taken over, and in queued mode the keys won get a stream entry of their own.
+    await d.redis.delete(QUEUED_PREFIX + old)
+    mine = new_flush_id()
+    assert (await d.reserve_queued(batch(20, seed=6), mine, stream)).accepted == 20
+    entries = await d.redis.xrange(stream)
+    assert [e[1][b"f"].decode() for e in entries][:2] == [old, mine] and len(entries) == 3
+    taker = entries[2][1][b"f"]
+    assert taker.decode() not in (old, mine) and await d.redis.get(QUEUED_PREFIX + taker.decode())
+    assert (await d.redis.get(KEY_PREFIX + b.key(0))).startswith(taker + b"|")
+    assert entries[2][1][b"e"].count(b"\n") == 20
+    await d.close()
+
+
+class _LostAfterPipeline(RedisDedup):
+    """Real Redis; the connection is lost right after the reservation pipeline (a Redis crash's timing)."""
+
+    async def _resolve(self, *args: object, **kwargs: object) -> Reservation:
+        raise RedisError("Connection lost")
+
+
+async def test_a_request_failing_while_reserving_leaves_its_flush_uncommitted(
+    redis_server: Redis, chdb_storage: EmbeddedStorage
+) -> None:
+    """Its keys may be held by the flush without its rows: a commit record would make
+    them duplicates never stored. So the flush commits nothing and its ids are taken over."""
+    flush_redis(redis_server)
+    settings = Settings(dedup="redis", redis_url=redis_server.url, flush_timeout_s=1)
+    plain, lossy = RedisDedup(settings), _LostAfterPipeline(settings)
+    await plain.start()
+    await lossy.start()
+    f = new_flush_id()
+    await plain.reserve(events_of("c_lost", ["held"]), f)
+    await plain.commit(f)
+    service = IngestService(settings, chdb_storage, lossy, Metrics())
+    good, bad = events_of("c_lost", ["g1"]), events_of("c_lost", ["held", "n1", "n2"])
+    answers = await asyncio.gather(service.accept(good), service.accept(bad), return_exceptions=True)
+    assert isinstance(answers[0], IngestResult) and answers[0].accepted == 1  # stored, in the same flush
+    assert isinstance(answers[1], Unavailable)
+
+    async def retried() -> bool:
+        r = await plain.reserve(events_of("c_lost", ["n1", "n2"]), new_flush_id())
+        assert r.duplicates == 0, "the failed request's events are reported as duplicates, never stored"
+        return r.accepted == 2
+
+    await until(retried, "the failed request's ids taken over", 10, every=0.2)
+    await plain.close()
+    await lossy.close()

@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 from invoice_samples import DAY, JAN_2026, draft, priced
 
+from meterflow.archive import DirectoryStore
 from meterflow.billing.invoices import Invoices, WrongStatus, number_text
 from meterflow.billing.periods import Period
 from meterflow.billing.webhooks import Webhooks
-from meterflow.ingest.archive import DirectoryStore
 from meterflow.records import Records
 from meterflow.records.tables import webhook_deliveries
 

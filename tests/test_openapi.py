@@ -49,7 +49,8 @@ currency = "EUR"
 charges = [{type = "flat", amount = "1.00"}]
 """
 # Documented answers that need a backing service to fail; the named test stops it and checks them.
-NOT_PROBED_HERE = {503: "tests/test_failures.py::test_clickhouse_down_answers_503_and_marks_nothing"}
+NOT_PROBED_HERE = {503: "tests/test_failures.py::test_clickhouse_down_answers_503_and_marks_nothing",
+                   202: "tests/test_async.py::test_async_mode_queues_then_workers_store_each_event_once"}
 
 
 def status(answer: httpx.Response | int) -> int:
@@ -242,6 +243,7 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         ("POST", events, 400): lambda c: c.post(events, content=b"{}", headers=JSON),
         ("POST", events, 413): lambda c: c.post(events, content=samples.body(samples.batch(1001)), headers=JSON),
         ("POST", events, 415): lambda c: c.post(events, content=b"{}", headers=TEXT),
+        ("GET", "/v1/events/lag", 200): lambda c: c.get("/v1/events/lag"),
         ("GET", "/v1/meters", 200): lambda c: c.get("/v1/meters"),
         ("GET", "/v1/meters", 400): lambda c: c.get("/v1/meters", params={"limit": "0"}),
         ("POST", "/v1/meters", 201): lambda c: c.post("/v1/meters", json={"code": "probe_a", **METER}),

@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+from meterflow.archive import DirectoryStore, Spool, object_key
 from meterflow.config import Settings
-from meterflow.ingest.archive import DirectoryStore, Spool, object_key
 from meterflow.metrics import Metrics
 
 FLUSHES = 300

@@ -1,4 +1,4 @@
-"""The `meterflow` command: serve, keys create, db upgrade, replay."""
+"""The `meterflow` command: serve, worker, keys create, db upgrade, replay."""
 
 from __future__ import annotations
 
@@ -137,8 +137,8 @@ def _replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings is None:
         return 2
-    from meterflow.ingest.archive import open_store
-    from meterflow.ingest.replay import parse_time, replay
+    from meterflow.archive import ArchiveError, open_store
+    from meterflow.archive.replay import parse_time, replay
     from meterflow.runtime import started
     from meterflow.storage import StorageError, open_storage
 
@@ -162,20 +162,106 @@ def _replay(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    except (StorageError, OSError, ValueError) as e:
+    except (ArchiveError, StorageError, OSError, ValueError) as e:
         print(f"\nmeterflow: replay failed: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _worker_settings(args: argparse.Namespace) -> config.Settings | None:
+    settings = _settings(args)
+    if settings is not None and settings.dedup != "redis":
+        print("meterflow: the worker needs MF_DEDUP=redis (the event stream lives in Redis).", file=sys.stderr)
+        return None
+    return settings
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = _worker_settings(args)
+    if settings is None:
+        return 2
+    if settings.storage != "clickhouse":
+        print("meterflow: the worker needs MF_STORAGE=clickhouse, shared with the servers.", file=sys.stderr)
+        return 2
+    import signal
+
+    from meterflow.archive import Spool, open_store
+    from meterflow.ingest.dedup import RedisDedup
+    from meterflow.ingest.worker import Worker
+    from meterflow.logs import setup_logging
+    from meterflow.metrics import Metrics
+    from meterflow.runtime import started
+    from meterflow.storage import open_storage
+
+    setup_logging(settings)
+
+    async def run() -> None:
+        storage, dedup, archive, metrics = open_storage(settings), RedisDedup(settings), open_store(settings), Metrics()
+        spool = Spool(settings, archive, metrics) if archive is not None else None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with started(storage, dedup, *([archive] if archive is not None else [])):
+            if spool is not None:
+                spool.start()
+            worker = Worker(settings, dedup.redis, storage, spool, metrics)
+            print(f"meterflow: worker {worker.name} reading the event stream", file=sys.stderr, flush=True)
+            try:
+                # SIGTERM: the round in progress commits, then the worker stops.
+                await worker.run(stop)
+            finally:
+                if spool is not None:
+                    await spool.stop()
+                    try:  # a last upload; what fails stays spooled
+                        await asyncio.wait_for(spool.drain_once(), 10)
+                    except Exception as e:
+                        print(f"meterflow: archive left spooled at shutdown: {e}", file=sys.stderr)
+
+    asyncio.run(run())
+    return 0
+
+
+def _worker_dead_letters(args: argparse.Namespace) -> int:
+    settings = _worker_settings(args)
+    if settings is None:
+        return 2
+    from redis.exceptions import RedisError
+
+    from meterflow.ingest.stream import dead_letters, retry_dead_letters
+
+    async def run() -> int:
+        import redis.asyncio as aioredis
+
+        r = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        try:
+            if args.worker_command == "retry":
+                moved = await retry_dead_letters(r, args.ids or None)
+                print(f"meterflow: {moved} dead letters put back on the event stream")
+                return 0
+            letters = await dead_letters(r)
+            for d in letters:
+                print(f"{d['id']}  flush {d['flush_id']}  {d['events']} events  {d['attempts']} attempts  {d['error']}")
+            print(f"meterflow: {len(letters)} dead letters", file=sys.stderr)
+            return 0
+        finally:
+            await r.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (RedisError, OSError) as e:
+        print(f"meterflow: Redis is unavailable: {e}", file=sys.stderr)
+        return 1
 
 
 def _invoices_close(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings is None:
         return 2
+    from meterflow.archive import open_store
+    from meterflow.archive.replay import parse_time
     from meterflow.billing.closing import Closer
     from meterflow.billing.preview import NotInPeriod
-    from meterflow.ingest.archive import open_store
-    from meterflow.ingest.replay import parse_time
     from meterflow.records import RecordsUnavailable
     from meterflow.runtime import ClosingRuntime
     from meterflow.storage import StorageError
@@ -234,6 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--dry-run", action="store_true", help="count what would be replayed; write nothing")
     rp.add_argument("--config", help="TOML settings file (MF_CONFIG)")
     rp.set_defaults(func=_replay)
+    wk = sub.add_parser("worker", help="commit the async mode's event stream (run any number of them)")
+    wk.add_argument("--config", help="TOML settings file (MF_CONFIG)")
+    wk.set_defaults(func=_worker)
+    wsub = wk.add_subparsers(dest="worker_command")
+    dl = wsub.add_parser("dead-letters", help="list the entries that failed MF_WORKER_MAX_ATTEMPTS times")
+    dl.add_argument("--config", help="TOML settings file (MF_CONFIG)")
+    dl.set_defaults(func=_worker_dead_letters)
+    rt = wsub.add_parser("retry", help="put dead letters (all, or the ids given) back on the event stream")
+    rt.add_argument("ids", nargs="*", help="dead-letter entry ids (default: all)")
+    rt.add_argument("--config", help="TOML settings file (MF_CONFIG)")
+    rt.set_defaults(func=_worker_dead_letters)
     inv = sub.add_parser("invoices", help="invoices").add_subparsers(dest="invoices_command", required=True)
     close = inv.add_parser("close", help="invoice every subscription period that ended MF_INVOICE_GRACE_S ago")
     close.add_argument("--at", help="close as of this time: epoch ms or ISO 8601 (UTC); default now")

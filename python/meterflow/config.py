@@ -51,6 +51,12 @@ class Settings:
     flush_max_wait_ms: int = 50
     flush_queue_max_rows: int = 200_000
     flush_concurrency: int = 2
+    # sync: answer 200 once stored; async: answer 202 once queued in a Redis
+    # Stream that `meterflow worker` processes commit (full stack only).
+    ingest_mode: Literal["sync", "async"] = "sync"
+    stream_max_entries: int = 100_000
+    worker_claim_idle_ms: int = 30_000
+    worker_max_attempts: int = 5
     max_body_bytes: int = 5 * 1024 * 1024
     # Connections: at most this many per worker (fewer if the open-file limit says so);
     # a begun header, or the idle time after a request, that brings no complete header
@@ -120,6 +126,8 @@ class Settings:
             "rate_requests_burst", "rate_events_per_s", "rate_events_burst", "spool_max_bytes",
             "usage_max_filter_values", "usage_max_execution_s", "usage_max_query_bytes", "usage_max_result_rows",
             "usage_max_concurrent_queries", "auth_failures_per_minute", "http_max_connections",
+            "http_body_timeout_s", "key_cache_grace_s", "stream_max_entries", "worker_claim_idle_ms",
+            "worker_max_attempts",
             "http_body_timeout_s", "key_cache_grace_s", "invoice_due_days", "invoice_close_interval_s",
             "webhook_backoff_ms",
             "webhook_backoff_max_ms", "webhook_retry_for_s", "webhook_timeout_ms", "webhook_poll_ms",
@@ -143,6 +151,11 @@ class Settings:
         if self.dedup == "memory" and self.workers > 1:
             raise ConfigError(
                 "MF_DEDUP=memory keeps the dedup index in one process; use MF_WORKERS=1 or MF_DEDUP=redis."
+            )
+        if self.ingest_mode == "async" and (self.dedup != "redis" or self.storage != "clickhouse"):
+            raise ConfigError(
+                "MF_INGEST_MODE=async needs the full stack: MF_DEDUP=redis (the stream) and "
+                "MF_STORAGE=clickhouse (shared with `meterflow worker`)."
             )
         if self.storage == "chdb" and self.workers > 1:
             raise ConfigError(

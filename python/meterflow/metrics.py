@@ -1,7 +1,9 @@
-"""Counters and sums in Prometheus text format, per process, and the recent per-minute history the dashboard draws."""
+"""Counters, sums, gauges and latency histograms in Prometheus text format, per process, and the
+recent per-minute history the dashboard draws."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import defaultdict, deque
@@ -18,6 +20,8 @@ HELP = {
     "meterflow_flush_failures_total": "Inserts that failed.",
     "meterflow_flush_queue_full_total": "Requests refused because the flush queue was full.",
     "meterflow_flush_seconds": "Time spent in storage inserts.",
+    "meterflow_stage_seconds": "Time spent in each stage of the ingest path (decode, rate_check, dedup, flush_wait, "
+    "insert, spool, commit, upload).",
     "meterflow_flush_queue_rows": "Rows waiting for a flush.",
     "meterflow_archive_spooled_total": "Archive objects written to the local spool.",
     "meterflow_archive_uploaded_total": "Archive objects uploaded to the store.",
@@ -26,7 +30,37 @@ HELP = {
     "meterflow_archive_spool_full_total": "Requests refused because the archive spool was full.",
     "meterflow_archive_spool_objects": "Archive objects waiting in the spool.",
     "meterflow_archive_spool_bytes": "Bytes waiting in the spool.",
+    "meterflow_stream_full_total": "Requests refused because the event stream was full (async mode).",
+    "meterflow_stream_length": "Entries in the event stream: queued or being committed (async mode).",
+    "meterflow_stream_oldest_pending_seconds": "Age of the oldest entry in the event stream (async mode).",
+    "meterflow_stream_dead_letters": "Entries in the dead-letter stream (async mode).",
+    "meterflow_worker_rows_per_second": "Rows each worker committed per second, as it last reported (async mode).",
 }
+
+
+# Upper bounds in seconds, from 50 µs (a decode of a few events) to 5 s (an insert
+# behind a stalled store): roughly x2.5 per step, so quantiles stay within a step.
+BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+
+class Histogram:
+    """Cumulative-on-render bucket counts with a sum, one per (name, stage)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last slot is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
 
 # The counters kept per minute as well (for the dashboard's chart), and how much history is kept.
@@ -39,11 +73,22 @@ class Metrics:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
         self._sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._histograms: dict[tuple[str, str], Histogram] = {}
         self._samples: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=SAMPLES_KEPT))
         # minute (epoch minutes) -> counts in PER_MINUTE order; at most HISTORY_MINUTES entries
         self._minutes: dict[int, list[int]] = {}
         self._clock = clock
         self.gauges: dict[str, float] = {}
+
+    def stage(self, stage: str, seconds: float) -> None:
+        """One timing of an ingest stage, into `meterflow_stage_seconds{stage=...}`."""
+        self.histogram("meterflow_stage_seconds", stage, seconds)
+
+    def histogram(self, name: str, stage: str, seconds: float) -> None:
+        h = self._histograms.get((name, stage))
+        if h is None:
+            h = self._histograms[(name, stage)] = Histogram()
+        h.observe(seconds)
 
     def inc(self, name: str, n: float = 1, **labels: str) -> None:
         self._counters[(name, tuple(sorted(labels.items())))] += n
@@ -98,6 +143,15 @@ class Metrics:
             head(name, "summary")
             lines.append(f"{name}_sum {total:.6f}")
             lines.append(f"{name}_count {count:g}")
+        for (name, stage), h in sorted(self._histograms.items()):
+            head(name, "histogram")
+            running = 0
+            for bound, n in zip((*BUCKETS, float("inf")), h.counts, strict=True):
+                running += n
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                lines.append(f'{name}_bucket{{stage="{stage}",le="{le}"}} {running}')
+            lines.append(f'{name}_sum{{stage="{stage}"}} {h.total:.6f}')
+            lines.append(f'{name}_count{{stage="{stage}"}} {running}')
         for name, v in sorted(self.gauges.items()):
             head(name, "gauge")
             lines.append(f"{name} {v:g}")

@@ -17,7 +17,7 @@ from meterflow import config
 from meterflow.api import errors
 from meterflow.api.auth import requires
 from meterflow.api.customers import delete_customer, get_customer, list_customers, patch_customer, put_customer
-from meterflow.api.events import get_events, post_events
+from meterflow.api.events import events_lag, get_events, post_events
 from meterflow.api.health import health, metrics, ready
 from meterflow.api.invoices import (
     finalize_invoice,
@@ -69,6 +69,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
     routes = [
         Route("/v1/events", requires("ingest", post_events), methods=["POST"]),
         Route("/v1/events", requires("read", get_events), methods=["GET"]),
+        Route("/v1/events/lag", requires("read", events_lag), methods=["GET"]),
         Route("/v1/meters", requires("read", list_meters), methods=["GET"]),
         Route("/v1/meters", requires("admin", create_meter), methods=["POST"]),
         Route("/v1/meters/{code}", requires("read", get_meter), methods=["GET"]),

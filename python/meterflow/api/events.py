@@ -1,8 +1,9 @@
-"""/v1/events: ingest a batch (POST) and read the stored events back, newest first (GET)."""
+"""/v1/events: ingest a batch (POST), the stored events newest first (GET); /v1/events/lag: the async backlog."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import orjson
 from starlette.requests import Request
@@ -13,7 +14,9 @@ from meterflow.api.errors import ApiError
 from meterflow.api.openapi import Param, operation
 from meterflow.api.responses import check_json, json_response, read_body
 from meterflow.auth.keys import Principal
+from meterflow.ingest.dedup import DedupUnavailable
 from meterflow.ingest.service import DecodeError, Unavailable
+from meterflow.ingest.stream import Lag
 from meterflow.metering.events import EVENTS_PAGE_MAX, EventsError, OtherCustomer, list_events, parse_query
 from meterflow.metering.usage import query_limits
 from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
@@ -26,8 +29,10 @@ log = logging.getLogger("meterflow.api")
 
 
 @operation("Ingest a batch of usage events, idempotent per transaction", {
-    200: "Per-event problems are listed in `failed` and never fail the whole batch.",
-    503: "Storage or dedup is down, or the flush queue or the archive spool is full."}, body="Batch",
+    200: "Stored. Per-event problems are listed in `failed` and never fail the whole batch.",
+    202: "Async mode (`MF_INGEST_MODE=async`): the accepted events are durably queued for the workers; "
+         "the body is the same as 200's.",
+    503: "Storage or dedup is down, or the flush queue, the event stream or the archive spool is full."}, body="Batch",
     result="IngestResult")  # fmt: skip
 async def post_events(request: Request) -> Response:
     rt = runtime_of(request)
@@ -35,13 +40,13 @@ async def post_events(request: Request) -> Response:
     check_json(request)
     body = await read_body(request, settings.max_body_bytes, settings.http_body_timeout_s)
     principal: Principal = request.state.principal
-
-    async def admit(events: int) -> None:
-        # After decoding, before any reservation: a refused batch leaves no trace.
-        await check_rate(rt.limiter, settings, principal, "events", events)
-
     try:
-        result = await service.ingest(body, principal.customer_id, admit)
+        batch = await service.decode(body, principal.customer_id)
+        # After decoding, before any reservation: a refused batch leaves no trace.
+        t0 = time.perf_counter()
+        await check_rate(rt.limiter, settings, principal, "events", batch.received)
+        service.metrics.stage("rate_check", time.perf_counter() - t0)
+        result = await service.accept(batch)
     except DecodeError as e:
         code, message = e.args
         service.metrics.inc("meterflow_requests_total", status=str(_DECODE_STATUS.get(code, 400)))
@@ -53,8 +58,27 @@ async def post_events(request: Request) -> Response:
             log.warning("ingest refused: backend unavailable", extra={"error": e.message[:500]})
             message = f"{_BACKEND_DOWN[e.code]} is unavailable; retry after {settings.retry_after_s} s."
         raise ApiError(503, e.code, message, {"Retry-After": str(settings.retry_after_s)}) from None
-    service.metrics.inc("meterflow_requests_total", status="200")
-    return json_response(result.as_json())
+    # Async mode: accepted means durably queued, not yet stored.
+    status = 202 if service.stream is not None else 200
+    service.metrics.inc("meterflow_requests_total", status=str(status))
+    return json_response(result.as_json(), status)
+
+
+@operation("The async mode's backlog: stream length, oldest pending age, dead letters, per-worker throughput", {
+    200: "The backlog (all zero in sync mode, which queues nothing).",
+    503: "Redis is unavailable."})  # fmt: skip
+async def events_lag(request: Request) -> Response:
+    rt = runtime_of(request)
+    stream = rt.ingest.stream
+    if stream is None:
+        return json_response({"mode": "sync", **Lag(0, 0, 0, {}).as_json()})
+    try:
+        lag = await stream.lag()
+    except DedupUnavailable as e:
+        log.warning("lag unavailable", extra={"error": str(e)[:500]})
+        raise ApiError(503, "dedup_unavailable", f"Redis is unavailable; retry after {rt.settings.retry_after_s} s.",
+                       {"Retry-After": str(rt.settings.retry_after_s)}) from None  # fmt: skip
+    return json_response({"mode": "async", **lag.as_json()})
 
 
 EPOCH = {"type": "integer", "minimum": EPOCH_MS_MIN, "maximum": EPOCH_MS_MAX}

@@ -12,6 +12,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from meterflow.api.openapi import operation
 from meterflow.api.responses import json_response
+from meterflow.metrics import HELP
 from meterflow.runtime import Probe, runtime_of
 
 log = logging.getLogger("meterflow.api")
@@ -43,6 +44,18 @@ async def ready(request: Request) -> Response:
     ok = all(r["status"] == "ok" for p, r in zip(probes, results, strict=True) if p.essential)
     body: dict[str, Any] = {"status": "ready" if ok else "unavailable", "checks": checks,
             "flush_queue_rows": rt.ingest.flusher.queued_rows}  # fmt: skip
+    if rt.ingest.stream is not None:
+        try:
+            lag = await asyncio.wait_for(rt.ingest.stream.lag(), 2)
+            # Dead letters need an operator (`meterflow worker dead-letters`), not a restart: shown, not unready.
+            body["stream"] = {
+                "status": "ok", "length": lag.length, "dead_letters": lag.dead_letters,
+                "oldest_pending_age_ms": lag.oldest_pending_age_ms, "workers": len(lag.workers),
+            }  # fmt: skip
+        except Exception as e:
+            error = (str(e) or type(e).__name__)[:500]
+            log.warning("readiness check failed", extra={"check": "stream", "error": error})
+            body["stream"] = {"status": "down"}
     spool = rt.spool
     if spool is not None:
         # The archive never blocks ingestion: its state is reported, not a reason for 503.
@@ -66,4 +79,18 @@ async def metrics(request: Request) -> Response:
         objects, size = rt.spool.depth()
         rt.metrics.gauges["meterflow_archive_spool_objects"] = objects
         rt.metrics.gauges["meterflow_archive_spool_bytes"] = size
-    return PlainTextResponse(rt.metrics.render(), media_type="text/plain; version=0.0.4")
+    extra = ""
+    if rt.ingest.stream is not None:
+        try:
+            lag = await asyncio.wait_for(rt.ingest.stream.lag(), 2)
+        except Exception as e:  # the other metrics are still worth serving
+            log.warning("stream metrics unavailable", extra={"error": (str(e) or type(e).__name__)[:500]})
+        else:
+            rt.metrics.gauges["meterflow_stream_length"] = lag.length
+            rt.metrics.gauges["meterflow_stream_oldest_pending_seconds"] = lag.oldest_pending_age_ms / 1000
+            rt.metrics.gauges["meterflow_stream_dead_letters"] = lag.dead_letters
+            name = "meterflow_worker_rows_per_second"
+            extra = f"# HELP {name} {HELP[name]}\n# TYPE {name} gauge\n" + "".join(
+                f'{name}{{worker="{w}"}} {s["rows_per_s"]:g}\n' for w, s in sorted(lag.workers.items())
+            )
+    return PlainTextResponse(rt.metrics.render() + extra, media_type="text/plain; version=0.0.4")

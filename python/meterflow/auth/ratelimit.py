@@ -1,6 +1,7 @@
 """Per-key rate limits (GCRA): requests/s and events/s, each with a burst.
 
-Redis: one script call per check, atomic, shared by every worker.
+Redis: one script call per check, atomic, shared by every worker; large limits
+are spent from a local lease taken in one such call (LeasedRateLimiter).
 In-process: the same arithmetic for the embedded mode's single worker.
 """
 
@@ -111,11 +112,20 @@ return {1, math.max(remaining, 0), '0', tostring(new_tat - now_ms)}
 """
 
 
+REDIS_CONNECTIONS = 64
+
+
 class RedisRateLimiter:
     name = "redis"
 
     def __init__(self, url: str) -> None:
-        self._redis = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        # A bounded pool that waits for a free connection: redis-py's default pool
+        # refuses past 100 connections, which at a few hundred concurrent requests
+        # would fail most checks open ("Too many connections").
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=2, socket_timeout=2, socket_connect_timeout=2
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._script = self._redis.register_script(_GCRA)
 
     async def start(self) -> None:
@@ -135,9 +145,72 @@ class RedisRateLimiter:
         return Verdict(bool(allowed), burst, int(remaining), float(retry) / 1000, float(reset) / 1000)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        # The pool is this limiter's own (passed in, so redis-py would leave it open).
+        await self._redis.aclose(close_connection_pool=True)
+
+
+# A lease is at most 1% of a second's rate and a tenth of the burst, and lasts a second.
+LEASE_RATE_SHARE = 100
+LEASE_BURST_SHARE = 10
+LEASE_S = 1.0
+
+
+def lease_size(rate: int, burst: int) -> int:
+    """Tokens a worker reserves ahead for a bucket; 1 means no lease (every check asks Redis)."""
+    return max(1, min(rate // LEASE_RATE_SHARE, burst // LEASE_BURST_SHARE))
+
+
+@dataclass
+class Lease:
+    tokens: int
+    expires: float
+    remaining: int  # the shared bucket's remaining tokens when the lease was taken
+    spent: int = 0
+
+
+class LeasedRateLimiter:
+    """Large limits answered from a local lease, without a round trip: one shared
+    check takes `cost + lease` tokens, and this worker's next checks of the bucket
+    spend the lease until it is used up or a second old. Unspent tokens expire
+    counted as spent, so a limit is at most one lease per worker per second
+    stricter, never looser. Small limits (a lease of 1) ask Redis every time."""
+
+    def __init__(self, shared: RedisRateLimiter) -> None:
+        self.shared = shared
+        self.name = shared.name
+        self._leases: dict[str, Lease] = {}
+
+    async def start(self) -> None:
+        await self.shared.start()
+
+    async def close(self) -> None:
+        await self.shared.close()
+
+    async def ping(self) -> None:
+        await self.shared.ping()
+
+    async def check(self, bucket: str, rate: int, burst: int, cost: int = 1) -> Verdict:
+        size = lease_size(rate, burst)
+        if size == 1:
+            return await self.shared.check(bucket, rate, burst, cost)
+        now = time.monotonic()
+        lease = self._leases.get(bucket)
+        if lease is not None and lease.tokens >= cost and now < lease.expires:
+            lease.tokens -= cost
+            lease.spent += cost
+            return Verdict(True, burst, max(0, lease.remaining - lease.spent), 0.0, lease.expires - now)
+        verdict = await self.shared.check(bucket, rate, burst, cost + size)
+        if verdict.allowed:
+            if len(self._leases) > 100_000:  # forget expired leases
+                self._leases = {k: v for k, v in self._leases.items() if v.expires > now}
+            self._leases[bucket] = Lease(size, now + LEASE_S, verdict.remaining)
+            return verdict
+        # No room for a lease: the exact check decides.
+        return await self.shared.check(bucket, rate, burst, cost)
 
 
 def open_rate_limiter(settings: Settings) -> RateLimiter:
     """Shared by every worker through Redis in the full stack; per process when embedded."""
-    return RedisRateLimiter(settings.redis_url) if settings.dedup == "redis" else MemoryRateLimiter()
+    if settings.dedup == "redis":
+        return LeasedRateLimiter(RedisRateLimiter(settings.redis_url))
+    return MemoryRateLimiter()

@@ -21,11 +21,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from meterflow.archive import Store
 from meterflow.billing.periods import Period
 from meterflow.billing.rating import PricedPeriod
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.webhooks import enqueue
-from meterflow.ingest.archive import Store
 from meterflow.records import Records, plain
 from meterflow.records.tables import invoice_numbers, invoices
 

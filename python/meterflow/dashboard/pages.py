@@ -19,6 +19,7 @@ from meterflow.customers import ID_RE
 from meterflow.dashboard.billing_pages import billing_of
 from meterflow.dashboard.guard import form_of, principal_of, secure, set_session, signed_in, signer_of, to_signin
 from meterflow.dashboard.render import page
+from meterflow.ingest.dedup import DedupUnavailable
 from meterflow.metering.events import EventsError, list_events, parse_query
 from meterflow.metering.meters import Meter
 from meterflow.metering.usage import UsageError, UsageOutOfRange, parse_request, query_limits, run_usage
@@ -98,8 +99,14 @@ async def _overview_context(request: Request) -> dict[str, Any]:
     if rt.spool is not None:
         objects, size = rt.spool.depth()
         spool = {"objects": objects, "bytes": size, "max_bytes": rt.spool.max_bytes, "last_error": rt.spool.last_error}
+    lag = None
+    if rt.ingest.stream is not None:  # async mode: the queue the workers drain
+        try:
+            lag = (await rt.ingest.stream.lag()).as_json()
+        except DedupUnavailable:
+            lag = {"unavailable": True}
     return {
-        "chart": series, "reasons": reasons, "totals": totals,
+        "chart": series, "reasons": reasons, "totals": totals, "lag": lag,
         "p50": m.quantile("meterflow_flush_seconds", 0.5), "p99": m.quantile("meterflow_flush_seconds", 0.99),
         "queued_rows": rt.ingest.flusher.queued_rows, "spool": spool,
         "health": [(p.label, c["status"], p.essential) for p, c in zip(probes, checks, strict=True)],

@@ -10,10 +10,12 @@ content: duplicate) is told from a conflict (other content: failed with
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
@@ -22,8 +24,13 @@ from redis.exceptions import RedisError
 from meterflow.config import Settings
 from meterflow.ingest.core import Batch, DedupIndex, ReplyError
 
+T = TypeVar("T")
+
 KEY_PREFIX = "dedup:"
 FLUSH_PREFIX = "flush:"
+# Set with a queued flush's stream entry (async mode), deleted at its commit:
+# while it exists, the flush's ids are never taken over, however old.
+QUEUED_PREFIX = "queued:"
 
 
 class DedupUnavailable(Exception):
@@ -65,11 +72,11 @@ class Dedup(Protocol):
     async def ping(self) -> None:
         """Raises DedupUnavailable when the store does not answer."""
 
-    async def reserve(self, batch: Batch, flush_id: str, flush_seq: int) -> Reservation: ...
+    async def reserve(self, batch: Batch, flush_id: str) -> Reservation: ...
 
-    async def commit(self, flush_id: str, flush_seq: int) -> None: ...
+    async def commit(self, flush_id: str) -> None: ...
 
-    async def release(self, flush_id: str, flush_seq: int, keys: list[str]) -> None:
+    async def release(self, flush_id: str, keys: list[str]) -> None:
         """Frees the keys (`Batch.key`) this flush reserved (its insert failed)."""
 
     async def warm(self, batch: Batch) -> None:
@@ -85,6 +92,15 @@ class MemoryDedup:
         self._ix = DedupIndex()
         self._window_s = settings.dedup_window_s
         self._last_expiry = 0.0
+        # The Rust index names a flush by a number: the flush id's, until it commits or is released.
+        self._numbers: dict[str, int] = {}
+        self._next = itertools.count(1)
+
+    def _number(self, flush_id: str) -> int:
+        n = self._numbers.get(flush_id)
+        if n is None:
+            n = self._numbers[flush_id] = next(self._next)
+        return n
 
     async def start(self) -> None:
         return None
@@ -98,12 +114,12 @@ class MemoryDedup:
     def __len__(self) -> int:
         return len(self._ix)
 
-    async def reserve(self, batch: Batch, flush_id: str, flush_seq: int) -> Reservation:
+    async def reserve(self, batch: Batch, flush_id: str) -> Reservation:
         now = time.time()
         if now - self._last_expiry > 3600:
             self._last_expiry = now
             self._ix.expire(int(now) - self._window_s)
-        codes = self._ix.reserve(batch, flush_seq)
+        codes = self._ix.reserve(batch, self._number(flush_id))
         n = len(codes)
         keep = codes.translate(_KEEP_NEW)
         accepted = keep.count(1)
@@ -116,11 +132,15 @@ class MemoryDedup:
             conflicts = [(i, c & 0x0F) for i, c in enumerate(codes) if c & _CONFLICT]
         return Reservation(keep=keep, accepted=accepted, duplicates=dups, in_flight=flight, conflicts=conflicts)
 
-    async def commit(self, flush_id: str, flush_seq: int) -> None:
-        self._ix.commit(flush_seq, int(time.time()))
+    async def commit(self, flush_id: str) -> None:
+        n = self._numbers.pop(flush_id, None)
+        if n is not None:
+            self._ix.commit(n, int(time.time()))
 
-    async def release(self, flush_id: str, flush_seq: int, keys: list[str]) -> None:
-        self._ix.release(flush_seq)
+    async def release(self, flush_id: str, keys: list[str]) -> None:
+        n = self._numbers.pop(flush_id, None)
+        if n is not None:
+            self._ix.release(n)
 
     async def warm(self, batch: Batch) -> None:
         self._ix.load(batch, int(time.time()))
@@ -139,17 +159,25 @@ end
 """
 
 # Takes over keys whose flush died: set only if the key is still held by the
-# dead flush. ARGV: new flush id, window, then per key its dead flush and the
-# new event's fingerprint.
+# dead flush. ARGV: new flush id, window, stream ('' in sync mode), the entry's
+# lines, then per key its dead flush and the new event's fingerprint. In async
+# mode the keys won go to a stream entry of their own, queued in the same step,
+# so no worker can commit the new flush before its keys are held.
 _TAKEOVER = _HELD_BY + """
 local out = {}
+local won = false
 for i, key in ipairs(KEYS) do
-  if held_by(redis.call('GET', key), ARGV[2 * i + 1]) then
-    redis.call('SET', key, ARGV[1] .. '|' .. ARGV[2 * i + 2], 'EX', ARGV[2])
+  if held_by(redis.call('GET', key), ARGV[2 * i + 3]) then
+    redis.call('SET', key, ARGV[1] .. '|' .. ARGV[2 * i + 4], 'EX', ARGV[2])
     out[i] = 1
+    won = true
   else
     out[i] = 0
   end
+end
+if won and ARGV[3] ~= '' then
+  redis.call('SET', '""" + QUEUED_PREFIX + """' .. ARGV[1], '1', 'EX', ARGV[2])
+  redis.call('XADD', ARGV[3], '*', 'f', ARGV[1], 'e', ARGV[4])
 end
 return out
 """
@@ -240,7 +268,7 @@ class RedisDedup:
                     raise DedupUnavailable(f"Redis refused the connection: {line.decode(errors='replace').strip()}")
         return conn
 
-    async def _pipeline(self, data: bytes, batch: Batch) -> list[tuple[int, bytes, int]]:
+    async def _pipeline(self, data: bytes, parse: Callable[[bytes], T | None]) -> T:
         conn = self._idle.pop() if self._idle else await self._connect()
         try:
             conn.writer.write(data)
@@ -251,7 +279,7 @@ class RedisDedup:
                 if not chunk:
                     raise ConnectionError("Redis closed the connection")
                 buf += chunk
-                taken = batch.reserve_replies(buf)
+                taken = parse(buf)
                 if taken is not None:
                     break
         except BaseException:
@@ -260,29 +288,76 @@ class RedisDedup:
         self._idle.append(conn)
         return taken
 
-    async def reserve(self, batch: Batch, flush_id: str, flush_seq: int) -> Reservation:
+    async def reserve(self, batch: Batch, flush_id: str) -> Reservation:
         n = len(batch)
         data = batch.redis_reserve(KEY_PREFIX, flush_id, self._window)
         try:
-            taken = await self._pipeline(data, batch)
+            taken = await self._pipeline(data, batch.reserve_replies)
         except (OSError, ConnectionError, TimeoutError, ReplyError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
         if not taken:
             return Reservation(keep=None, accepted=n, duplicates=0)
         try:
-            return await self._resolve(batch, flush_id, n, taken)
+            return await self._resolve(batch, flush_id, n, taken, "")
+        except (RedisError, OSError) as e:
+            raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
+
+    async def reserve_queued(self, batch: Batch, flush_id: str, stream: str) -> Reservation:
+        """Async mode: in one transaction (one round trip, one AOF record) the
+        flush's queued marker, its stream entry (every valid event; the worker
+        keeps those whose key this flush holds) and the reservations."""
+        n = len(batch)
+        window = str(self._window).encode()
+        head = (
+            _resp([b"MULTI"])
+            + _resp([b"SET", (QUEUED_PREFIX + flush_id).encode(), b"1", b"EX", window])
+            + _resp([b"XADD", stream.encode(), b"*", b"f", flush_id.encode(), b"e", batch.archive_lines()])
+        )
+        data = head + batch.redis_reserve(KEY_PREFIX, flush_id, self._window) + _resp([b"EXEC"])
+        prefix = b"+OK\r\n" + b"+QUEUED\r\n" * (n + 2) + b"*%d\r\n+OK\r\n" % (n + 2)
+
+        def parse(buf: bytes) -> list[tuple[int, bytes, int]] | None:
+            m = min(len(buf), len(prefix))
+            if buf[:m] != prefix[:m]:
+                error = next((ln for ln in buf.split(b"\r\n") if ln.startswith(b"-")), b"an unexpected reply")
+                raise ReplyError(f"the queued reservation failed: {error.decode(errors='replace')[:200]}")
+            if len(buf) < len(prefix):
+                return None
+            rest = buf[len(prefix) :]
+            end = rest.find(b"\r\n")  # the XADD's entry id
+            if end < 0:
+                return None
+            size = int(rest[1:end])
+            start = end + 2 + size + 2
+            if len(rest) < start:
+                return None
+            return batch.reserve_replies(rest[start:])
+
+        try:
+            taken = await self._pipeline(data, parse)
+        except (OSError, ConnectionError, TimeoutError, ReplyError, ValueError) as e:
+            raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
+        if not taken:
+            return Reservation(keep=None, accepted=n, duplicates=0)
+        try:
+            return await self._resolve(batch, flush_id, n, taken, stream)
         except (RedisError, OSError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
     async def _resolve(
-        self, batch: Batch, flush_id: str, n: int, taken: list[tuple[int, bytes, int]]
+        self, batch: Batch, flush_id: str, n: int, taken: list[tuple[int, bytes, int]], stream: str
     ) -> Reservation:
         """Sorts keys already held by another flush into duplicates and
         conflicts (its flush committed), take-overs (its flush died) and
         in-flight ones."""
         holders = sorted({holder for _, holder, _ in taken})
-        states = await self.redis.mget([FLUSH_PREFIX + h.decode() for h in holders])
-        committed = {h for h, s in zip(holders, states, strict=True) if s is not None}
+        states = await self.redis.mget(
+            [FLUSH_PREFIX + h.decode() for h in holders] + [QUEUED_PREFIX + h.decode() for h in holders]
+        )
+        # A queued flush (async mode) is as good as committed: its entry is
+        # durably in the stream, and a worker stores every key it holds.
+        committed = {h for h, s in zip(holders, states, strict=False) if s is not None}
+        committed |= {h for h, s in zip(holders, states[len(holders) :], strict=True) if s is not None}
         now = time.time_ns() // 1_000_000
         keep = bytearray(b"\x01") * n
         duplicates = 0
@@ -303,7 +378,15 @@ class RedisDedup:
                 in_flight.append(i)
         if stale:
             keys = [KEY_PREFIX + batch.key(i) for i, _ in stale]
-            args: list[bytes | str | int] = [flush_id, self._window]
+            lines = b""
+            if stream:
+                # Queued mode: the keys won go to a flush and stream entry of their own.
+                flush_id = new_flush_id()
+                mask = bytearray(n)
+                for i, _ in stale:
+                    mask[i] = 1
+                lines = batch.archive_lines(bytes(mask))
+            args: list[bytes | str | int] = [flush_id, self._window, stream, lines]
             for i, holder in stale:
                 args += [holder, batch.fingerprint(i)]
             won = await self._takeover(keys=keys, args=args)
@@ -317,13 +400,13 @@ class RedisDedup:
             keep=bytes(keep), accepted=accepted, duplicates=duplicates, in_flight=sorted(in_flight), conflicts=conflicts
         )
 
-    async def commit(self, flush_id: str, flush_seq: int) -> None:
+    async def commit(self, flush_id: str) -> None:
         try:
             await self.redis.set(FLUSH_PREFIX + flush_id, b"committed", ex=self._window)
         except (RedisError, OSError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
-    async def release(self, flush_id: str, flush_seq: int, keys: list[str]) -> None:
+    async def release(self, flush_id: str, keys: list[str]) -> None:
         if not keys:
             return
         try:

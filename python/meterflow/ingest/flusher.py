@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 
+from meterflow.archive import Spool
 from meterflow.config import Settings
-from meterflow.ingest.archive import Spool
+from meterflow.ingest import commit
 from meterflow.ingest.core import Batch
-from meterflow.ingest.dedup import Dedup, DedupUnavailable, new_flush_id
+from meterflow.ingest.dedup import Dedup, new_flush_id
 from meterflow.metrics import Metrics
 from meterflow.storage import Storage, StorageError
 
 log = logging.getLogger("meterflow.flusher")
+
+
+# Under load a flush grows: while an insert is in flight, the open flush keeps
+# gathering past MF_FLUSH_MAX_ROWS (up to GROWTH times it) and past MF_FLUSH_MAX_WAIT_MS
+# (up to GROWTH times it), and goes when that insert ends. ClickHouse inserts rows
+# faster in fewer, larger inserts (`make loadtest` measures both sizes).
+GROWTH = 10
 
 
 class Overloaded(Exception):
@@ -28,7 +35,6 @@ class Flush:
     reservation names the flush), then add their rows or leave."""
 
     id: str
-    seq: int
     created: float
     done: asyncio.Future[None]
     rows: list[bytes] = field(default_factory=list)
@@ -38,6 +44,9 @@ class Flush:
     pending: int = 0
     sealed: bool = False
     writing: bool = False
+    # A request failed after its reservation may have reached the dedup store:
+    # no commit record, so the flush's ids are taken over after the flush timeout.
+    tainted: bool = False
 
     def reserved_keys(self) -> list[str]:
         """The dedup keys this flush holds (used only to release them after a failure)."""
@@ -59,7 +68,6 @@ class Flusher:
         self._dedup = dedup
         self._metrics = metrics
         self._sem = asyncio.Semaphore(settings.flush_concurrency)
-        self._seq = itertools.count(1)
         self._current: Flush | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self.queued_rows = 0
@@ -78,9 +86,9 @@ class Flusher:
             done: asyncio.Future[None] = loop.create_future()
             # A flush whose waiters were cancelled must not log "never retrieved".
             done.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
-            f = Flush(id=new_flush_id(), seq=next(self._seq), created=time.monotonic(), done=done)
+            f = Flush(id=new_flush_id(), created=time.monotonic(), done=done)
             self._current = f
-            loop.call_later(self._max_wait, self._seal, f)
+            loop.call_later(self._max_wait, self._timer, f)
         f.pending += 1
         self.queued_rows += n
         return f
@@ -94,7 +102,7 @@ class Flusher:
         f.count += count
         self.queued_rows -= joined - count
         f.pending -= 1
-        if f.count >= self._max_rows:
+        if f.count >= (self._max_rows * GROWTH if self._writes else self._max_rows):
             self._seal(f)
         self._seal_if_idle(f)
         self._maybe_write(f)
@@ -112,6 +120,16 @@ class Flusher:
         While an insert runs, new requests gather into the next flush instead."""
         if not f.sealed and f.pending == 0 and f.count and not self._writes:
             self._seal(f)
+
+    def _timer(self, f: Flush) -> None:
+        """The flush's age limit. While an insert runs the flush keeps gathering (the
+        insert's end sends it), up to GROWTH times the limit."""
+        if f.sealed:
+            return
+        if self._writes and time.monotonic() - f.created < self._max_wait * GROWTH:
+            asyncio.get_running_loop().call_later(self._max_wait, self._timer, f)
+            return
+        self._seal(f)
 
     def _seal(self, f: Flush) -> None:
         if f.sealed:
@@ -137,25 +155,12 @@ class Flusher:
         f.rows.clear()
         try:
             async with self._sem:
-                t0 = time.perf_counter()
-                await self._storage.insert_events(rows)
-                self._metrics.observe("meterflow_flush_seconds", time.perf_counter() - t0)
-                if self.spool is not None:
-                    # Before the commit: an acknowledged event is always on disk for the archive.
-                    created_ms = int(f.id[:12], 16)
-                    try:
-                        await self.spool.put(f.id, created_ms, b"".join(f.archive), f.count)
-                    except OSError as e:
-                        raise StorageError(f"cannot write the archive spool: {e}") from e
-                    f.archive.clear()
+                await commit.store(self._storage, self.spool, self._metrics, f.id, rows, b"".join(f.archive), f.count)
+                f.archive.clear()
         except StorageError as e:
             self._metrics.inc("meterflow_flush_failures_total")
             log.warning("flush failed", extra={"flush_id": f.id, "rows": f.count, "error": str(e)})
-            try:
-                await self._dedup.release(f.id, f.seq, f.reserved_keys())
-            except DedupUnavailable as e2:
-                # The reservations expire into take-overs after the flush timeout.
-                log.warning("release failed", extra={"flush_id": f.id, "error": str(e2)})
+            await commit.release(self._dedup, f.id, f.reserved_keys())
             self.queued_rows -= f.count
             f.done.set_exception(e)
             return
@@ -164,19 +169,19 @@ class Flusher:
             f.done.set_exception(StorageError(f"insert interrupted: {e!r}"))
             raise
         self.queued_rows -= f.count
-        self._metrics.inc("meterflow_flushes_total")
-        self._metrics.inc("meterflow_flushed_rows_total", f.count)
-        try:
-            await self._dedup.commit(f.id, f.seq)
-        except DedupUnavailable as e:
-            # The rows are stored; without the commit record their ids are taken
-            # over after the flush timeout and collapse in storage.
-            log.warning("commit failed", extra={"flush_id": f.id, "error": str(e)})
+        if f.tainted:
+            log.warning("commit record skipped: a request failed while reserving", extra={"flush_id": f.id})
+        else:
+            await commit.commit(self._dedup, f.id, self._metrics)
         f.done.set_result(None)
-        # This write is over: the flush gathered meanwhile may go now.
+        # This write is over: the flush gathered meanwhile goes now (its requests
+        # still reserving add their rows first), or as soon as it is idle.
         self._writes.discard(asyncio.current_task())
         if self._current is not None:
-            self._seal_if_idle(self._current)
+            if self._current.count >= self._max_rows or time.monotonic() - self._current.created >= self._max_wait:
+                self._seal(self._current)
+            else:
+                self._seal_if_idle(self._current)
 
     async def drain(self) -> None:
         """Seals the open flush and waits for every write (SIGTERM)."""

@@ -1,21 +1,22 @@
-"""The sync ingest path of DESIGN §3: decode, reserve, group-commit, answer."""
+"""The ingest path of DESIGN §3: decode, rate check (the caller), reserve, then group-commit (sync) or queue (async)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from meterflow.archive import Spool, SpoolFull
 from meterflow.config import Settings
-from meterflow.ingest.archive import Spool, SpoolFull
-from meterflow.ingest.core import STORED_LIMITS, DecodeError, Limits, conflict_fields, decode_batch
-from meterflow.ingest.dedup import Dedup, DedupUnavailable
+from meterflow.ingest.core import STORED_LIMITS, Batch, DecodeError, Limits, conflict_fields, decode_batch
+from meterflow.ingest.dedup import Dedup, DedupUnavailable, RedisDedup, Reservation, new_flush_id
 from meterflow.ingest.flusher import Flusher, Overloaded
+from meterflow.ingest.stream import STREAM, EventStream
 from meterflow.metrics import Metrics
 from meterflow.storage import Storage, StorageError
 
@@ -106,6 +107,10 @@ class IngestService:
         )
         self.spool = spool
         self.flusher = Flusher(settings, storage, dedup, metrics, spool)
+        # Async mode: requests queue their events in the stream `meterflow worker` commits.
+        self.stream: EventStream | None = None
+        if settings.ingest_mode == "async" and isinstance(dedup, RedisDedup):
+            self.stream = EventStream(dedup.redis, settings.stream_max_entries)
 
     async def warm(self) -> None:
         """Embedded mode: load the keys and fingerprints of the events stored
@@ -135,27 +140,26 @@ class IngestService:
             del rows
         log.info("dedup index warmed", extra={"events": loaded, "skipped": skipped})
 
-    async def ingest(
-        self,
-        body: bytes,
-        customer_id: str | None = None,
-        admit: Callable[[int], Awaitable[None]] | None = None,
-    ) -> IngestResult:
-        """Raises DecodeError (envelope) or Unavailable; per-event problems are in
-        the result. `customer_id` binds the batch to one customer; `admit` sees
-        the event count before anything is reserved (rate limits) and may raise."""
+    async def decode(self, body: bytes, customer_id: str | None = None) -> Batch:
+        """Decodes and validates a body (raises DecodeError for the envelope);
+        `customer_id` binds the batch to one customer."""
         now = time.time_ns() // 1_000_000
+        t0 = time.perf_counter()
         if len(body) > LARGE_BODY:
             # The core releases the GIL: a large body decodes off the event loop.
             batch = await asyncio.to_thread(decode_batch, body, now, self.limits, customer_id)
         else:
             batch = decode_batch(body, now, self.limits, customer_id)
+        self.metrics.stage("decode", time.perf_counter() - t0)
+        return batch
+
+    async def accept(self, batch: Batch) -> IngestResult:
+        """Reserves the batch's ids and stores (sync) or queues (async) the
+        events reserved now; raises Unavailable. Per-event problems are in the result."""
         failed: list[dict[str, Any]] = [
             {"index": i, "transaction_id": t, "reason": r, "message": m}
             for (i, t, r), m in zip(batch.failed, batch.failure_messages, strict=True)
         ]
-        if admit is not None:
-            await admit(batch.received)
         n = len(batch)
         m = self.metrics
         m.inc("meterflow_events_received_total", batch.received)
@@ -164,54 +168,18 @@ class IngestService:
         duplicates = batch.in_batch_duplicates
         accepted = 0
         if n:
-            try:
-                if self.spool is not None:
-                    self.spool.check_room()
-                flush = self.flusher.join(n)
-            except SpoolFull as e:
-                raise Unavailable("archive_spool_full", str(e)) from e
-            except Overloaded as e:
-                raise Unavailable("overloaded", str(e)) from e
-            added = False
-            try:
-                try:
-                    res = await self.dedup.reserve(batch, flush.id, flush.seq)
-                except DedupUnavailable as e:
-                    raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e
-                duplicates += res.duplicates
-                for i, differs in res.conflicts:
-                    index = batch.request_index(i)
-                    failed.append(
-                        {
-                            "index": index,
-                            "transaction_id": batch.transaction_id(i),
-                            "reason": "idempotency_conflict",
-                            "message": conflict_message(index, differs),
-                        }
-                    )
-                    m.inc("meterflow_events_failed_total", reason="idempotency_conflict")
-                for i in res.in_flight:
-                    failed.append(
-                        {
-                            "index": batch.request_index(i),
-                            "transaction_id": batch.transaction_id(i),
-                            "reason": "in_flight",
-                            "message": IN_FLIGHT_MESSAGE,
-                        }
-                    )
-                    m.inc("meterflow_events_failed_total", reason="in_flight")
-                if res.accepted:
-                    self.flusher.add(flush, batch, res.keep, batch.storage_rows(res.keep), res.accepted, n)
-                    added = True
-            finally:
-                if not added:
-                    self.flusher.leave(flush, n)
-            if added:
-                try:
-                    await asyncio.shield(flush.done)
-                except StorageError as e:
-                    raise Unavailable("storage_unavailable", f"Storage is unavailable: {e}") from e
-                accepted = res.accepted
+            res = await (self._queue(batch) if self.stream is not None else self._store(batch))
+            accepted, duplicates = res.accepted, duplicates + res.duplicates
+            for i, differs in res.conflicts:
+                index = batch.request_index(i)
+                message = conflict_message(index, differs)
+                failed.append({"index": index, "transaction_id": batch.transaction_id(i),
+                               "reason": "idempotency_conflict", "message": message})  # fmt: skip
+                m.inc("meterflow_events_failed_total", reason="idempotency_conflict")
+            for i in res.in_flight:
+                failed.append({"index": batch.request_index(i), "transaction_id": batch.transaction_id(i),
+                               "reason": "in_flight", "message": IN_FLIGHT_MESSAGE})  # fmt: skip
+                m.inc("meterflow_events_failed_total", reason="in_flight")
         if len(failed) > len(batch.failed):
             failed.sort(key=lambda f: int(f["index"]))
         m.inc("meterflow_events_accepted_total", accepted)
@@ -219,3 +187,62 @@ class IngestService:
         # Every event is accounted for: received = accepted + duplicates + failed.
         assert accepted + duplicates + len(failed) == batch.received
         return IngestResult(accepted=accepted, duplicates=duplicates, failed=failed)
+
+    async def _store(self, batch: Batch) -> Reservation:
+        """Sync mode: reserve under the open flush, then wait for its commit."""
+        n = len(batch)
+        try:
+            if self.spool is not None:
+                self.spool.check_room()
+            flush = self.flusher.join(n)
+        except SpoolFull as e:
+            raise Unavailable("archive_spool_full", str(e)) from e
+        except Overloaded as e:
+            raise Unavailable("overloaded", str(e)) from e
+        added = False
+        try:
+            t0 = time.perf_counter()
+            try:
+                res = await self.dedup.reserve(batch, flush.id)
+                self.metrics.stage("dedup", time.perf_counter() - t0)
+            except BaseException as e:
+                # The pipeline may have reserved some keys under this flush before
+                # failing: its commit record would make them duplicates never stored.
+                # (The in-process index reserves all or nothing, and has no take-over.)
+                flush.tainted = self.dedup.name != "memory"
+                if isinstance(e, DedupUnavailable):
+                    raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e
+                raise
+            if res.accepted:
+                self.flusher.add(flush, batch, res.keep, batch.storage_rows(res.keep), res.accepted, n)
+                added = True
+        finally:
+            if not added:
+                self.flusher.leave(flush, n)
+        if added:
+            t1 = time.perf_counter()
+            try:
+                await asyncio.shield(flush.done)
+            except StorageError as e:
+                raise Unavailable("storage_unavailable", f"Storage is unavailable: {e}") from e
+            self.metrics.stage("flush_wait", time.perf_counter() - t1)
+        return res
+
+    async def _queue(self, batch: Batch) -> Reservation:
+        """Async mode: refuse past the stream's bound, else reserve and queue in one round trip."""
+        stream, dedup = self.stream, self.dedup
+        assert stream is not None and isinstance(dedup, RedisDedup)
+        try:
+            length = await stream.length()
+            if length >= stream.max_entries:
+                self.metrics.inc("meterflow_stream_full_total")
+                raise Unavailable(
+                    "overloaded", f"The event stream holds {length} entries; the limit is {stream.max_entries}."
+                )
+            t0 = time.perf_counter()
+            res = await dedup.reserve_queued(batch, new_flush_id(), STREAM)
+            self.metrics.stage("dedup", time.perf_counter() - t0)
+            stream.queued()
+            return res
+        except DedupUnavailable as e:
+            raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e

@@ -11,13 +11,13 @@ customers is two events).
 
 from __future__ import annotations
 
-import gzip
 import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from meterflow.ingest.archive import PREFIX, Store, key_hour_ms
+from meterflow.archive.format import PREFIX, decompress, key_hour_ms
+from meterflow.archive.stores import Store
 from meterflow.ingest.core import STORED_LIMITS, decode_batch
 from meterflow.storage import Storage
 
@@ -44,7 +44,7 @@ async def replay(
     report = ReplayReport()
     t0 = time.monotonic()
     for i, key in enumerate(keys, 1):
-        lines = gzip.decompress(await store.get(key)).splitlines()
+        lines = decompress(await store.get(key))
         report.objects += 1
         report.events += len(lines)
         for j in range(0, len(lines), 1000):

@@ -1,0 +1,484 @@
+"""`make loadtest`: the full stack on loopback, MeterFlow against the naive baseline
+server at batch 1000 and batch 1, CPU per process, the services' own ceilings, and a
+storage check (acknowledged ids equal stored ids, no doubles).
+
+    .venv/bin/python loadtest/run.py [--seconds 8] [--profile]
+
+Services come from tests/services.py (the helpers the tests use): Redis, ClickHouse,
+PostgreSQL (MeterFlow's records) and Garage (S3 archive). Per server and batch size:
+a closed-loop run gives the saturation rate (events/s and CPU per process), then an
+open-loop run at 80 % of that request rate gives p50/p99 without coordinated omission.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from services import (  # noqa: E402
+    TEST_ADMIN_KEY,
+    ClickHouse,
+    Garage,
+    MeterFlowServer,
+    PostgreSQL,
+    Process,
+    Redis,
+    free_port,
+    http_ok,
+    wait_for,
+)
+
+from meterflow.ingest.core import decode_batch  # noqa: E402
+from meterflow.storage.base import EVENTS_DDL  # noqa: E402
+
+OUT = ROOT / "test-output"
+TICK = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 1
+# (batch size, connections, driver processes)
+SHAPES = ((1000, 16, 1), (1, 256, 2))
+OPEN_LOOP_SHARE = 0.8
+IDLE = {"epoll_wait", "wait4", "syscall", "select", "poll", "EpollSelector.select", "futex_wait", "nanosleep"}
+
+
+# --- CPU per process tree, from /proc -------------------------------------------------
+
+
+def proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far)."""
+    table: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
+    return table
+
+
+def tree_cpu(table: dict[int, tuple[int, float]], root: int) -> float:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table:
+            total += table[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every core, not idle or iowait)."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    return (sum(parts) - parts[3] - parts[4]) / TICK
+
+
+@dataclass
+class CpuMeter:
+    roots: dict[str, int]
+    start: dict[str, float] = field(default_factory=dict)
+    busy0: float = 0.0
+    wall0: float = 0.0
+
+    def begin(self) -> None:
+        self.wall0 = time.monotonic()
+        t = proc_table()
+        self.start = {name: tree_cpu(t, pid) for name, pid in self.roots.items()}
+        self.busy0 = machine_busy()
+
+    def end(self) -> dict[str, float]:
+        t = proc_table()
+        used = {name: tree_cpu(t, pid) - self.start[name] for name, pid in self.roots.items()}
+        used["machine"] = machine_busy() - self.busy0
+        used["wall"] = time.monotonic() - self.wall0
+        return used
+
+
+# --- the stack ------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    work: Path
+    redis: Redis
+    clickhouse: ClickHouse
+    postgres: PostgreSQL
+    garage: Garage
+    meterflow: MeterFlowServer
+    naive: Process
+    naive_url: str
+    before: MeterFlowServer | None = None
+
+    def stop(self) -> None:
+        if self.before is not None:
+            self.before.stop()
+        for stop in (self.meterflow.stop, self.naive.stop, self.garage.stop, self.clickhouse.stop,
+                     self.redis.stop, self.postgres.cleanup):  # fmt: skip
+            try:
+                stop()
+            except Exception as e:  # keep stopping the rest
+                print(f"  (stop: {e})", file=sys.stderr)
+
+
+def pid_of(p: Process) -> int:
+    assert p.proc is not None
+    return int(p.proc.pid)
+
+
+def start_stack(work: Path, workers: int, before_ref: str = "") -> Stack:
+    redis, ch, pg, garage = Redis(work), ClickHouse(work), PostgreSQL(), Garage(work)
+    for s in (redis, ch, pg, garage):
+        s.start()
+    ch.reset_database("loadtest")
+    s3 = garage.env("meterflow-loadtest")
+    env = {
+        "MF_STORAGE": "clickhouse", "MF_CLICKHOUSE_URL": ch.url, "MF_CLICKHOUSE_DATABASE": "loadtest",
+        "MF_DEDUP": "redis", "MF_REDIS_URL": redis.url, "MF_DATABASE_URL": pg.new_database(),
+        "MF_DATA_DIR": str(work / "meterflow"), "MF_WORKERS": str(workers), "MF_LOG_LEVEL": "warning",
+        "MF_RATE_REQUESTS_PER_S": "10000000", "MF_RATE_REQUESTS_BURST": "10000000",
+        "MF_RATE_EVENTS_PER_S": "1000000000", "MF_RATE_EVENTS_BURST": "1000000000", **s3,
+    }  # fmt: skip
+    mf = MeterFlowServer(work, env)
+    mf.start()
+    before = None
+    if before_ref:
+        # The same stack, another database and data dir: MeterFlow as of `before_ref`
+        # (its Python package from git, this checkout's Rust core).
+        code = work / "before"
+        code.mkdir()
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", before_ref, "python"], check=True,
+                             capture_output=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(code)], input=tar, check=True)
+        for so in (ROOT / "python/meterflow").glob("_core*.so"):
+            shutil.copy(so, code / "python/meterflow" / so.name)
+        ch.reset_database("before")
+        before = MeterFlowServer(work, {
+            **env, "MF_CLICKHOUSE_DATABASE": "before", "MF_DATABASE_URL": pg.new_database(),
+            "MF_DATA_DIR": str(work / "before-data"), **garage.env("meterflow-before"),
+            "PYTHONPATH": str(code / "python")})  # fmt: skip
+        before.start()
+    port = free_port()
+    naive = Process(
+        [sys.executable, str(ROOT / "loadtest/naive.py"), "--port", str(port), "--workers", str(workers),
+         "--redis", redis.url, "--clickhouse", ch.url, "--database", "naive", "--s3-endpoint", garage.endpoint,
+         "--s3-region", garage.region, "--s3-bucket", "naive-loadtest", "--s3-access-key", garage.access_key,
+         "--s3-secret-key", garage.secret_key],
+        work / "naive.log",
+    )  # fmt: skip
+    naive.start()
+    naive_url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: http_ok(naive_url + "/health"), "naive server", 60)
+    return Stack(work, redis, ch, pg, garage, mf, naive, naive_url, before)
+
+
+# --- one load run -----------------------------------------------------------------------
+
+
+def drive(url: str, batch: int, conns: int, procs: int, seconds: float, rate: float, tag: str,
+          work: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Runs `procs` driver processes at once; returns their full results."""
+    runs = []
+    for k in range(procs):
+        out = work / f"{tag}-{k}.json"
+        argv = [sys.executable, str(ROOT / "loadtest/drive.py"), "--url", url, "--key", TEST_ADMIN_KEY,
+                "--batch-size", str(batch), "--concurrency", str(conns // procs), "--seconds", str(seconds),
+                "--rate", str(rate / procs), "--run", f"{tag}p{k}x", "--out", str(out)]  # fmt: skip
+        runs.append((subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
+    results = []
+    for p, out in runs:
+        _, err = p.communicate(timeout=seconds + 120)
+        if p.returncode != 0:
+            raise SystemExit(f"driver failed: {err.decode()[-2000:]}")
+        results.append(orjson.loads(out.read_bytes()))
+    return results
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    lat = sorted(x for r in results for x in r["latencies"]) or [0.0]
+    elapsed = max(r["seconds"] for r in results)
+    accepted = sum(r["accepted"] for r in results)
+
+    def q(p: float) -> float:
+        return float(lat[min(len(lat) - 1, int(p * len(lat)))]) * 1000
+
+    return {
+        "events_per_s": accepted / elapsed, "requests": sum(r["requests"] for r in results),
+        "errors": sum(r["errors"] for r in results), "partial": sum(r["partial"] for r in results),
+        "p50_ms": q(0.50), "p99_ms": q(0.99), "driver_cpu_s": sum(r["cpu_s"] for r in results),
+        "seconds": elapsed, "accepted": accepted,
+    }  # fmt: skip
+
+
+# --- storage check ----------------------------------------------------------------------
+
+
+def ch_rows(ch: ClickHouse, database: str, sql: str) -> list[dict[str, Any]]:
+    url = f"{ch.url}/?database={database}&output_format_json_quote_64bit_integers=0"
+    req = urllib.request.Request(url, data=(sql + " FORMAT JSONEachRow").encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return [orjson.loads(line) for line in r.read().splitlines() if line]
+
+
+def verify(ch: ClickHouse, database: str, table: str, results: list[dict[str, Any]]) -> str:
+    """Acknowledged request numbers equal stored ones; each holds its whole batch once."""
+    problems: list[str] = []
+    acked_events = 0
+    for r in results:
+        run, batch = r["run"], r["batch_size"]
+        width = len(run) + 11  # "<run>_<10 digits>"
+        stored = ch_rows(ch, database, f"SELECT substring(transaction_id, 1, {width}) AS k, count() AS n, "
+                                       f"uniqExact(transaction_id) AS u FROM {table} "
+                                       f"WHERE startsWith(transaction_id, '{run}_') GROUP BY k")  # fmt: skip
+        by_key = {row["k"]: (int(row["n"]), int(row["u"])) for row in stored}
+        expected = {f"{run}_{k:010d}" for k in r["acked"]}
+        acked_events += len(expected) * batch
+        if set(by_key) != expected:
+            problems.append(f"{run}: {len(expected - set(by_key))} acknowledged requests missing, "
+                            f"{len(set(by_key) - expected)} stored but not acknowledged")  # fmt: skip
+        doubles = sum(n - u for n, u in by_key.values())
+        short = sum(1 for _, u in by_key.values() if u != batch)
+        if doubles or short:
+            problems.append(f"{run}: {doubles} doubled rows, {short} requests not stored whole")
+    return "OK" if not problems else "FAILED: " + "; ".join(problems)
+
+
+# --- the services' own ceilings ---------------------------------------------------------
+
+
+def redis_ceiling(redis: Redis, n: int = 1_000_000) -> float:
+    tool = shutil.which("redis-benchmark")
+    if tool is None:
+        return 0.0
+    out = subprocess.run(
+        [tool, "-h", "127.0.0.1", "-p", str(redis.port), "-P", "1000", "-r", "100000000", "-n", str(n), "-q",
+         "SET", "ceil:__rand_int__", "v", "NX", "EX", "86400"],
+        capture_output=True, text=True, timeout=300,
+    ).stdout  # fmt: skip
+    import re
+
+    rates = re.findall(r"([\d.]+) requests per second", out)
+    return float(rates[-1]) if rates else 0.0
+
+
+def clickhouse_ceiling(ch: ClickHouse, rows_per_insert: int, inserts: int) -> float:
+    """Rows/s of inserting MeterFlow's own RowBinary rows, `rows_per_insert` at a time, one insert at a time."""
+    from meterflow import samples
+
+    ch.query("CREATE DATABASE IF NOT EXISTS ceiling")
+    ch.query("DROP TABLE IF EXISTS ceiling.events")
+    req = urllib.request.Request(ch.url + "/?database=ceiling", data=EVENTS_DDL.encode(), method="POST")
+    urllib.request.urlopen(req, timeout=30).read()
+    body = samples.body(samples.batch(1000, seed=3))
+    rows = decode_batch(body, samples.now_ms()).storage_rows() * (rows_per_insert // 1000)
+    from meterflow.storage.base import ROW_COLUMNS
+
+    q = urllib.parse.urlencode({"database": "ceiling", "query": f"INSERT INTO events ({ROW_COLUMNS}) FORMAT RowBinary"})
+    t0 = time.perf_counter()
+    for _ in range(inserts):
+        urllib.request.urlopen(urllib.request.Request(f"{ch.url}/?{q}", data=rows, method="POST"), timeout=120).read()
+    return rows_per_insert * inserts / (time.perf_counter() - t0)
+
+
+# --- metrics of the MeterFlow workers -----------------------------------------------------
+
+
+def stage_breakdown(url: str, samples_n: int = 40) -> dict[str, tuple[float, int]]:
+    """stage -> (sum seconds, count), summed over the workers /metrics happens to reach."""
+    import re
+
+    seen: dict[str, dict[str, tuple[float, int]]] = {}
+    for _ in range(samples_n):  # every worker answers some of the scrapes (one connection each)
+        req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {TEST_ADMIN_KEY}",
+                                                                "Connection": "close"})  # fmt: skip
+        text = urllib.request.urlopen(req, timeout=10).read().decode()
+        flushes = re.findall(r"meterflow_flushes_total (\S+)", text)
+        sums = dict(re.findall(r'meterflow_stage_seconds_sum\{stage="(\w+)"\} (\S+)', text))
+        counts = dict(re.findall(r'meterflow_stage_seconds_count\{stage="(\w+)"\} (\S+)', text))
+        # The load is over, so a worker's counts no longer move: they tell the workers apart.
+        key = f"{flushes}-{counts.get('decode')}"
+        seen[key] = {s: (float(sums[s]), int(counts[s])) for s in sums}
+    total: dict[str, tuple[float, int]] = {}
+    for snap in seen.values():
+        for s, (t, n) in snap.items():
+            a, b = total.get(s, (0.0, 0))
+            total[s] = (a + t, b + n)
+    return total
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def fmt_cpu(cpu: dict[str, float], events: float, driver_s: float) -> str:
+    """Shares of one core over the measured wall time (the machine has CORES of them); CPU
+    per event counts the stack's processes and the driver, not other users of the machine."""
+    seconds = cpu["wall"]
+    ours = {k: v for k, v in cpu.items() if k not in ("machine", "wall") and v > 0}
+    parts = [f"{k} {v / seconds:.0%}" for k, v in sorted(ours.items(), key=lambda kv: -kv[1])]
+    per_event = (sum(ours.values()) + driver_s) / events * 1e6 if events else 0.0
+    return (f"{', '.join(parts)}; {per_event:.1f} µs CPU/event (stack + driver); whole machine busy "
+            f"{cpu['machine'] / seconds:.0%} of {CORES * 100}% (other users included)")
+
+
+def profile(stack: Stack, seconds: float, batch: int, conns: int, procs: int) -> None:
+    """py-spy on every MeterFlow worker while the driver loads it; SVG + collapsed stacks in test-output/."""
+    tool = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(tool).exists():
+        print("  py-spy not installed (pip install py-spy): no profile")
+        return
+    OUT.mkdir(exist_ok=True)
+    svg, raw = OUT / f"profile-batch{batch}.svg", OUT / f"profile-batch{batch}.txt"
+    rec = [tool, "record", "--pid", str(pid_of(stack.meterflow.proc)), "--subprocesses", "--native", "--rate", "200",
+           "--duration", str(int(seconds))]  # fmt: skip
+    p1 = subprocess.Popen([*rec, "--format", "flamegraph", "-o", str(svg)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)  # fmt: skip
+    p2 = subprocess.Popen([*rec, "--format", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(1)  # py-spy attaches
+    drive(stack.meterflow.url, batch, conns, procs, seconds, 0, f"prof{batch}", stack.work)
+    p1.wait(seconds + 60)
+    p2.wait(seconds + 60)
+    print(f"  profile at batch {batch}: {svg.relative_to(ROOT)}")
+    if raw.exists():
+        summarise(raw)
+
+
+def summarise(raw: Path, top: int = 12) -> None:
+    """Self time per leaf function, and inclusive time of MeterFlow's own functions."""
+    leaf: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        name = frames[-1].split(" (")[0]
+        # Waiting, not working: the supervisor's wait4, idle event loops and runtime threads.
+        if not n.isdigit() or name in IDLE or name.startswith("0x") or stack.count("process ") < 2:
+            continue
+        c = int(n)
+        total += c
+        leaf[name] = leaf.get(name, 0) + c
+        for fr in {f.split(" (")[0] for f in frames if "meterflow/" in f}:
+            incl[fr] = incl.get(fr, 0) + c
+    if not total:
+        return
+    print(f"    self time in the workers, idle waits left out (top {top} of {total} samples):")
+    for name, c in sorted(leaf.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"      {c / total:6.1%}  {name}")
+    print("    inclusive, MeterFlow functions:")
+    for name, c in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"      {c / total:6.1%}  {name}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="also py-spy the MeterFlow workers (test-output/)")
+    p.add_argument("--only", choices=("meterflow", "naive", "before"), default=None)
+    p.add_argument("--conns", type=int, nargs=2, default=[s[1] for s in SHAPES], metavar=("BATCH1000", "BATCH1"),
+                   help="connections at batch 1000 and at batch 1")  # fmt: skip
+    p.add_argument("--batches", type=int, nargs="+", default=[s[0] for s in SHAPES])
+    p.add_argument("--before", default="", metavar="GIT_REF",
+                   help="also measure MeterFlow as of this commit (its Python code), in the same run")  # fmt: skip
+    a = p.parse_args()
+    shapes = [(b, c, procs) for (b, _, procs), c in zip(SHAPES, a.conns, strict=True) if b in a.batches]
+    work = Path(tempfile.mkdtemp(prefix="meterflow-loadtest-"))
+    print(f"==> starting Redis, ClickHouse, PostgreSQL, Garage, MeterFlow ({a.workers} workers) and the naive "
+          f"server in {work}")  # fmt: skip
+    stack = start_stack(work, a.workers, a.before)
+    try:
+        roots = {"meterflow": pid_of(stack.meterflow.proc), "naive": pid_of(stack.naive),
+                 "clickhouse": pid_of(stack.clickhouse.proc), "redis": pid_of(stack.redis.proc),
+                 "garage": pid_of(stack.garage.proc), "postgres": pid_of(stack.postgres.proc)}  # fmt: skip
+        servers = [("meterflow", stack.meterflow.url, "loadtest", "events"),
+                   ("naive", stack.naive_url, "naive", "naive_events")]  # fmt: skip
+        if stack.before is not None:
+            roots["before"] = pid_of(stack.before.proc)
+            servers.insert(0, ("before", stack.before.url, "before", "events"))
+        if a.only:
+            servers = [s for s in servers if s[0] == a.only]
+        table: list[dict[str, Any]] = []
+        for batch, conns, procs in shapes:
+            for name, url, database, tbl in servers:
+                tag = f"{name[:2]}{batch}"
+                # Warm-up: connections, key cache, first parts.
+                drive(url, batch, conns, procs, 1.0, 0, tag + "w", work)
+                meter = CpuMeter(roots)
+                meter.begin()
+                sat_results = drive(url, batch, conns, procs, a.seconds, 0, tag + "s", work)
+                cpu = meter.end()
+                sat = merge(sat_results)
+                rate = sat["events_per_s"] / batch * OPEN_LOOP_SHARE
+                open_results = drive(url, batch, conns, procs, a.seconds, rate, tag + "o", work)
+                opened = merge(open_results)
+                check = verify(stack.clickhouse, database, tbl, sat_results + open_results)
+                row = {"server": name, "batch": batch, "conns": conns, "sat": sat, "open": opened, "cpu": cpu,
+                       "rate": rate, "check": check}  # fmt: skip
+                table.append(row)
+                print(f"--- {name}, batch {batch}, {conns} connections")
+                print(f"  saturation (closed loop, {sat['seconds']:.1f} s): {sat['events_per_s']:,.0f} events/s, "
+                      f"p50 {sat['p50_ms']:.1f} ms, p99 {sat['p99_ms']:.1f} ms, {sat['errors']} errors")  # fmt: skip
+                print(f"  open loop at {rate * batch:,.0f} events/s offered: {opened['events_per_s']:,.0f} "
+                      f"events/s, p50 {opened['p50_ms']:.1f} ms, p99 {opened['p99_ms']:.1f} ms, "
+                      f"{opened['errors']} errors")  # fmt: skip
+                print(f"  CPU: {fmt_cpu(cpu, sat['accepted'], sat['driver_cpu_s'])}")
+                print(f"  driver CPU: {sat['driver_cpu_s'] / sat['seconds']:.0%} of a core, "
+                      f"{sat['driver_cpu_s'] / sat['seconds'] / CORES:.0%} of the machine")  # fmt: skip
+                print(f"  storage: {check}")
+        print("--- ratios (saturation events/s)")
+        for batch, _, _ in shapes:
+            got = {r["server"]: r["sat"]["events_per_s"] for r in table if r["batch"] == batch}
+            if "meterflow" in got and got.get("naive"):
+                print(f"  batch {batch}: MeterFlow / naive = {got['meterflow'] / got['naive']:.1f}x")
+            if "meterflow" in got and got.get("before"):
+                print(f"  batch {batch}: MeterFlow / before ({a.before}) = {got['meterflow'] / got['before']:.1f}x")
+        print("--- summary (saturation events/s; open-loop p50/p99 at 80 % of it; CPU per event of the server)")
+        print("  | server | batch | conns | events/s | open-loop p50 | p99 | server CPU µs/event |")
+        for r in table:
+            srv = r["cpu"].get(r["server"], 0.0) / max(r["sat"]["accepted"], 1) * 1e6
+            print(f"  | {r['server']} | {r['batch']} | {r['conns']} | {r['sat']['events_per_s']:,.0f} | "
+                  f"{r['open']['p50_ms']:.0f} ms | {r['open']['p99_ms']:.0f} ms | {srv:.0f} |")
+        print("--- MeterFlow per-stage time (mean per observation, all runs)")
+        if a.only != "naive":
+            for stage, (total, n) in sorted(stage_breakdown(stack.meterflow.url).items()):
+                print(f"  {stage:11s} {total / max(n, 1) * 1000:8.3f} ms  x {n}")
+        print("--- the services' own ceilings (same machine, same run)")
+        print(f"  redis-benchmark SET NX EX, -P 1000: {redis_ceiling(stack.redis):,.0f} keys/s")
+        for rows_per_insert, inserts in ((10_000, 20), (100_000, 5)):
+            rate = clickhouse_ceiling(stack.clickhouse, rows_per_insert, inserts)
+            print(f"  ClickHouse insert of MeterFlow's rows, {rows_per_insert:,} per insert: {rate:,.0f} rows/s")
+        if a.profile:
+            print("--- py-spy profile of the MeterFlow workers (saturation)")
+            for batch, conns, procs in shapes:
+                profile(stack, a.seconds, batch, conns, procs)
+        failed = [r for r in table if r["check"] != "OK"]
+        if failed:
+            raise SystemExit(f"storage check failed for {len(failed)} runs")
+    finally:
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
