@@ -30,6 +30,7 @@ from bench_usage import CUSTOMERS, END, START, generate_sql
 from paired import paired_ratio
 from services import ClickHouse, PostgreSQL
 
+from meterflow.archive import DirectoryStore
 from meterflow.billing.catalog import PlanCatalog
 from meterflow.billing.closing import Closer
 from meterflow.billing.invoices import Invoices
@@ -40,7 +41,6 @@ from meterflow.billing.subscriptions import Subscription, Subscriptions
 from meterflow.billing.webhooks import Webhooks
 from meterflow.config import Settings
 from meterflow.customers import Customers, validate
-from meterflow.ingest.archive import DirectoryStore
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.records import open_records
 from meterflow.records.tables import invoice_numbers, invoices, webhook_attempts, webhook_deliveries
