@@ -120,4 +120,4 @@ def test_price_month_vs_its_usage_queries(benchmark: Any, invoice_data: Any) -> 
     assert {ln.dimension for ln in priced.lines[4:]} == {("region", r) for r in ("eu", "us", "ap")}
     pairs = 3 if benchmark.disabled else 15
     benchmark.extra_info["paired_ratio"] = paired_ratio(ours, baseline, pairs)
-    benchmark.extra_info["pair"] = "price_subscription_period vs its usage queries"
+    benchmark.extra_info["pair"] = f"price_subscription_period vs its usage queries ({deps.storage.name})"
