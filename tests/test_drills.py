@@ -40,10 +40,12 @@ class Traffic:
     """Clients posting 100-event batches, a fifth of each a repeat of events sent before
     (same content); every batch not answered, or answered in part, is sent again."""
 
-    def __init__(self, url: str, auth: dict[str, str], clients: int = 4) -> None:
+    def __init__(self, url: str, auth: dict[str, str], clients: int = 4, hang_up: float = 0.0) -> None:
         self.url = url
         self.auth = auth
         self.clients = clients
+        self.hang_up = hang_up  # the share of requests whose connection the client closes before the answer
+        self.hung_up = 0
         self.acked: dict[str, dict[str, Any]] = {}
         self.sent: list[dict[str, Any]] = []
         self.pending: list[list[dict[str, Any]]] = []
@@ -74,6 +76,11 @@ class Traffic:
                     if not self.pending:
                         await asyncio.sleep(0.02)  # another client may still hand a batch back
                     continue
+                if self.hang_up and self._rng.random() < self.hang_up:
+                    await self._send_and_hang_up(events)
+                    self.cut += 1
+                    self.pending.append(events)  # no answer seen: sent again
+                    continue
                 try:
                     r = await c.post(f"{self.url}/v1/events", content=samples.body(events), headers={**JSON, **self.auth})
                 except httpx.HTTPError:
@@ -96,6 +103,19 @@ class Traffic:
                 self.sent += events
                 if retry:
                     self.pending.append([events[i] for i in sorted(retry)])
+
+    async def _send_and_hang_up(self, events: list[dict[str, Any]]) -> None:
+        """The whole request written, then the connection closed before any answer: a network cut."""
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        body = samples.body(events)
+        head = (f"POST /v1/events HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Authorization: {self.auth['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head.encode() + body)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        self.hung_up += 1
 
     async def run(self, batches: int, fault: Callable[[], Any], recover: Callable[[], Any]) -> None:
         """`batches` answered, the fault, recovery, 20 more batches; then every batch answered."""
@@ -219,6 +239,31 @@ async def test_kill_9_of_the_server_with_retrying_clients(
     await traffic.run(30, fault, recover)
     await settle(holder[-1], False)
     await check(traffic, backend, holder[-1], env)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_clients_that_hang_up_before_the_answer_and_resend(
+    mode: str, make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer],
+    start_worker: Callable[..., MeterFlowWorker],
+) -> None:  # fmt: skip
+    """A third of the requests are cut (the client closes its connection once the body is sent) and sent
+    again: whatever the server did with the cut one, each event ends stored once."""
+    backend, env = stack(make_backend, mode)
+    server = start_server(backend, **env)
+    if mode == "async":
+        start_worker(backend, **env)
+    traffic = Traffic(server.url, server.auth, hang_up=0.3)
+
+    async def fault() -> None:
+        await until(lambda: traffic.hung_up >= 10, "ten requests cut")
+
+    async def recover() -> None:
+        traffic.hang_up = 0.0  # the resends are answered
+
+    await traffic.run(30, fault, recover)
+    await settle(server, mode == "async")
+    await check(traffic, backend, server, env)
+    assert traffic.hung_up >= 10
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
