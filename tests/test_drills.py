@@ -46,6 +46,7 @@ class Traffic:
         self.clients = clients
         self.hang_up = hang_up  # the share of requests whose connection the client closes before the answer
         self.hung_up = 0
+        self.busy = 0  # batches a client has taken and not yet settled
         self.acked: dict[str, dict[str, Any]] = {}
         self.sent: list[dict[str, Any]] = []
         self.pending: list[list[dict[str, Any]]] = []
@@ -76,33 +77,40 @@ class Traffic:
                     if not self.pending:
                         await asyncio.sleep(0.02)  # another client may still hand a batch back
                     continue
-                if self.hang_up and self._rng.random() < self.hang_up:
-                    await self._send_and_hang_up(events)
-                    self.cut += 1
-                    self.pending.append(events)  # no answer seen: sent again
-                    continue
+                self.busy += 1  # taken with no await since the pop: "all answered" waits for it
                 try:
-                    r = await c.post(f"{self.url}/v1/events", content=samples.body(events), headers={**JSON, **self.auth})
-                except httpx.HTTPError:
-                    self.cut += 1
-                    self.pending.append(events)
-                    await asyncio.sleep(0.05)  # a pause before retrying against a server that is gone
-                    continue
-                self.statuses[r.status_code] += 1
-                if r.status_code not in (200, 202):
-                    assert r.status_code in (503, 429), r.text
-                    self.pending.append(events)
-                    await asyncio.sleep(0.05)
-                    continue
-                body = r.json()
-                retry = {f["index"] for f in body["failed"]}
-                assert {f["reason"] for f in body["failed"]} <= {"in_flight"}, body
-                for i, e in enumerate(events):
-                    if i not in retry:
-                        self.acked[e["transaction_id"]] = e
-                self.sent += events
-                if retry:
-                    self.pending.append([events[i] for i in sorted(retry)])
+                    await self._send(c, events)
+                finally:
+                    self.busy -= 1
+
+    async def _send(self, c: httpx.AsyncClient, events: list[dict[str, Any]]) -> None:
+        if self.hang_up and self._rng.random() < self.hang_up:
+            await self._send_and_hang_up(events)
+            self.cut += 1
+            self.pending.append(events)  # no answer seen: sent again
+            return
+        try:
+            r = await c.post(f"{self.url}/v1/events", content=samples.body(events), headers={**JSON, **self.auth})
+        except httpx.HTTPError:
+            self.cut += 1
+            self.pending.append(events)
+            await asyncio.sleep(0.05)  # a pause before retrying against a server that is gone
+            return
+        self.statuses[r.status_code] += 1
+        if r.status_code not in (200, 202):
+            assert r.status_code in (503, 429), r.text
+            self.pending.append(events)
+            await asyncio.sleep(0.05)
+            return
+        body = r.json()
+        retry = {f["index"] for f in body["failed"]}
+        assert {f["reason"] for f in body["failed"]} <= {"in_flight"}, body
+        for i, e in enumerate(events):
+            if i not in retry:
+                self.acked[e["transaction_id"]] = e
+        self.sent += events
+        if retry:
+            self.pending.append([events[i] for i in sorted(retry)])
 
     async def _send_and_hang_up(self, events: list[dict[str, Any]]) -> None:
         """The whole request written, then the connection closed before any answer: a network cut."""
@@ -127,7 +135,7 @@ class Traffic:
             seen = sum(self.statuses.values())
             await until(lambda: sum(self.statuses.values()) >= seen + 20, "load after recovery", 90)
             self.fresh = False
-            await until(lambda: not self.pending, "every batch answered", 90)
+            await until(lambda: not self.pending and not self.busy, "every batch answered", 90)
         finally:
             self.running = False
             await asyncio.gather(*tasks)
