@@ -27,8 +27,6 @@ CUSTOMER = "cust_dash"
 HOUR_MS = 3_600_000
 _seq = itertools.count(1)
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make services)")
-
 
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeterFlowServer]:
