@@ -15,6 +15,29 @@ from typing import Any
 MINOR = {"EUR": 2, "USD": 2, "GBP": 2, "CHF": 2, "JPY": 0, "KRW": 0, "KWD": 3, "BHD": 3, "OMR": 3, "JOD": 3, "TND": 3}
 
 
+# The plan of issue 12, plus a dimensional charge.
+ISSUE_PLAN: dict[str, Any] = {
+    "code": "pro", "name": "Pro", "currency": "EUR", "interval": "month", "minimum": "100.00",
+    "charges": [
+        {"type": "flat", "amount": "49.00", "description": "Platform fee"},
+        {"type": "unit", "meter": "api_calls", "unit_amount": "0.0004", "free_units": "10000"},
+        {"type": "graduated", "meter": "bandwidth", "tiers": [
+            {"up_to": "1000000000", "unit_amount": "0"},
+            {"up_to": None, "unit_amount": "0.00000002", "flat_amount": "0"}]},
+        {"type": "volume", "meter": "compute_time", "tiers": [
+            {"up_to": "3600000", "unit_amount": "0.00001"},
+            {"up_to": None, "unit_amount": "0.000008"}]},
+        {"type": "package", "meter": "storage_peak", "package_size": "100", "package_amount": "5.00"},
+        {"meter": "api_calls", "price_by": "region", "description": "Regional surcharge",
+         "prices": {"eu-west-1": {"type": "unit", "unit_amount": "0.001"},
+                    "us-east-1": {"type": "graduated", "tiers": [
+                        {"up_to": "100", "unit_amount": "0", "flat_amount": "1.00"},
+                        {"up_to": None, "unit_amount": "0.002"}]}},
+         "default": {"type": "unit", "unit_amount": "0.0005"}},
+    ],
+}  # fmt: skip
+
+
 def frac(s: Any) -> Fraction:
     return Fraction(str(s))
 

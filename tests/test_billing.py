@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from pricing_reference import half_up, reference_price
+from pricing_reference import ISSUE_PLAN, half_up, reference_price
 from services import MeterFlowServer
 
 from meterflow import samples
@@ -39,26 +39,7 @@ LIMITS = Limits(max_age_ms=20 * 365 * 86_400_000)
 REGIONS = ("eu-west-1", "us-east-1", "ap-south-1", "")
 
 # The plan of issue 12, plus a dimensional charge (each region priced on its own).
-PRO: dict[str, Any] = {
-    "code": "pro", "name": "Pro", "currency": "EUR", "interval": "month", "minimum": "100.00",
-    "charges": [
-        {"type": "flat", "amount": "49.00", "description": "Platform fee"},
-        {"type": "unit", "meter": "api_calls", "unit_amount": "0.0004", "free_units": "10000"},
-        {"type": "graduated", "meter": "bandwidth", "tiers": [
-            {"up_to": "1000000000", "unit_amount": "0"},
-            {"up_to": None, "unit_amount": "0.00000002", "flat_amount": "0"}]},
-        {"type": "volume", "meter": "compute_time", "tiers": [
-            {"up_to": "3600000", "unit_amount": "0.00001"},
-            {"up_to": None, "unit_amount": "0.000008"}]},
-        {"type": "package", "meter": "storage_peak", "package_size": "100", "package_amount": "5.00"},
-        {"meter": "api_calls", "price_by": "region", "description": "Regional surcharge",
-         "prices": {"eu-west-1": {"type": "unit", "unit_amount": "0.001"},
-                    "us-east-1": {"type": "graduated", "tiers": [
-                        {"up_to": "100", "unit_amount": "0", "flat_amount": "1.00"},
-                        {"up_to": None, "unit_amount": "0.002"}]}},
-         "default": {"type": "unit", "unit_amount": "0.0005"}},
-    ],
-}  # fmt: skip
+PRO = ISSUE_PLAN
 
 
 def seed_events(customer: str, lo: int, hi: int, api_calls: int, seed: int) -> list[dict[str, Any]]:
@@ -299,7 +280,6 @@ async def test_cut_periods_across_dst_and_february_are_prorated_by_milliseconds(
     flat = next(ln for ln in doc["lines"] if ln["charge"] == "flat")
     share = Fraction(served_end - berlin_ms(*start), period.end - period.start)
     assert Fraction(flat["amount"]) == half_up(49 * share, 2) > 0
-
 
 
 # --- plans in the config file -------------------------------------------------------------------

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pricing_reference import MINOR, half_up, reference_price
+from pricing_reference import ISSUE_PLAN, MINOR, half_up, reference_price
 
 from meterflow.billing.money import MINOR_UNITS, MoneyError, decimal_text, money_text, round_money, round_ratio
 from meterflow.billing.periods import (
@@ -50,27 +50,6 @@ BERLIN = ZoneInfo("Europe/Berlin")
 HOUR = 3_600_000
 DAY = 24 * HOUR
 
-# The plan of issue 12, plus a dimensional charge.
-ISSUE_PLAN: dict[str, Any] = {
-    "code": "pro", "name": "Pro", "currency": "EUR", "interval": "month", "minimum": "100.00",
-    "charges": [
-        {"type": "flat", "amount": "49.00", "description": "Platform fee"},
-        {"type": "unit", "meter": "api_calls", "unit_amount": "0.0004", "free_units": "10000"},
-        {"type": "graduated", "meter": "bandwidth", "tiers": [
-            {"up_to": "1000000000", "unit_amount": "0"},
-            {"up_to": None, "unit_amount": "0.00000002", "flat_amount": "0"}]},
-        {"type": "volume", "meter": "compute_time", "tiers": [
-            {"up_to": "3600000", "unit_amount": "0.00001"},
-            {"up_to": None, "unit_amount": "0.000008"}]},
-        {"type": "package", "meter": "storage_peak", "package_size": "100", "package_amount": "5.00"},
-        {"meter": "api_calls", "price_by": "region", "description": "Regional surcharge",
-         "prices": {"eu-west-1": {"type": "unit", "unit_amount": "0.001"},
-                    "us-east-1": {"type": "graduated", "tiers": [
-                        {"up_to": "100", "unit_amount": "0", "flat_amount": "1.00"},
-                        {"up_to": None, "unit_amount": "0.002"}]}},
-         "default": {"type": "unit", "unit_amount": "0.0005"}},
-    ],
-}  # fmt: skip
 FULL_MONTH = ServicePeriod(Period(0, 30 * DAY), 0, 30 * DAY)
 
 
