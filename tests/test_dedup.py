@@ -23,6 +23,7 @@ from meterflow.ingest.dedup import (
     open_dedup,
 )
 from meterflow.ingest.service import IngestResult, IngestService, Unavailable, hour_runs
+from meterflow.ingest.stream import STREAM, EventStream
 from meterflow.metrics import Metrics
 from meterflow.storage.embedded import EmbeddedStorage
 
@@ -201,6 +202,28 @@ def test_warm_up_reads_bounded_runs_of_hours() -> None:
     assert runs == [(10 * hour, 12 * hour), (13 * hour, 21 * hour)]
     assert list(hour_runs([{"h": 1, "n": 500}], 60)) == [(hour, 2 * hour)]  # one hour may hold more
     assert list(hour_runs([], 60)) == []
+
+
+async def test_a_queued_reservation_tells_the_stream_length_so_the_api_reads_none(redis_server: Redis) -> None:
+    """Async mode: the reservation's own reply carries the stream's length, the API's backpressure."""
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url))
+    await d.start()
+    first = await d.reserve_queued(batch(5, seed=7), new_flush_id(), STREAM)
+    second = await d.reserve_queued(batch(5, seed=8), new_flush_id(), STREAM)
+    assert (first.stream_length, second.stream_length) == (1, 2)
+    again = await d.reserve_queued(batch(5, seed=8), new_flush_id(), STREAM)  # duplicates still queue an entry
+    assert again.duplicates == 5 and again.stream_length == 3
+    stream = EventStream(d.redis, max_entries=10)
+
+    async def xlen_calls() -> int:
+        return int((await d.redis.info("commandstats")).get("cmdstat_xlen", {}).get("calls", 0))
+
+    calls = await xlen_calls()
+    stream.seen(3)
+    assert await stream.length() == 3
+    assert await xlen_calls() == calls  # answered from the reply, no XLEN
+    await d.close()
 
 
 async def test_ids_of_a_queued_flush_are_never_taken_over(redis_server: Redis) -> None:

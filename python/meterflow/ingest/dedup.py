@@ -60,6 +60,7 @@ class Reservation:
     in_flight: list[int] = field(default_factory=list)  # valid-event indexes
     # (valid-event index, differing fields as bits: 1 event_type, 2 timestamp, 4 properties)
     conflicts: list[tuple[int, int]] = field(default_factory=list)
+    stream_length: int | None = None  # async mode: the stream's entries right after this batch's
 
 
 class Dedup(Protocol):
@@ -305,18 +306,22 @@ class RedisDedup:
     async def reserve_queued(self, batch: Batch, flush_id: str, stream: str) -> Reservation:
         """Async mode: in one transaction (one round trip, one AOF record) the
         flush's queued marker, its stream entry (every valid event; the worker
-        keeps those whose key this flush holds) and the reservations."""
+        keeps those whose key this flush holds), the stream's length after it
+        (`Reservation.stream_length`, the API's backpressure) and the reservations."""
         n = len(batch)
         window = str(self._window).encode()
         head = (
             _resp([b"MULTI"])
             + _resp([b"SET", (QUEUED_PREFIX + flush_id).encode(), b"1", b"EX", window])
             + _resp([b"XADD", stream.encode(), b"*", b"f", flush_id.encode(), b"e", batch.archive_lines()])
+            + _resp([b"XLEN", stream.encode()])
         )
         data = head + batch.redis_reserve(KEY_PREFIX, flush_id, self._window) + _resp([b"EXEC"])
-        prefix = b"+OK\r\n" + b"+QUEUED\r\n" * (n + 2) + b"*%d\r\n+OK\r\n" % (n + 2)
+        prefix = b"+OK\r\n" + b"+QUEUED\r\n" * (n + 3) + b"*%d\r\n+OK\r\n" % (n + 3)
+        length = 0
 
         def parse(buf: bytes) -> list[tuple[int, bytes, int]] | None:
+            nonlocal length
             m = min(len(buf), len(prefix))
             if buf[:m] != prefix[:m]:
                 error = next((ln for ln in buf.split(b"\r\n") if ln.startswith(b"-")), b"an unexpected reply")
@@ -329,20 +334,24 @@ class RedisDedup:
                 return None
             size = int(rest[1:end])
             start = end + 2 + size + 2
-            if len(rest) < start:
+            end = rest.find(b"\r\n", start)  # the XLEN's `:<entries>`
+            if end < 0:
                 return None
-            return batch.reserve_replies(rest[start:])
+            length = int(rest[start + 1 : end])
+            return batch.reserve_replies(rest[end + 2 :])
 
         try:
             taken = await self._pipeline(data, parse)
         except (OSError, ConnectionError, TimeoutError, ReplyError, ValueError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
         if not taken:
-            return Reservation(keep=None, accepted=n, duplicates=0)
+            return Reservation(keep=None, accepted=n, duplicates=0, stream_length=length)
         try:
-            return await self._resolve(batch, flush_id, n, taken, stream)
+            res = await self._resolve(batch, flush_id, n, taken, stream)
         except (RedisError, OSError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
+        res.stream_length = length
+        return res
 
     async def _resolve(
         self, batch: Batch, flush_id: str, n: int, taken: list[tuple[int, bytes, int]], stream: str
