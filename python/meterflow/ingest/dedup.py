@@ -491,9 +491,11 @@ class RedisDedup:
         )
 
     async def commit(self, flush_id: str) -> None:
+        """The commit record, on the reservations' connection: it goes in the same write as theirs."""
+        data = _resp([b"SET", (FLUSH_PREFIX + flush_id).encode(), b"committed", b"EX", str(self._window).encode()])
         try:
-            await self.redis.set(FLUSH_PREFIX + flush_id, b"committed", ex=self._window)
-        except (RedisError, OSError) as e:
+            await self._pipeline(data, _ok)
+        except (OSError, ConnectionError, TimeoutError, ReplyError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
     async def release(self, flush_id: str, keys: list[str]) -> None:
@@ -506,6 +508,12 @@ class RedisDedup:
 
     async def warm(self, batch: Batch) -> None:
         return None  # Redis keeps its own state across restarts
+
+
+def _ok(replies: bytes) -> bool:
+    if replies != b"+OK\r\n":
+        raise ReplyError(f"Redis refused the commit record: {replies[:200].decode(errors='replace').strip()}")
+    return True
 
 
 def _resp(args: list[bytes]) -> bytes:
