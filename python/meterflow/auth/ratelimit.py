@@ -194,8 +194,10 @@ class LeasedRateLimiter:
         await self.shared.start()
 
     async def close(self) -> None:
-        for task in list(self._renewing.values()):
+        renewing = list(self._renewing.values())
+        for task in renewing:
             task.cancel()
+        await asyncio.gather(*renewing, return_exceptions=True)
         await self.shared.close()
 
     async def ping(self) -> None:
