@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
-from services import TEST_ADMIN_KEY
+from services import TEST_ADMIN_KEY, Backend
 from starlette.types import ASGIApp
 
-from meterflow import samples
+from meterflow import config, samples
 from meterflow.api.app import IngestFastPath, create_app
 from meterflow.config import Settings
 
@@ -46,12 +46,14 @@ async def answers(app: ASGIApp, requests: list[tuple[str, dict[str, str], bytes]
     return out
 
 
-async def test_the_fast_path_answers_as_the_routed_app(tmp_path: Path) -> None:
+def settings_of(backend: Backend, **overrides: Any) -> Settings:
+    return config.load(env={**backend.env, "MF_ADMIN_KEY": TEST_ADMIN_KEY}, overrides=overrides)
+
+
+async def test_the_fast_path_answers_as_the_routed_app(make_backend: Callable[[str], Backend]) -> None:
     results = []
-    for n, wrap in enumerate((False, True)):
-        settings = Settings(storage="chdb", dedup="memory", data_dir=str(tmp_path / f"d{n}"),
-                            admin_key=TEST_ADMIN_KEY, max_events=10, flush_max_wait_ms=5)  # fmt: skip
-        app = create_app(settings)
+    for wrap in (False, True):
+        app = create_app(settings_of(make_backend("full"), max_events=10, flush_max_wait_ms=5))
         async with app.router.lifespan_context(app):
             results.append(await answers(IngestFastPath(app) if wrap else app, ingest_requests()))
     routed, fast = results
@@ -64,9 +66,8 @@ async def test_the_fast_path_answers_as_the_routed_app(tmp_path: Path) -> None:
     assert fast[0][2][1] == ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"]
 
 
-async def test_other_routes_go_to_the_starlette_app(tmp_path: Path) -> None:
-    settings = Settings(storage="chdb", dedup="memory", data_dir=str(tmp_path / "d"), admin_key=TEST_ADMIN_KEY)
-    app = create_app(settings)
+async def test_other_routes_go_to_the_starlette_app(make_backend: Callable[[str], Backend]) -> None:
+    app = create_app(settings_of(make_backend("full"), flush_max_wait_ms=5))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=IngestFastPath(app))
         async with httpx.AsyncClient(transport=transport, base_url="http://mf") as client:
