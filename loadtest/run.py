@@ -15,6 +15,7 @@ processes store the events; its storage check waits for them to drain.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import subprocess
@@ -58,6 +59,7 @@ CORES = os.cpu_count() or 1
 # an open-loop p99 under 250 ms.
 SHAPES = ((1000, 16, 1), (1, 256, 2))
 OPEN_LOOP_SHARE = 0.8
+RUNS = itertools.count(1)
 IDLE = {"epoll_wait", "wait4", "syscall", "select", "poll", "EpollSelector.select", "futex_wait", "nanosleep"}
 
 
@@ -453,14 +455,14 @@ def errors(run: dict[str, Any]) -> str:
     return f"{run['errors']} errors" + (f" ({detail})" if detail else "")
 
 
-def drain(stack: Stack, t: Target, results: list[dict[str, Any]], timeout: float = 300) -> float:
+def drain(ch: ClickHouse, database: str, table: str, results: list[dict[str, Any]], timeout: float = 300) -> float:
     """Async mode: waits until the workers have stored every acknowledged event of these runs
     (or the timeout: the storage check then says what is missing); returns the seconds waited."""
     runs = [r["run"] for r in results]
     acked = sum(len(r["acked"]) * r["batch_size"] for r in results)
     t0 = time.monotonic()
     try:
-        wait_for(lambda: stored_events(stack.clickhouse, t.database, t.table, runs) >= acked,
+        wait_for(lambda: stored_events(ch, database, table, runs) >= acked,
                  "the async workers storing the acknowledged events", timeout)  # fmt: skip
     except Exception as e:
         print(f"  ({e})")
@@ -491,10 +493,10 @@ def measure(stack: Stack, roots: dict[str, tuple[int, ...]], t: Target, batch: i
     In async mode the workers store after the answers, so the server's CPU per event counts
     the server and its workers from the closed loop's start until every acknowledged event
     of both loops is stored, over those events."""
-    tag = f"{t.name[:2]}{batch}c{conns}"
+    tag = f"{t.name[:2]}{batch}n{next(RUNS)}"  # unique per measurement: its transaction ids are new
     warm = drive(t.url, batch, conns, procs, 1.0, 0, tag + "w", stack.work)  # connections, key cache, first parts
     if t.queued:
-        drain(stack, t, warm)  # so that the measured window holds no warm-up work
+        drain(stack.clickhouse, t.database, t.table, warm)  # so that the measured window holds no warm-up work
     meter, whole = CpuMeter(roots), CpuMeter(roots)
     meter.begin()
     whole.begin()
@@ -507,7 +509,7 @@ def measure(stack: Stack, roots: dict[str, tuple[int, ...]], t: Target, batch: i
     own_us = sum(cpu.get(n, 0.0) for n in t.own) / max(sat["accepted"], 1) * 1e6
     drained = ""
     if t.queued:
-        after = drain(stack, t, sat_results + open_results)
+        after = drain(stack.clickhouse, t.database, t.table, sat_results + open_results)
         used = whole.end()
         events = sat["accepted"] + opened["accepted"]
         own_us = sum(used.get(n, 0.0) for n in t.own) / max(events, 1) * 1e6

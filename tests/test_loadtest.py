@@ -1,5 +1,5 @@
-"""The load test's driver (loadtest/drive.py) against a real MeterFlow: its HTTP parsing,
-its counts and the acknowledged request numbers the storage check relies on."""
+"""`make loadtest`'s parts against real services: the driver's HTTP parsing, its counts and the
+acknowledged request numbers the storage check relies on, async mode's drain, and a ceiling's CPU."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-from services import TEST_ADMIN_KEY, Backend, ClickHouse, MeterFlowServer
+from services import ASYNC, TEST_ADMIN_KEY, Backend, ClickHouse, MeterFlowServer, MeterFlowWorker, Redis
 
 from meterflow import samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "loadtest"))
 
 from drive import ResponseParser, drive
-from run import verify
+from run import drain, redis_ceiling, stored_events, verify
 
 OPEN = {"MF_RATE_REQUESTS_PER_S": "100000", "MF_RATE_REQUESTS_BURST": "100000"}
 
@@ -82,3 +82,26 @@ async def test_refused_requests_are_errors_not_acknowledgements(
     assert result["requests"] == 10
     assert result["errors"] == 10 and result["statuses"] == {"401": 10}
     assert result["accepted"] == 0 and result["acked"] == []
+
+
+async def test_async_mode_is_checked_once_the_workers_have_stored_it(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer],
+    start_worker: Callable[..., MeterFlowWorker], clickhouse: ClickHouse,
+) -> None:  # fmt: skip
+    backend = make_backend("full")
+    server = start_server(backend, **ASYNC, **OPEN)
+    database = backend.env["MF_CLICKHOUSE_DATABASE"]
+    queued = await drive(server.url, TEST_ADMIN_KEY, 10, 4, 0.5, rate=20, run="dasync")
+    assert queued["requests"] == 10 and len(queued["acked"]) == 10
+    assert stored_events(clickhouse, database, "events", ["dasync"]) == 0  # no worker yet: answered, not stored
+    start_worker(backend)
+    drain(clickhouse, database, "events", [queued], timeout=60)
+    assert stored_events(clickhouse, database, "events", ["dasync"]) == 100
+    assert verify(clickhouse, database, "events", [queued]) == "OK"
+
+
+def test_a_ceiling_counts_the_services_own_cpu(redis_server: Redis) -> None:
+    ceiling = redis_ceiling(redis_server, n=100_000)
+    assert ceiling is not None, "redis-benchmark (Debian's redis-tools) is missing"
+    assert ceiling.units == 100_000 and ceiling.rate > 0
+    assert ceiling.cpu_s > 0 and ceiling.us_per_unit == ceiling.cpu_s / 100_000 * 1e6
