@@ -628,9 +628,8 @@ def main() -> None:
                 print(f"  {c.what}: {c.rate:,.0f}/s, {c.us_per_unit:.2f} µs of its CPU each")
         ceilings["clickhouse"] = min(chs, key=lambda c: c.us_per_unit)
         b1000 = [r for r in table + sweep if r["server"] == "meterflow" and r["batch"] == 1000]
-        if b1000:
-            others = {"naive", "async", "async-workers", "before"}
-            cost_report(max(b1000, key=lambda r: r["sat"]["events_per_s"]), ceilings, others)
+        if b1000:  # the summary table's row (the sweep's if only it ran at batch 1000)
+            cost_report(b1000[0], ceilings, others={"naive", "async", "async-workers", "before"})
         if a.profile:
             print("--- py-spy profile of the MeterFlow workers (saturation)")
             for batch, conns, procs in shapes:
