@@ -78,7 +78,9 @@ def proc_table() -> dict[int, tuple[int, float]]:
         except OSError:
             continue
         fields = stat[stat.rindex(b")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
+        # utime + stime, and cutime + cstime: a child that exits (Redis's AOF rewrite fork)
+        # moves its time to its parent instead of vanishing from the tree.
+        table[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / TICK)
     return table
 
 
