@@ -55,8 +55,8 @@ OUT = ROOT / "test-output"
 TICK = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
 # (batch size, connections, driver processes). Batch 1000 stays at 16 connections: the rule is
-# the highest rate with an open-loop p99 under 250 ms, and 16 is the only count that has met
-# it (quiet machine, 12:24 UTC: 137,965 events/s, p99 242 ms). `--sweep 16 32 64` in three
+# the highest rate with an open-loop p99 under 250 ms, and 16 is the only count seen to meet
+# it (a quiet machine, 12:24 UTC: 137,965 events/s, p99 242 ms). `--sweep 16 32 64` in three
 # sessions on a machine other jobs kept 200% busy (2026-11-25) met it with no count: p99
 # 0.8-2.5 s at 16, 1.0-1.8 s at 32, 0.8-6.7 s at 64; more connections raised the closed-loop
 # rate in two sessions of three (64: 112k-142k against 16: 42k-91k) but never brought the
