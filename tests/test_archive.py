@@ -174,7 +174,7 @@ async def test_spool_survives_a_restart(
     finally:
         garage.start()
     spool = Path(backend.env["MF_DATA_DIR"]) / "spool"
-    assert list(spool.glob("*.gz*")), "the object should have stayed in the spool"
+    assert list(spool.glob("*.zst*")), "the object should have stayed in the spool"
     server2 = start_server(backend, **env)
     wait_drained(server2)
     ids, _, _ = await read_archive(store_for(backend, env))
