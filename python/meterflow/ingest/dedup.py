@@ -380,6 +380,8 @@ class RedisDedup:
         connecting = self._connecting
         if connecting is None or connecting.done():
             # A finished connect is never handed out again: it failed, or its connection may have closed since.
+            if connecting is not None and not connecting.cancelled() and connecting.exception() is None:
+                connecting.result().close()  # open only if its waiters were cancelled: nobody uses it
             connecting = self._connecting = asyncio.get_running_loop().create_task(self._connect())
         try:
             conn = await asyncio.shield(connecting)
