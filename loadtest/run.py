@@ -492,6 +492,22 @@ class Target:
     queued: bool = False  # async mode: stored by workers after the answer
 
 
+def fresh_redis(redis: Redis, timeout: float = 120) -> None:
+    """Empties Redis database 0 (the sync servers' and the naive one's; async mode's stream and
+    consumer group live in database 1 and stay) and compacts the AOF once a measurement is
+    checked, so the next server does not pay for the keys and AOF rewrites of those before it."""
+    import redis as redis_py
+
+    r = redis_py.Redis(port=redis.port, db=0)
+    try:
+        r.flushdb()
+        r.bgrewriteaof()
+        wait_for(lambda: not int(r.info("persistence")["aof_rewrite_in_progress"])
+                 and not int(r.info("persistence")["aof_rewrite_scheduled"]), "AOF rewrite", timeout)  # fmt: skip
+    finally:
+        r.close()
+
+
 def measure(stack: Stack, roots: dict[str, tuple[int, ...]], t: Target, batch: int, conns: int, procs: int,
             seconds: float) -> dict[str, Any]:  # fmt: skip
     """Warm-up, closed loop with CPU, open loop at 80 % of it, then the storage check; prints and returns a row.
@@ -522,6 +538,7 @@ def measure(stack: Stack, roots: dict[str, tuple[int, ...]], t: Target, batch: i
         drained = (f"; the workers stored the last of them {after:.1f} s after the load "
                    f"({events / used['wall']:,.0f} events/s from the first request to the last stored)")  # fmt: skip
     check = verify(stack.clickhouse, t.database, t.table, sat_results + open_results)
+    fresh_redis(stack.redis)
     row = {"server": t.name, "batch": batch, "conns": conns, "sat": sat, "open": opened, "cpu": cpu, "rate": rate,
            "check": check, "own_us": own_us}  # fmt: skip
     print(f"--- {t.name}, batch {batch}, {conns} connections")
