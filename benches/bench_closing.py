@@ -9,7 +9,7 @@ same 1,000 periods with `price_subscription_period` and writes nothing, so the
 ratio is the share of closing that pricing takes: what is left is the write
 path. Each closing round starts from empty invoice tables (reset untimed).
 
-Events are bench_usage.py's generator (1,000 customers round robin) on chdb
+Events are benches/events.py's generator (1,000 customers round robin) on chdb
 with records on SQLite, and on ClickHouse with records on PostgreSQL. Under
 `make test` (benchmarks disabled) 20 customers are closed as a correctness
 check: 20 invoices numbered 1..20, totals equal to the pricing baseline's.
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from bench_usage import CUSTOMERS, END, START, generate_sql
+from events import CUSTOMERS, END, START, load_events
 from paired import paired_ratio_of_parts
 from services import ClickHouse, PostgreSQL
 
@@ -49,7 +49,6 @@ from meterflow.records.tables import customers as customers_table
 from meterflow.records.tables import invoice_numbers, invoices, subscriptions, webhook_attempts, webhook_deliveries
 from meterflow.runtime import ClosingRuntime
 from meterflow.storage import Storage, open_storage
-from meterflow.storage.base import SCHEMA
 from meterflow.storage.embedded import EmbeddedStorage
 
 _db = itertools.count(1)
@@ -83,9 +82,6 @@ def closing_data(
     loop = asyncio.new_event_loop()
     if request.param.startswith("chdb"):
         storage: Storage = chdb_storage
-        loop.run_until_complete(storage.execute("DROP TABLE IF EXISTS events"))
-        for ddl in SCHEMA:
-            loop.run_until_complete(storage.execute(ddl))
         settings = Settings(data_dir=str(tmp_path_factory.mktemp("records")))
     else:
         ch: ClickHouse = request.getfixturevalue("clickhouse")
@@ -96,7 +92,7 @@ def closing_data(
                             database_url=pg.new_database())  # fmt: skip
         storage = open_storage(settings)
         loop.run_until_complete(storage.start())
-    loop.run_until_complete(storage.execute(generate_sql(n)))
+    load_events(loop, storage, n)  # the one chdb: bench_usage.py's 10M set is loaded again after this
     records = open_records(settings)
     archive = DirectoryStore(Path(tmp_path_factory.mktemp("archive")))
     loop.run_until_complete(records.start())
