@@ -99,9 +99,10 @@ format: build
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
 
-# The full stack on loopback (Redis, ClickHouse, PostgreSQL, Garage), MeterFlow against the
-# naive baseline server (loadtest/naive.py) at batch 1000 and batch 1, CPU per process, the
-# services' own ceilings, a storage check, and a py-spy profile in test-output/ (~4 minutes).
+# The full stack on loopback (Redis, ClickHouse, PostgreSQL, Garage), MeterFlow in sync and
+# async mode (with its `meterflow worker`s) against the naive baseline server (loadtest/naive.py)
+# at batch 1000 and batch 1, CPU per process, the services' own ceilings as CPU per event with
+# a two-core budget, a storage check, and a py-spy profile in test-output/ (~5 minutes).
 LOADTEST_SECONDS ?= 8
 loadtest: build services garage
 	$(PY) -m pip install -q py-spy

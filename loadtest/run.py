@@ -1,18 +1,21 @@
-"""`make loadtest`: the full stack on loopback, MeterFlow against the naive baseline
-server at batch 1000 and batch 1, CPU per process, the services' own ceilings, and a
-storage check (acknowledged ids equal stored ids, no doubles).
+"""`make loadtest`: the full stack on loopback, MeterFlow (sync and async mode) against the
+naive baseline server at batch 1000 and batch 1, CPU per process, the services' own
+ceilings as CPU per event, and a storage check (acknowledged ids equal stored ids, no doubles).
 
-    .venv/bin/python loadtest/run.py [--seconds 8] [--profile]
+    .venv/bin/python loadtest/run.py [--seconds 8] [--profile] [--sweep 16 32 64]
 
 Services come from tests/services.py (the helpers the tests use): Redis, ClickHouse,
 PostgreSQL (MeterFlow's records) and Garage (S3 archive). Per server and batch size:
 a closed-loop run gives the saturation rate (events/s and CPU per process), then an
 open-loop run at 80 % of that request rate gives p50/p99 without coordinated omission.
+MeterFlow in async mode answers `202` once queued while its `meterflow worker`
+processes store the events; its storage check waits for them to drain.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import subprocess
@@ -21,6 +24,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from services import (  # noqa: E402
     ClickHouse,
     Garage,
     MeterFlowServer,
+    MeterFlowWorker,
     PostgreSQL,
     Process,
     Redis,
@@ -49,9 +54,16 @@ from meterflow.storage.base import EVENTS_DDL  # noqa: E402
 OUT = ROOT / "test-output"
 TICK = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
-# (batch size, connections, driver processes)
+# (batch size, connections, driver processes). Batch 1000 stays at 16 connections: the rule is
+# the highest rate with an open-loop p99 under 250 ms, and 16 is the only count seen to meet
+# it (a quiet machine, 12:24 UTC: 137,965 events/s, p99 242 ms). `--sweep 16 32 64` in three
+# sessions on a machine other jobs kept 200% busy (2026-11-25) met it with no count: p99
+# 0.8-2.5 s at 16, 1.0-1.8 s at 32, 0.8-6.7 s at 64; more connections raised the closed-loop
+# rate in two sessions of three (64: 112k-142k against 16: 42k-91k) but never brought the
+# p99 down, since each one holds another 1000 events in the flush queue.
 SHAPES = ((1000, 16, 1), (1, 256, 2))
 OPEN_LOOP_SHARE = 0.8
+RUNS = itertools.count(1)
 IDLE = {"epoll_wait", "wait4", "syscall", "select", "poll", "EpollSelector.select", "futex_wait", "nanosleep"}
 
 
@@ -70,7 +82,9 @@ def proc_table() -> dict[int, tuple[int, float]]:
         except OSError:
             continue
         fields = stat[stat.rindex(b")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
+        # utime + stime, and cutime + cstime: a child that exits (Redis's AOF rewrite fork)
+        # moves its time to its parent instead of vanishing from the tree.
+        table[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / TICK)
     return table
 
 
@@ -96,7 +110,9 @@ def machine_busy() -> float:
 
 @dataclass
 class CpuMeter:
-    roots: dict[str, int]
+    """CPU seconds per named group of process trees between begin() and end()."""
+
+    roots: dict[str, tuple[int, ...]]
     start: dict[str, float] = field(default_factory=dict)
     busy0: float = 0.0
     wall0: float = 0.0
@@ -104,12 +120,12 @@ class CpuMeter:
     def begin(self) -> None:
         self.wall0 = time.monotonic()
         t = proc_table()
-        self.start = {name: tree_cpu(t, pid) for name, pid in self.roots.items()}
+        self.start = {name: sum(tree_cpu(t, pid) for pid in pids) for name, pids in self.roots.items()}
         self.busy0 = machine_busy()
 
     def end(self) -> dict[str, float]:
         t = proc_table()
-        used = {name: tree_cpu(t, pid) - self.start[name] for name, pid in self.roots.items()}
+        used = {name: sum(tree_cpu(t, pid) for pid in pids) - self.start[name] for name, pids in self.roots.items()}
         used["machine"] = machine_busy() - self.busy0
         used["wall"] = time.monotonic() - self.wall0
         return used
@@ -128,13 +144,17 @@ class Stack:
     meterflow: MeterFlowServer
     naive: Process
     naive_url: str
+    asyncmf: MeterFlowServer
+    workers: list[MeterFlowWorker]
     before: MeterFlowServer | None = None
 
     def stop(self) -> None:
         if self.before is not None:
             self.before.stop()
-        for stop in (self.meterflow.stop, self.naive.stop, self.garage.stop, self.clickhouse.stop,
-                     self.redis.stop, self.postgres.cleanup):  # fmt: skip
+        stops: list[Callable[[], object]] = [
+            self.meterflow.stop, self.asyncmf.stop, *(w.stop for w in self.workers), self.naive.stop,
+            self.garage.stop, self.clickhouse.stop, self.redis.stop, self.postgres.cleanup]  # fmt: skip
+        for stop in stops:
             try:
                 stop()
             except Exception as e:  # keep stopping the rest
@@ -161,6 +181,19 @@ def start_stack(work: Path, workers: int, before_ref: str = "") -> Stack:
     }  # fmt: skip
     mf = MeterFlowServer(work, env)
     mf.start()
+    # Async mode: its own database, data dir, bucket and Redis database (the stream is
+    # per Redis database); as many `meterflow worker` processes as server workers.
+    ch.reset_database("async")
+    async_env = {
+        **env, "MF_INGEST_MODE": "async", "MF_CLICKHOUSE_DATABASE": "async", "MF_DATABASE_URL": pg.new_database(),
+        "MF_DATA_DIR": str(work / "async-data"), "MF_REDIS_URL": redis.url.rsplit("/", 1)[0] + "/1",
+        "MF_STREAM_MAX_ENTRIES": "1000000", **garage.env("meterflow-async"),
+    }  # fmt: skip
+    asyncmf = MeterFlowServer(work, async_env)
+    asyncmf.start()
+    mf_workers = [MeterFlowWorker(work, async_env) for _ in range(workers)]
+    for w in mf_workers:
+        w.start()
     before = None
     if before_ref:
         # The same stack, another database and data dir: MeterFlow as of `before_ref`
@@ -189,7 +222,7 @@ def start_stack(work: Path, workers: int, before_ref: str = "") -> Stack:
     naive.start()
     naive_url = f"http://127.0.0.1:{port}"
     wait_for(lambda: http_ok(naive_url + "/health"), "naive server", 60)
-    return Stack(work, redis, ch, pg, garage, mf, naive, naive_url, before)
+    return Stack(work, redis, ch, pg, garage, mf, naive, naive_url, asyncmf, mf_workers, before)
 
 
 # --- one load run -----------------------------------------------------------------------
@@ -218,6 +251,10 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     lat = sorted(x for r in results for x in r["latencies"]) or [0.0]
     elapsed = max(r["seconds"] for r in results)
     accepted = sum(r["accepted"] for r in results)
+    statuses: dict[str, int] = {}
+    for r in results:
+        for status, n in r["statuses"].items():
+            statuses[status] = statuses.get(status, 0) + n
 
     def q(p: float) -> float:
         return float(lat[min(len(lat) - 1, int(p * len(lat)))]) * 1000
@@ -226,7 +263,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "events_per_s": accepted / elapsed, "requests": sum(r["requests"] for r in results),
         "errors": sum(r["errors"] for r in results), "partial": sum(r["partial"] for r in results),
         "p50_ms": q(0.50), "p99_ms": q(0.99), "driver_cpu_s": sum(r["cpu_s"] for r in results),
-        "seconds": elapsed, "accepted": accepted,
+        "seconds": elapsed, "accepted": accepted, "statuses": statuses,
     }  # fmt: skip
 
 
@@ -266,10 +303,31 @@ def verify(ch: ClickHouse, database: str, table: str, results: list[dict[str, An
 # --- the services' own ceilings ---------------------------------------------------------
 
 
-def redis_ceiling(redis: Redis, n: int = 1_000_000) -> float:
+@dataclass
+class Ceiling:
+    """A service at its best on its own: keys or rows per second and its own CPU per key or row."""
+
+    what: str
+    units: int
+    seconds: float
+    cpu_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.units / self.seconds if self.seconds else 0.0
+
+    @property
+    def us_per_unit(self) -> float:
+        return self.cpu_s / self.units * 1e6 if self.units else 0.0
+
+
+def redis_ceiling(redis: Redis, n: int = 1_000_000) -> Ceiling | None:
+    """redis-benchmark's SET NX EX, 1000 pipelined; Redis's own CPU over the run."""
     tool = shutil.which("redis-benchmark")
     if tool is None:
-        return 0.0
+        return None
+    meter = CpuMeter({"redis": (pid_of(redis.proc),)})
+    meter.begin()
     out = subprocess.run(
         [tool, "-h", "127.0.0.1", "-p", str(redis.port), "-P", "1000", "-r", "100000000", "-n", str(n), "-q",
          "SET", "ceil:__rand_int__", "v", "NX", "EX", "86400"],
@@ -278,11 +336,16 @@ def redis_ceiling(redis: Redis, n: int = 1_000_000) -> float:
     import re
 
     rates = re.findall(r"([\d.]+) requests per second", out)
-    return float(rates[-1]) if rates else 0.0
+    cpu = meter.end()
+    if not rates:
+        return None
+    # The rate is redis-benchmark's; the seconds it implies are the benchmark's own time.
+    return Ceiling("redis-benchmark SET NX EX, -P 1000", n, n / float(rates[-1]), cpu["redis"])
 
 
-def clickhouse_ceiling(ch: ClickHouse, rows_per_insert: int, inserts: int) -> float:
-    """Rows/s of inserting MeterFlow's own RowBinary rows, `rows_per_insert` at a time, one insert at a time."""
+def clickhouse_ceiling(ch: ClickHouse, rows_per_insert: int, inserts: int) -> Ceiling:
+    """Inserting MeterFlow's own RowBinary rows, `rows_per_insert` at a time, one insert at a time;
+    ClickHouse's own CPU over the inserts."""
     from meterflow import samples
 
     ch.query("CREATE DATABASE IF NOT EXISTS ceiling")
@@ -294,10 +357,13 @@ def clickhouse_ceiling(ch: ClickHouse, rows_per_insert: int, inserts: int) -> fl
     from meterflow.storage.base import ROW_COLUMNS
 
     q = urllib.parse.urlencode({"database": "ceiling", "query": f"INSERT INTO events ({ROW_COLUMNS}) FORMAT RowBinary"})
-    t0 = time.perf_counter()
+    meter = CpuMeter({"clickhouse": (pid_of(ch.proc),)})
+    meter.begin()
     for _ in range(inserts):
         urllib.request.urlopen(urllib.request.Request(f"{ch.url}/?{q}", data=rows, method="POST"), timeout=120).read()
-    return rows_per_insert * inserts / (time.perf_counter() - t0)
+    cpu = meter.end()
+    return Ceiling(f"ClickHouse insert of MeterFlow's rows, {rows_per_insert:,} per insert", rows_per_insert * inserts,
+                   cpu["wall"], cpu["clickhouse"])  # fmt: skip
 
 
 # --- metrics of the MeterFlow workers -----------------------------------------------------
@@ -390,89 +456,191 @@ def summarise(raw: Path, top: int = 12) -> None:
         print(f"      {c / total:6.1%}  {name}")
 
 
+def errors(run: dict[str, Any]) -> str:
+    detail = ", ".join(f"{n} {status}" for status, n in sorted(run["statuses"].items()))
+    return f"{run['errors']} errors" + (f" ({detail})" if detail else "")
+
+
+def drain(ch: ClickHouse, database: str, table: str, results: list[dict[str, Any]], timeout: float = 300) -> float:
+    """Async mode: waits until the workers have stored every acknowledged event of these runs
+    (or the timeout: the storage check then says what is missing); returns the seconds waited."""
+    runs = [r["run"] for r in results]
+    acked = sum(len(r["acked"]) * r["batch_size"] for r in results)
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: stored_events(ch, database, table, runs) >= acked,
+                 "the async workers storing the acknowledged events", timeout)  # fmt: skip
+    except Exception as e:
+        print(f"  ({e})")
+    return time.monotonic() - t0
+
+
+def stored_events(ch: ClickHouse, database: str, table: str, runs: list[str]) -> int:
+    where = " OR ".join(f"startsWith(transaction_id, '{run}_')" for run in runs)
+    return int(ch_rows(ch, database, f"SELECT count() AS n FROM {table} WHERE {where}")[0]["n"])
+
+
+@dataclass
+class Target:
+    """A server under test: its URL, where it stores, and the CPU groups that are its own."""
+
+    name: str
+    url: str
+    database: str
+    table: str
+    own: tuple[str, ...]  # CpuMeter names that count as the server's CPU
+    queued: bool = False  # async mode: stored by workers after the answer
+
+
+def measure(stack: Stack, roots: dict[str, tuple[int, ...]], t: Target, batch: int, conns: int, procs: int,
+            seconds: float) -> dict[str, Any]:  # fmt: skip
+    """Warm-up, closed loop with CPU, open loop at 80 % of it, then the storage check; prints and returns a row.
+
+    In async mode the workers store after the answers, so the server's CPU per event counts
+    the server and its workers from the closed loop's start until every acknowledged event
+    of both loops is stored, over those events."""
+    tag = f"{t.name[:2]}{batch}n{next(RUNS)}"  # unique per measurement: its transaction ids are new
+    warm = drive(t.url, batch, conns, procs, 1.0, 0, tag + "w", stack.work)  # connections, key cache, first parts
+    if t.queued:
+        drain(stack.clickhouse, t.database, t.table, warm)  # so that the measured window holds no warm-up work
+    meter, whole = CpuMeter(roots), CpuMeter(roots)
+    meter.begin()
+    whole.begin()
+    sat_results = drive(t.url, batch, conns, procs, seconds, 0, tag + "s", stack.work)
+    cpu = meter.end()
+    sat = merge(sat_results)
+    rate = sat["events_per_s"] / batch * OPEN_LOOP_SHARE
+    open_results = drive(t.url, batch, conns, procs, seconds, rate, tag + "o", stack.work)
+    opened = merge(open_results)
+    own_us = sum(cpu.get(n, 0.0) for n in t.own) / max(sat["accepted"], 1) * 1e6
+    drained = ""
+    if t.queued:
+        after = drain(stack.clickhouse, t.database, t.table, sat_results + open_results)
+        used = whole.end()
+        events = sat["accepted"] + opened["accepted"]
+        own_us = sum(used.get(n, 0.0) for n in t.own) / max(events, 1) * 1e6
+        drained = (f"; the workers stored the last of them {after:.1f} s after the load "
+                   f"({events / used['wall']:,.0f} events/s from the first request to the last stored)")  # fmt: skip
+    check = verify(stack.clickhouse, t.database, t.table, sat_results + open_results)
+    row = {"server": t.name, "batch": batch, "conns": conns, "sat": sat, "open": opened, "cpu": cpu, "rate": rate,
+           "check": check, "own_us": own_us}  # fmt: skip
+    print(f"--- {t.name}, batch {batch}, {conns} connections")
+    print(f"  saturation (closed loop, {sat['seconds']:.1f} s): {sat['events_per_s']:,.0f} events/s, "
+          f"p50 {sat['p50_ms']:.1f} ms, p99 {sat['p99_ms']:.1f} ms, {errors(sat)}")  # fmt: skip
+    print(f"  open loop at {rate * batch:,.0f} events/s offered: {opened['events_per_s']:,.0f} "
+          f"events/s, p50 {opened['p50_ms']:.1f} ms, p99 {opened['p99_ms']:.1f} ms, "
+          f"{errors(opened)}")  # fmt: skip
+    print(f"  CPU: {fmt_cpu(cpu, sat['accepted'], sat['driver_cpu_s'])}")
+    print(f"  driver CPU: {sat['driver_cpu_s'] / sat['seconds']:.0%} of a core, "
+          f"{sat['driver_cpu_s'] / max(sat['requests'], 1) * 1e6:.0f} µs per request")  # fmt: skip
+    print(f"  storage: {check}{drained}")
+    return row
+
+
+def cost_report(row: dict[str, Any], ceilings: dict[str, Ceiling], others: set[str]) -> None:
+    """Per service, CPU per event under MeterFlow's batch-1000 load against its own ceiling's, and
+    the rate the machine's cores could carry at those costs (`others`: the idle servers not under test)."""
+    events = max(row["sat"]["accepted"], 1)
+    cpu = {k: v for k, v in row["cpu"].items() if k not in ("machine", "wall", *others) and v > 0}
+    cpu["driver"] = row["sat"]["driver_cpu_s"]
+    us = {k: v / events * 1e6 for k, v in cpu.items()}
+    print(f"--- CPU per event: MeterFlow at batch 1000 ({row['conns']} connections, "
+          f"{row['sat']['events_per_s']:,.0f} events/s) against each service at its own ceiling")  # fmt: skip
+    for name, c in ceilings.items():
+        print(f"  {name:10s} {us.get(name, 0.0):5.1f} µs/event under MeterFlow's load; {c.us_per_unit:5.1f} µs "
+              f"at its ceiling of {c.rate:,.0f}/s ({c.what}), which MeterFlow reached "
+              f"{row['sat']['events_per_s'] / c.rate:.0%} of")  # fmt: skip
+    total = sum(us.values())
+    at_ceiling = total + sum(c.us_per_unit - us.get(name, 0.0) for name, c in ceilings.items())
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(us.items(), key=lambda kv: -kv[1]))
+    print(f"  two-core budget: {parts} = {total:.1f} µs of CPU per event; {CORES} cores / {total:.1f} µs = "
+          f"{CORES / total * 1e6:,.0f} events/s if all CPU went to it (reached: "
+          f"{row['sat']['events_per_s'] / (CORES / total * 1e6):.0%})")  # fmt: skip
+    if ceilings:
+        print(f"  with {' and '.join(ceilings)} at their ceiling cost: {at_ceiling:.1f} µs per event = "
+              f"{CORES / at_ceiling * 1e6:,.0f} events/s")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=8)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="MeterFlow's server workers, and its async workers")
     p.add_argument("--profile", action="store_true", help="also py-spy the MeterFlow workers (test-output/)")
-    p.add_argument("--only", choices=("meterflow", "naive", "before"), default=None)
+    p.add_argument("--only", choices=("meterflow", "async", "naive", "before"), default=None)
     p.add_argument("--conns", type=int, nargs=2, default=[s[1] for s in SHAPES], metavar=("BATCH1000", "BATCH1"),
                    help="connections at batch 1000 and at batch 1")  # fmt: skip
     p.add_argument("--batches", type=int, nargs="+", default=[s[0] for s in SHAPES])
+    p.add_argument("--sweep", type=int, nargs="*", default=[], metavar="CONNS",
+                   help="also MeterFlow (sync) at batch 1000 with each of these connection counts")  # fmt: skip
     p.add_argument("--before", default="", metavar="GIT_REF",
                    help="also measure MeterFlow as of this commit (its Python code), in the same run")  # fmt: skip
     a = p.parse_args()
     shapes = [(b, c, procs) for (b, _, procs), c in zip(SHAPES, a.conns, strict=True) if b in a.batches]
     work = Path(tempfile.mkdtemp(prefix="meterflow-loadtest-"))
-    print(f"==> starting Redis, ClickHouse, PostgreSQL, Garage, MeterFlow ({a.workers} workers) and the naive "
-          f"server in {work}")  # fmt: skip
+    print(f"==> starting Redis, ClickHouse, PostgreSQL, Garage, MeterFlow ({a.workers} workers; in async mode with "
+          f"{a.workers} `meterflow worker`s) and the naive server in {work}")  # fmt: skip
     stack = start_stack(work, a.workers, a.before)
     try:
-        roots = {"meterflow": pid_of(stack.meterflow.proc), "naive": pid_of(stack.naive),
-                 "clickhouse": pid_of(stack.clickhouse.proc), "redis": pid_of(stack.redis.proc),
-                 "garage": pid_of(stack.garage.proc), "postgres": pid_of(stack.postgres.proc)}  # fmt: skip
-        servers = [("meterflow", stack.meterflow.url, "loadtest", "events"),
-                   ("naive", stack.naive_url, "naive", "naive_events")]  # fmt: skip
+        roots = {"meterflow": (pid_of(stack.meterflow.proc),), "async": (pid_of(stack.asyncmf.proc),),
+                 "async-workers": tuple(pid_of(w.proc) for w in stack.workers), "naive": (pid_of(stack.naive),),
+                 "clickhouse": (pid_of(stack.clickhouse.proc),), "redis": (pid_of(stack.redis.proc),),
+                 "garage": (pid_of(stack.garage.proc),), "postgres": (pid_of(stack.postgres.proc),)}  # fmt: skip
+        sync = Target("meterflow", stack.meterflow.url, "loadtest", "events", ("meterflow",))
+        targets = [sync,
+                   Target("async", stack.asyncmf.url, "async", "events", ("async", "async-workers"), queued=True),
+                   Target("naive", stack.naive_url, "naive", "naive_events", ("naive",))]  # fmt: skip
         if stack.before is not None:
-            roots["before"] = pid_of(stack.before.proc)
-            servers.insert(0, ("before", stack.before.url, "before", "events"))
+            roots["before"] = (pid_of(stack.before.proc),)
+            targets.insert(0, Target("before", stack.before.url, "before", "events", ("before",)))
         if a.only:
-            servers = [s for s in servers if s[0] == a.only]
-        table: list[dict[str, Any]] = []
-        for batch, conns, procs in shapes:
-            for name, url, database, tbl in servers:
-                tag = f"{name[:2]}{batch}"
-                # Warm-up: connections, key cache, first parts.
-                drive(url, batch, conns, procs, 1.0, 0, tag + "w", work)
-                meter = CpuMeter(roots)
-                meter.begin()
-                sat_results = drive(url, batch, conns, procs, a.seconds, 0, tag + "s", work)
-                cpu = meter.end()
-                sat = merge(sat_results)
-                rate = sat["events_per_s"] / batch * OPEN_LOOP_SHARE
-                open_results = drive(url, batch, conns, procs, a.seconds, rate, tag + "o", work)
-                opened = merge(open_results)
-                check = verify(stack.clickhouse, database, tbl, sat_results + open_results)
-                row = {"server": name, "batch": batch, "conns": conns, "sat": sat, "open": opened, "cpu": cpu,
-                       "rate": rate, "check": check}  # fmt: skip
-                table.append(row)
-                print(f"--- {name}, batch {batch}, {conns} connections")
-                print(f"  saturation (closed loop, {sat['seconds']:.1f} s): {sat['events_per_s']:,.0f} events/s, "
-                      f"p50 {sat['p50_ms']:.1f} ms, p99 {sat['p99_ms']:.1f} ms, {sat['errors']} errors")  # fmt: skip
-                print(f"  open loop at {rate * batch:,.0f} events/s offered: {opened['events_per_s']:,.0f} "
-                      f"events/s, p50 {opened['p50_ms']:.1f} ms, p99 {opened['p99_ms']:.1f} ms, "
-                      f"{opened['errors']} errors")  # fmt: skip
-                print(f"  CPU: {fmt_cpu(cpu, sat['accepted'], sat['driver_cpu_s'])}")
-                print(f"  driver CPU: {sat['driver_cpu_s'] / sat['seconds']:.0%} of a core, "
-                      f"{sat['driver_cpu_s'] / sat['seconds'] / CORES:.0%} of the machine")  # fmt: skip
-                print(f"  storage: {check}")
+            targets = [t for t in targets if t.name == a.only]
+        table = [measure(stack, roots, t, batch, conns, procs, a.seconds) for batch, conns, procs in shapes
+                 for t in targets]  # fmt: skip
+        sweep = [measure(stack, roots, sync, 1000, c, 1, a.seconds) for c in a.sweep]
         print("--- ratios (saturation events/s)")
         for batch, _, _ in shapes:
             got = {r["server"]: r["sat"]["events_per_s"] for r in table if r["batch"] == batch}
-            if "meterflow" in got and got.get("naive"):
-                print(f"  batch {batch}: MeterFlow / naive = {got['meterflow'] / got['naive']:.1f}x")
-            if "meterflow" in got and got.get("before"):
-                print(f"  batch {batch}: MeterFlow / before ({a.before}) = {got['meterflow'] / got['before']:.1f}x")
-        print("--- summary (saturation events/s; open-loop p50/p99 at 80 % of it; CPU per event of the server)")
+            for other in ("naive", "before"):
+                label = f"before ({a.before})" if other == "before" else other
+                for name in ("meterflow", "async"):
+                    if name in got and got.get(other):
+                        print(f"  batch {batch}: MeterFlow{' async' if name == 'async' else ''} / {label} = "
+                              f"{got[name] / got[other]:.1f}x")  # fmt: skip
+            if got.get("async") and got.get("meterflow"):
+                print(f"  batch {batch}: MeterFlow async / sync = {got['async'] / got['meterflow']:.1f}x")
+        print("--- summary (saturation events/s; open-loop p50/p99 at 80 % of it; CPU per event of the server:")
+        print("    async counts its `meterflow worker`s too)")
         print("  | server | batch | conns | events/s | open-loop p50 | p99 | server CPU µs/event |")
-        for r in table:
-            srv = r["cpu"].get(r["server"], 0.0) / max(r["sat"]["accepted"], 1) * 1e6
+        for r in table + sweep:
+            srv = r["own_us"]
             print(f"  | {r['server']} | {r['batch']} | {r['conns']} | {r['sat']['events_per_s']:,.0f} | "
                   f"{r['open']['p50_ms']:.0f} ms | {r['open']['p99_ms']:.0f} ms | {srv:.0f} |")
-        print("--- MeterFlow per-stage time (mean per observation, all runs)")
-        if a.only != "naive":
+        if sweep:
+            fit = [r for r in sweep if r["open"]["p99_ms"] < 250]
+            best = max(fit, key=lambda r: r["sat"]["events_per_s"]) if fit else None
+            choice = f"{best['conns']} connections" if best else "none"
+            print(f"  batch-1000 sweep: the highest rate with open-loop p99 under 250 ms: {choice}")
+        if a.only not in ("naive", "async"):
+            print("--- MeterFlow per-stage time (mean per observation, all runs)")
             for stage, (total, n) in sorted(stage_breakdown(stack.meterflow.url).items()):
                 print(f"  {stage:11s} {total / max(n, 1) * 1000:8.3f} ms  x {n}")
-        print("--- the services' own ceilings (same machine, same run)")
-        print(f"  redis-benchmark SET NX EX, -P 1000: {redis_ceiling(stack.redis):,.0f} keys/s")
-        for rows_per_insert, inserts in ((10_000, 20), (100_000, 5)):
-            rate = clickhouse_ceiling(stack.clickhouse, rows_per_insert, inserts)
-            print(f"  ClickHouse insert of MeterFlow's rows, {rows_per_insert:,} per insert: {rate:,.0f} rows/s")
+        print("--- the services' own ceilings (same machine, same run; the service's own CPU per key or row)")
+        ceilings: dict[str, Ceiling] = {}
+        if (rc := redis_ceiling(stack.redis)) is not None:
+            ceilings["redis"] = rc
+        chs = [clickhouse_ceiling(stack.clickhouse, rows, inserts) for rows, inserts in ((10_000, 20), (100_000, 5))]
+        for c in [rc, *chs]:
+            if c is not None:
+                print(f"  {c.what}: {c.rate:,.0f}/s, {c.us_per_unit:.2f} µs of its CPU each")
+        ceilings["clickhouse"] = min(chs, key=lambda c: c.us_per_unit)
+        b1000 = [r for r in table + sweep if r["server"] == "meterflow" and r["batch"] == 1000]
+        if b1000:  # the summary table's row (the sweep's if only it ran at batch 1000)
+            cost_report(b1000[0], ceilings, others={"naive", "async", "async-workers", "before"})
         if a.profile:
             print("--- py-spy profile of the MeterFlow workers (saturation)")
             for batch, conns, procs in shapes:
                 profile(stack, a.seconds, batch, conns, procs)
-        failed = [r for r in table if r["check"] != "OK"]
+        failed = [r for r in table + sweep if r["check"] != "OK"]
         if failed:
             raise SystemExit(f"storage check failed for {len(failed)} runs")
     finally:

@@ -23,6 +23,7 @@ from services import Backend, Garage, MeterFlowServer, free_port, until, wait_fo
 
 from meterflow import samples
 from meterflow.archive import DirectoryStore, S3Store, Store, object_key
+from meterflow.archive.format import GZIP_SUFFIX, decompress
 from meterflow.archive.replay import replay as replay_range
 from meterflow.config import Settings
 from meterflow.ingest.dedup import new_flush_id
@@ -58,8 +59,8 @@ async def read_archive(store: Store) -> tuple[Counter[str], int, int]:
     objects = meta_rows = 0
     try:
         async for key in store.list("events/"):
-            assert key.startswith("events/dt=") and "/hour=" in key and key.endswith(".ndjson.gz")
-            lines = gzip.decompress(await store.get(key)).splitlines()
+            assert key.startswith("events/dt=") and "/hour=" in key and key.endswith(".ndjson.zst")
+            lines = decompress(await store.get(key))
             ids.update(orjson.loads(x)["transaction_id"] for x in lines)
             objects += 1
             meta_rows += await store.rows(key)  # the metadata, through the protocol
@@ -173,7 +174,7 @@ async def test_spool_survives_a_restart(
     finally:
         garage.start()
     spool = Path(backend.env["MF_DATA_DIR"]) / "spool"
-    assert list(spool.glob("*.gz*")), "the object should have stayed in the spool"
+    assert list(spool.glob("*.zst*")), "the object should have stayed in the spool"
     server2 = start_server(backend, **env)
     wait_drained(server2)
     ids, _, _ = await read_archive(store_for(backend, env))
@@ -218,7 +219,8 @@ async def test_replay_keeps_the_same_id_of_two_customers(storage: Storage, tmp_p
     store = DirectoryStore(tmp_path / "archive")
     await store.start()
     lines = [orjson.dumps({**samples.seed_event(now), "customer_id": c}) for c in ("cust_a", "cust_b", "cust_a")]
-    await store.put(object_key(new_flush_id(now), now), gzip.compress(b"\n".join(lines) + b"\n"), 3)
+    # Written as gzip, as archives were before zstd: replay reads both.
+    await store.put(object_key(new_flush_id(now), now, GZIP_SUFFIX), gzip.compress(b"\n".join(lines) + b"\n"), 3)
     report = await replay_range(store, storage, now - 3_600_000, now + 3_600_000, out=io.StringIO())
     assert (report.events, report.inserted) == (3, 2)
     rows = await storage.query("SELECT customer_id AS c, count() AS n FROM events GROUP BY c ORDER BY c")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from services import Garage, free_port
 
 from meterflow.archive import ArchiveError, DirectoryStore, S3Store, Store, object_key
-from meterflow.archive.format import compress, decompress
+from meterflow.archive.format import GZIP_SUFFIX, compress, decompress, suffix_of
 from meterflow.config import Settings
 
 _bucket = itertools.count(1)
@@ -39,7 +40,7 @@ async def keys(store: Store, prefix: str) -> list[str]:
 
 async def test_an_object_reads_back_with_its_rows(store: Store) -> None:
     key = object_key("0190000000001234567890ab", 1_700_000_000_000)
-    assert key == "events/dt=2023-11-14/hour=22/0190000000001234567890ab.ndjson.gz"
+    assert key == "events/dt=2023-11-14/hour=22/0190000000001234567890ab.ndjson.zst"
     await store.ping()
     await store.put(key, compress(LINES), 2)
     assert decompress(await store.get(key)) == LINES.splitlines()
@@ -86,3 +87,27 @@ async def test_an_unreachable_store_is_an_archive_error(kind: str, tmp_path: Pat
             await down.put(object_key("0190000000001234567890dd", 1_700_000_000_000), compress(LINES), 2)
     finally:
         await down.close()
+
+
+async def test_a_gzip_object_of_an_older_version_reads_back(store: Store) -> None:
+    key = object_key("0190000000001234567890dd", 1_700_000_000_000, GZIP_SUFFIX)
+    assert key.endswith(".ndjson.gz")
+    await store.put(key, gzip.compress(LINES), 2)
+    assert await keys(store, "events/") == [key]
+    assert decompress(await store.get(key)) == LINES.splitlines()
+
+
+def test_new_objects_are_zstd_and_smaller_than_gzip() -> None:
+    lines = b"".join(b'{"transaction_id":"t%d","customer_id":"c","event_type":"api"}\n' % i for i in range(1000))
+    body = compress(lines)
+    assert body.startswith(b"\x28\xb5\x2f\xfd")  # the zstd frame's magic number
+    assert suffix_of(body) == ".ndjson.zst" and suffix_of(gzip.compress(lines)) == ".ndjson.gz"
+    assert len(body) < len(gzip.compress(lines, compresslevel=3))
+    assert decompress(body) == lines.splitlines()
+    assert decompress(body + compress(b'{"transaction_id":"x"}\n'))[-1] == b'{"transaction_id":"x"}'
+
+
+@pytest.mark.parametrize("body", [b"", b"plain text\n", b"\x28\xb5\x2f\xfd\x00torn", b"\x1f\x8btorn"])
+def test_a_body_neither_zstd_nor_gzip_is_an_archive_error(body: bytes) -> None:
+    with pytest.raises(ArchiveError):
+        decompress(body)

@@ -41,16 +41,16 @@ def overview_html(server: MeterFlowServer) -> str:
 
 def archived_ids(backend: Backend) -> list[str]:
     """Every transaction id in the archive objects (spooled or uploaded), with repeats."""
-    import gzip
-
     import orjson
+
+    from meterflow.archive.format import decompress
 
     data = Path(backend.env["MF_DATA_DIR"])
     ids: list[str] = []
-    for path in [*data.glob("archive/**/*.ndjson.gz"), *data.glob("spool/*.gz")]:
-        for line in gzip.decompress(path.read_bytes()).splitlines():
-            if line:
-                ids.append(orjson.loads(line)["transaction_id"])
+    objects = [*data.glob("archive/**/*.ndjson.zst"), *data.glob("archive/**/*.ndjson.gz")]
+    for path in [*objects, *data.glob("spool/*.zst"), *data.glob("spool/*.gz")]:
+        for line in decompress(path.read_bytes()):
+            ids.append(orjson.loads(line)["transaction_id"])
     return ids
 
 

@@ -10,7 +10,6 @@ see answered (connection closed, 503, in_flight), as a careful client does.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import itertools
 import random
 import signal
@@ -27,6 +26,7 @@ from services import ASYNC, Backend, ClickHouse, Garage, MeterFlowServer, MeterF
 
 from meterflow import samples
 from meterflow.archive import DirectoryStore, S3Store, Store
+from meterflow.archive.format import decompress
 from meterflow.config import Settings
 
 JSON = {"Content-Type": "application/json"}
@@ -155,7 +155,7 @@ async def archived(store: Store) -> set[str]:
     ids: set[str] = set()
     try:
         async for key in store.list("events/"):
-            ids.update(orjson.loads(x)["transaction_id"] for x in gzip.decompress(await store.get(key)).splitlines())
+            ids.update(orjson.loads(x)["transaction_id"] for x in decompress(await store.get(key)))
     finally:
         await store.close()
     return ids

@@ -1,4 +1,4 @@
-"""The raw-event archive (DESIGN §6): one gzip NDJSON object per flush, spooled to
+"""The raw-event archive (DESIGN §7): one zstd NDJSON object per flush, spooled to
 disk first, then uploaded to S3 or a directory by a background task with backoff.
 
 A flush's object reaches the spool before the flush commits, so every

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from meterflow.archive.format import PREFIX, decompress, key_hour_ms
+from meterflow.archive.format import PREFIX, decompress, is_object_key, key_hour_ms
 from meterflow.archive.stores import Store
 from meterflow.ingest.core import STORED_LIMITS, decode_batch
 from meterflow.storage import Storage
@@ -38,7 +38,7 @@ async def replay(
     keys = []
     async for key in store.list(PREFIX):
         hour = key_hour_ms(key)
-        if hour is not None and start_ms - HOUR_MS < hour < end_ms and hour + HOUR_MS > start_ms:
+        if hour is not None and is_object_key(key) and start_ms - HOUR_MS < hour < end_ms and hour + HOUR_MS > start_ms:
             keys.append(key)
     keys.sort()
     report = ReplayReport()

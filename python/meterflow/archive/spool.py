@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from meterflow.archive.format import compress, decompress, object_key
+from meterflow.archive.format import compress, decompress, object_key, suffix_of
 from meterflow.archive.stores import Store, atomic_write
 from meterflow.config import Settings
 from meterflow.ingest.dedup import flush_created_ms
@@ -24,8 +24,28 @@ class SpoolFull(Exception):
     """The spool holds MF_SPOOL_MAX_BYTES: new batches are refused with 503."""
 
 
+# A spooled object is `<flush_id>.zst` (`.gz` if an older version spooled it),
+# `<flush_id>.zst.<pid>` while worker <pid> uploads it, with a `<flush_id>.json` sidecar.
+_EXTS = (".zst", ".gz")
+
+
+def _parse(name: str) -> tuple[str, str, int | None] | None:
+    """(flush id, extension, claiming pid or None) of a spooled object's file name."""
+    if name.startswith("."):
+        return None  # a write in progress (or left by a crash): `atomic_write`'s temporary
+    for ext in _EXTS:
+        flush_id, sep, tail = name.partition(ext)
+        if not sep or not flush_id:
+            continue
+        if tail == "":
+            return flush_id, ext, None
+        if tail[0] == "." and tail[1:].isdigit():
+            return flush_id, ext, int(tail[1:])
+    return None
+
+
 class Spool:
-    """Objects waiting for the store, as files `<flush_id>.gz` with a `.json` sidecar."""
+    """Objects waiting for the store, as files `<flush_id>.zst` with a `.json` sidecar."""
 
     def __init__(self, settings: Settings, store: Store, metrics: Metrics) -> None:
         self.dir = Path(settings.data_dir) / "spool"
@@ -40,7 +60,7 @@ class Spool:
 
     def depth(self) -> tuple[int, int]:
         """(objects, bytes) waiting, across every worker sharing the spool."""
-        files = [p for p in self.dir.glob("*.gz*") if not p.name.endswith(".tmp")] if self.dir.exists() else []
+        files = [p for p in self.dir.iterdir() if _parse(p.name)] if self.dir.exists() else []
         sizes = []
         for p in files:
             with contextlib.suppress(FileNotFoundError):  # uploaded meanwhile
@@ -63,7 +83,7 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         data = compress(lines)
         atomic_write(self.dir / f"{flush_id}.json", orjson.dumps({"key": key, "rows": rows}), sync=False)
-        atomic_write(self.dir / f"{flush_id}.gz", data)
+        atomic_write(self.dir / f"{flush_id}.zst", data)
 
     def _meta(self, flush_id: str, data: bytes) -> tuple[str, int]:
         """(object key, rows) of a spooled object: from its sidecar, or from the object."""
@@ -72,7 +92,7 @@ class Spool:
             return str(meta["key"]), int(meta["rows"])
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("archive sidecar missing or torn; read from the object", extra={"flush_id": flush_id})
-            return object_key(flush_id, flush_created_ms(flush_id)), len(decompress(data))
+            return object_key(flush_id, flush_created_ms(flush_id), suffix_of(data)), len(decompress(data))
 
     async def put(self, flush_id: str, created_ms: int, lines: bytes, rows: int) -> None:
         """Writes a flush's object to disk (fsynced) for the uploader."""
@@ -95,14 +115,13 @@ class Spool:
         if not self.dir.exists():
             return claimed
         me = os.getpid()
-        for p in sorted(self.dir.glob("*.gz*")):
-            name = p.name
-            if name.endswith(".tmp"):
-                continue  # a write in progress (or left by a crash): `_atomic_write`'s temporary
-            if name.endswith(".gz"):
-                target = p.with_name(f"{name}.{me}")
-            elif ".gz." in name and (int(name.rsplit(".", 1)[1]) == me or not _alive(int(name.rsplit(".", 1)[1]))):
-                target = p.with_name(f"{name.split('.gz.')[0]}.gz.{me}")  # ours, or its worker died
+        for p in sorted(self.dir.iterdir()):
+            parsed = _parse(p.name)
+            if parsed is None:
+                continue
+            flush_id, ext, pid = parsed
+            if pid is None or pid == me or not _alive(pid):  # waiting, ours, or its worker died
+                target = p.with_name(f"{flush_id}{ext}.{me}")
             else:
                 continue
             try:
@@ -120,7 +139,7 @@ class Spool:
         try:
             while claimed:
                 path = claimed[0]
-                flush_id = path.name.split(".gz")[0]
+                flush_id = path.name.split(".", 1)[0]
                 meta_path = self.dir / f"{flush_id}.json"
                 data = path.read_bytes()
                 key, rows = self._meta(flush_id, data)
@@ -136,7 +155,7 @@ class Spool:
         finally:
             for path in claimed:  # back in line, for this or another worker
                 with contextlib.suppress(FileNotFoundError):
-                    os.rename(path, self.dir / (path.name.split(".gz")[0] + ".gz"))
+                    os.rename(path, self.dir / path.name.rsplit(".", 1)[0])
         return landed
 
     async def _run(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from meterflow.archive.format import ArchiveError
+from meterflow.archive.format import ArchiveError, content_encoding, is_object_key
 from meterflow.config import Settings
 
 
@@ -81,7 +81,7 @@ class DirectoryStore:
 
     async def list(self, prefix: str) -> AsyncIterator[str]:
         base = self.root / prefix
-        paths = sorted(base.rglob("*.ndjson.gz")) if base.exists() else []
+        paths = sorted(p for p in base.rglob("*.ndjson.*") if is_object_key(p.name)) if base.exists() else []
         for p in paths:
             yield str(p.relative_to(self.root))
 
@@ -144,7 +144,7 @@ class S3Store:
                 await self._ensure_bucket()
             await self._client.put_object(
                 Bucket=self._s.s3_bucket, Key=key, Body=data, Metadata={"rows": str(rows)},
-                ContentType="application/x-ndjson", ContentEncoding="gzip",
+                ContentType="application/x-ndjson", ContentEncoding=content_encoding(key),
             )  # fmt: skip
         except Exception as e:
             raise ArchiveError(f"S3 at {self._s.s3_endpoint}: {e}") from e
