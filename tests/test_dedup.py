@@ -23,6 +23,7 @@ from meterflow.ingest.dedup import (
     open_dedup,
 )
 from meterflow.ingest.service import IngestResult, IngestService, Unavailable, hour_runs
+from meterflow.ingest.stream import STREAM, EventStream
 from meterflow.metrics import Metrics
 from meterflow.storage.embedded import EmbeddedStorage
 
@@ -201,6 +202,75 @@ def test_warm_up_reads_bounded_runs_of_hours() -> None:
     assert runs == [(10 * hour, 12 * hour), (13 * hour, 21 * hour)]
     assert list(hour_runs([{"h": 1, "n": 500}], 60)) == [(hour, 2 * hour)]  # one hour may hold more
     assert list(hour_runs([], 60)) == []
+
+
+async def test_concurrent_reservations_share_one_connection_and_each_gets_its_own_verdict(
+    redis_server: Redis,
+) -> None:
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url, flush_timeout_s=60))
+    await d.start()
+    batches = [batch(3, seed=100 + i) for i in range(40)]
+    flushes = [flush() for _ in batches]
+    first = await asyncio.gather(*(d.reserve(b, f) for b, f in zip(batches, flushes, strict=True)))
+    assert [r.accepted for r in first] == [3] * 40
+    for f in flushes[::2]:
+        await d.commit(f)
+    # At once: the same ids again (committed: duplicates; not committed: in flight) and new ones.
+    again = [batches[i] if i % 3 else batch(3, seed=300 + i) for i in range(40)]
+    second = await asyncio.gather(*(d.reserve(b, flush()) for b in again))
+    for i, r in enumerate(second):
+        expected = (0, 0, [0, 1, 2]) if i % 3 and i % 2 else (0, 3, []) if i % 3 else (3, 0, [])
+        assert (r.accepted, r.duplicates, r.in_flight) == expected, i
+    clients = await d.redis.client_list()
+    assert len([c for c in clients if c["cmd"] == "echo"]) == 1  # 80 reservations, one connection
+    await d.close()
+
+
+async def test_a_lost_connection_fails_the_waiting_reservations_and_the_next_one_reconnects(
+    redis_server: Redis,
+) -> None:
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url))
+    await d.start()
+    assert (await d.reserve(batch(1, seed=400), flush())).accepted == 1
+    await d.redis.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+    try:
+        waiting = asyncio.ensure_future(d.reserve(batch(1, seed=401), flush()))
+
+        async def held() -> bool:
+            return int((await d.redis.info("clients"))["blocked_clients"]) == 1
+
+        await until(held, "the reservation held by the paused server")
+        await d.redis.client_kill_filter(_type="normal", skipme=True)
+        with pytest.raises(DedupUnavailable):
+            await asyncio.wait_for(waiting, 10)
+    finally:
+        await d.redis.execute_command("CLIENT", "UNPAUSE")
+    assert (await d.reserve(batch(1, seed=402), flush())).accepted == 1  # a new connection
+    await d.close()
+
+
+async def test_a_queued_reservation_tells_the_stream_length_so_the_api_reads_none(redis_server: Redis) -> None:
+    """Async mode: the reservation's own reply carries the stream's length, the API's backpressure."""
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url))
+    await d.start()
+    first = await d.reserve_queued(batch(5, seed=7), new_flush_id(), STREAM)
+    second = await d.reserve_queued(batch(5, seed=8), new_flush_id(), STREAM)
+    assert (first.stream_length, second.stream_length) == (1, 2)
+    again = await d.reserve_queued(batch(5, seed=8), new_flush_id(), STREAM)  # duplicates still queue an entry
+    assert again.duplicates == 5 and again.stream_length == 3
+    stream = EventStream(d.redis, max_entries=10)
+
+    async def xlen_calls() -> int:
+        return int((await d.redis.info("commandstats")).get("cmdstat_xlen", {}).get("calls", 0))
+
+    calls = await xlen_calls()
+    stream.seen(3)
+    assert await stream.length() == 3
+    assert await xlen_calls() == calls  # answered from the reply, no XLEN
+    await d.close()
 
 
 async def test_ids_of_a_queued_flush_are_never_taken_over(redis_server: Redis) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from services import Redis
 
-from meterflow.auth.ratelimit import LeasedRateLimiter, RedisRateLimiter, lease_size
+from meterflow.auth.ratelimit import RENEW_SHARE, LeasedRateLimiter, RedisRateLimiter, Verdict, lease_size
 
 
 def test_lease_size_is_one_for_small_limits() -> None:
@@ -17,22 +20,82 @@ def test_lease_size_is_one_for_small_limits() -> None:
     assert lease_size(1_000_000, 50) == 5  # a tenth of the burst at most
 
 
+class CountingLimiter(RedisRateLimiter):
+    """The real Redis limiter, counting its round trips."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.calls = 0
+
+    async def check(self, bucket: str, rate: int, burst: int, cost: int = 1) -> Verdict:
+        self.calls += 1
+        return await super().check(bucket, rate, burst, cost)
+
+
+def answered_without_waiting(check: Coroutine[Any, Any, Verdict]) -> Verdict:
+    """The verdict of a check that completes without suspending once (no await of Redis)."""
+    try:
+        check.send(None)
+    except StopIteration as done:
+        return cast(Verdict, done.value)
+    check.close()
+    raise AssertionError("the check waited for something")
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], deadline_s: float = 10.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 async def test_checks_within_a_lease_do_not_touch_the_shared_bucket(redis_server: Redis) -> None:
     limiter = LeasedRateLimiter(RedisRateLimiter(redis_server.url))
     raw = aioredis.from_url(redis_server.url)
     try:
-        first = await limiter.check("lease-a", 10_000, 10_000, 1)  # takes 1 + a lease of 100
+        first = await limiter.check("lease-a", 10_000, 10_000, 1)  # takes a lease of 100, spends 1
         assert first.allowed
         tat = await raw.get("rl:lease-a")
         assert tat is not None
-        for _ in range(100):
-            assert (await limiter.check("lease-a", 10_000, 10_000, 1)).allowed
+        # Until three quarters of the lease are spent, no check asks Redis, nor starts a renewal.
+        renew_from = int(100 * RENEW_SHARE)
+        for _ in range(renew_from - 1):
+            assert answered_without_waiting(limiter.check("lease-a", 10_000, 10_000, 1)).allowed
         assert await raw.get("rl:lease-a") == tat  # answered from the lease
-        assert (await limiter.check("lease-a", 10_000, 10_000, 1)).allowed  # the lease is used up: a new one
-        assert await raw.get("rl:lease-a") != tat
+        # The check past that point is still answered at once; the renewal goes in the background.
+        assert answered_without_waiting(limiter.check("lease-a", 10_000, 10_000, 1)).allowed
+
+        async def renewed() -> bool:
+            return await raw.get("rl:lease-a") != tat
+
+        await wait_until(renewed)
+        for _ in range(100):  # the renewed lease answers, again without a round trip
+            assert answered_without_waiting(limiter.check("lease-a", 10_000, 10_000, 1)).allowed
     finally:
         await limiter.close()
         await raw.aclose()
+
+
+async def test_checks_that_find_no_lease_share_one_round_trip(redis_server: Redis) -> None:
+    shared = CountingLimiter(redis_server.url)
+    limiter = LeasedRateLimiter(shared)
+    try:
+        verdicts = await asyncio.gather(*(limiter.check("lease-c", 100_000, 100_000, 1) for _ in range(200)))
+        assert all(v.allowed for v in verdicts)
+        assert shared.calls == 1  # one lease of 1000 for all 200 checks, not 200 round trips
+    finally:
+        await limiter.close()
+
+
+async def test_a_cost_larger_than_a_lease_is_checked_exactly(redis_server: Redis) -> None:
+    shared = CountingLimiter(redis_server.url)
+    limiter = LeasedRateLimiter(shared)
+    try:
+        assert (await limiter.check("lease-d", 100_000, 100_000, 5000)).allowed  # a lease is 1000
+        assert shared.calls == 1
+        assert not (await limiter.check("lease-d", 100_000, 100_000, 200_000)).allowed  # over the burst
+    finally:
+        await limiter.close()
 
 
 async def test_a_leased_limit_is_never_looser(redis_server: Redis) -> None:

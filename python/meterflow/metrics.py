@@ -91,8 +91,10 @@ class Metrics:
         h.observe(seconds)
 
     def inc(self, name: str, n: float = 1, **labels: str) -> None:
-        self._counters[(name, tuple(sorted(labels.items())))] += n
-        if name in PER_MINUTE and n:
+        # Called several times per request: no sorting for the common single label.
+        key = (name, tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items()))
+        self._counters[key] += n
+        if n and name in PER_MINUTE:
             minute = int(self._clock() // 60)
             row = self._minutes.get(minute)
             if row is None:

@@ -6,12 +6,16 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from meterflow import config
 from meterflow.api import errors
@@ -50,6 +54,7 @@ from meterflow.runtime import running
 from meterflow.storage import StorageError
 
 log = logging.getLogger("meterflow.app")
+INGEST_PATH = "/v1/events"
 
 
 def create_app(settings: config.Settings | None = None) -> Starlette:
@@ -67,7 +72,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
 
     # Every route but /health and /ready needs a key with the named scope (or admin).
     routes = [
-        Route("/v1/events", requires("ingest", post_events), methods=["POST"]),
+        Route(INGEST_PATH, requires("ingest", post_events), methods=["POST"]),
         Route("/v1/events", requires("read", get_events), methods=["GET"]),
         Route("/v1/events/lag", requires("read", events_lag), methods=["GET"]),
         Route("/v1/meters", requires("read", list_meters), methods=["GET"]),
@@ -143,8 +148,38 @@ async def bootstrap_admin_key(settings: config.Settings, keys: KeyStore) -> None
     print(f"meterflow: first start: admin API key {secret} (also saved to {path})", file=sys.stderr, flush=True)
 
 
-def app_factory() -> Starlette:
+class IngestFastPath:
+    """ASGI: `POST /v1/events`, the hot path (one request per event at batch 1), goes
+    straight to the endpoint its route holds (key, scope and rate checks included)
+    and to the app's own error handlers, past Starlette's routing and middleware
+    layers; every other request goes to the Starlette app. Same answers, less
+    work per request."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.endpoint = next(
+            r.endpoint for r in app.routes
+            if isinstance(r, Route) and r.path == INGEST_PATH and "POST" in (r.methods or ())
+        )  # fmt: skip
+        self.handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = app.exception_handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != INGEST_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        scope["app"] = self.app  # where the routes find the runtime, as Starlette sets it
+        request = Request(scope, receive, send)
+        try:
+            response = await self.endpoint(request)
+        except Exception as exc:
+            # The handler of the nearest class, as Starlette's middleware picks it (Exception: 500).
+            handler = next(self.handlers[c] for c in type(exc).__mro__ if c in self.handlers)
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+
+def app_factory() -> IngestFastPath:
     """Granian's entry point in each worker: settings come from the environment."""
     settings = config.load()
     setup_logging(settings)
-    return create_app(settings)
+    return IngestFastPath(create_app(settings))

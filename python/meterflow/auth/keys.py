@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import string
 import time
@@ -55,13 +56,13 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+KEY_RE = re.compile(f"mf_([A-Za-z0-9]{{{ID_LEN}}})([A-Za-z0-9]{{{SECRET_LEN}}})")
+
+
 def split_key(raw: str) -> tuple[str, str] | None:
-    if not raw.startswith("mf_") or len(raw) != 3 + ID_LEN + SECRET_LEN:
-        return None
-    body = raw[3:]
-    if not all(c in ALPHABET for c in body):
-        return None
-    return body[:ID_LEN], body[ID_LEN:]
+    """(key id, secret) of a well-formed key, else None (one regex match: it runs on every request)."""
+    m = KEY_RE.fullmatch(raw)
+    return (m[1], m[2]) if m else None
 
 
 def new_key() -> tuple[str, str, str]:
@@ -90,7 +91,10 @@ class KeyStore:
         self._cache: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._misses: OrderedDict[str, float] = OrderedDict()
         self._last_used_written: dict[str, float] = {}
-        self._static = split_key(static_admin_key) if static_admin_key else None
+        static = split_key(static_admin_key) if static_admin_key else None
+        # The static admin key's id and the hash of its secret, computed once.
+        self._static = (static[0], digest(static[1])) if static else None
+        self._static_admin = Principal(key_id=static[0] if static else "", scope="admin")
 
     async def create(self, scope: str, name: str = "", customer_id: str | None = None,
                      rate_limits: dict[str, int] | None = None) -> tuple[dict[str, Any], str]:  # fmt: skip
@@ -148,14 +152,11 @@ class KeyStore:
         if parts is None:
             return None
         key_id, secret = parts
-        if (
-            self._static is not None
-            and hmac.compare_digest(digest(secret), digest(self._static[1]))
-            and key_id == self._static[0]
-        ):
-            return Principal(key_id=key_id, scope="admin")
+        hashed = digest(secret)
+        if self._static is not None and hmac.compare_digest(hashed, self._static[1]) and key_id == self._static[0]:
+            return self._static_admin
         doc = await self._lookup(key_id)
-        if doc is None or not hmac.compare_digest(str(doc["hash"]), digest(secret)):
+        if doc is None or not hmac.compare_digest(str(doc["hash"]), hashed):
             return None
         await self._touch(doc)
         return Principal(key_id=key_id, scope=doc["scope"], customer_id=doc.get("customer_id"),

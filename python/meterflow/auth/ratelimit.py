@@ -7,6 +7,7 @@ In-process: the same arithmetic for the embedded mode's single worker.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -153,6 +154,9 @@ class RedisRateLimiter:
 LEASE_RATE_SHARE = 100
 LEASE_BURST_SHARE = 10
 LEASE_S = 1.0
+# A lease in use is renewed in the background once this share of its time or of its tokens is gone,
+# so that a busy bucket's checks never wait for Redis.
+RENEW_SHARE = 0.75
 
 
 def lease_size(rate: int, burst: int) -> int:
@@ -165,47 +169,90 @@ class Lease:
     tokens: int
     expires: float
     remaining: int  # the shared bucket's remaining tokens when the lease was taken
+    renew_below: int  # tokens left that start a renewal
+    renew_at: float  # time that starts a renewal
     spent: int = 0
 
 
 class LeasedRateLimiter:
     """Large limits answered from a local lease, without a round trip: one shared
-    check takes `cost + lease` tokens, and this worker's next checks of the bucket
-    spend the lease until it is used up or a second old. Unspent tokens expire
-    counted as spent, so a limit is at most one lease per worker per second
-    stricter, never looser. Small limits (a lease of 1) ask Redis every time."""
+    check takes a lease of tokens, and this worker's checks of the bucket spend it
+    until it is used up or a second old. Checks that find no lease share one
+    round trip per bucket and worker, and a lease in use is renewed ahead, in the
+    background, so a busy bucket's checks never wait for Redis.
+    Unspent tokens of a replaced or expired lease are counted as spent, so a limit
+    is at most two leases per worker per second stricter, never looser. Small
+    limits (a lease of 1) ask Redis every time."""
 
     def __init__(self, shared: RedisRateLimiter) -> None:
         self.shared = shared
         self.name = shared.name
         self._leases: dict[str, Lease] = {}
+        self._renewing: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
         await self.shared.start()
 
     async def close(self) -> None:
+        renewing = list(self._renewing.values())
+        for task in renewing:
+            task.cancel()
+        await asyncio.gather(*renewing, return_exceptions=True)
         await self.shared.close()
 
     async def ping(self) -> None:
         await self.shared.ping()
 
+    def _spend(self, bucket: str, rate: int, burst: int, size: int, cost: int) -> Verdict | None:
+        """A verdict from the local lease, without any await; None when it cannot answer."""
+        lease = self._leases.get(bucket)
+        if lease is None:
+            return None
+        now = time.monotonic()
+        if lease.tokens < cost or now >= lease.expires:
+            return None
+        lease.tokens -= cost
+        lease.spent += cost
+        if (lease.tokens < lease.renew_below or now >= lease.renew_at) and bucket not in self._renewing:
+            self._renew(bucket, rate, burst, size)
+        return Verdict(True, burst, max(0, lease.remaining - lease.spent), 0.0, lease.expires - now)
+
+    def _renew(self, bucket: str, rate: int, burst: int, size: int) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._take_lease(bucket, rate, burst, size))
+        self._renewing[bucket] = task
+        task.add_done_callback(lambda t: self._renewing.pop(bucket, None) if self._renewing.get(bucket) is t else None)
+        return task
+
+    async def _take_lease(self, bucket: str, rate: int, burst: int, size: int) -> None:
+        """One shared check for a whole lease; no lease when the bucket has no room (or Redis is away)."""
+        try:
+            verdict = await self.shared.check(bucket, rate, burst, size)
+        except RateLimitUnavailable:
+            return  # the waiting checks ask Redis themselves, and fail open there
+        if verdict.allowed:
+            self._keep(bucket, size, verdict.remaining)
+
+    def _keep(self, bucket: str, size: int, remaining: int) -> None:
+        now = time.monotonic()
+        if len(self._leases) > 100_000:  # forget expired leases
+            self._leases = {k: v for k, v in self._leases.items() if v.expires > now}
+        below = int(size * (1 - RENEW_SHARE))
+        self._leases[bucket] = Lease(size, now + LEASE_S, remaining, below, now + LEASE_S * RENEW_SHARE)
+
     async def check(self, bucket: str, rate: int, burst: int, cost: int = 1) -> Verdict:
         size = lease_size(rate, burst)
         if size == 1:
             return await self.shared.check(bucket, rate, burst, cost)
-        now = time.monotonic()
-        lease = self._leases.get(bucket)
-        if lease is not None and lease.tokens >= cost and now < lease.expires:
-            lease.tokens -= cost
-            lease.spent += cost
-            return Verdict(True, burst, max(0, lease.remaining - lease.spent), 0.0, lease.expires - now)
-        verdict = await self.shared.check(bucket, rate, burst, cost + size)
-        if verdict.allowed:
-            if len(self._leases) > 100_000:  # forget expired leases
-                self._leases = {k: v for k, v in self._leases.items() if v.expires > now}
-            self._leases[bucket] = Lease(size, now + LEASE_S, verdict.remaining)
+        verdict = self._spend(bucket, rate, burst, size, cost)
+        if verdict is not None:
             return verdict
-        # No room for a lease: the exact check decides.
+        if cost <= size:
+            # One round trip per bucket and worker: the checks that find no lease share it.
+            await asyncio.shield(self._renewing.get(bucket) or self._renew(bucket, rate, burst, size))
+            verdict = self._spend(bucket, rate, burst, size, cost)
+            if verdict is not None:
+                return verdict
+        # No room for a lease (or a cost larger than one): the exact check decides.
         return await self.shared.check(bucket, rate, burst, cost)
 
 

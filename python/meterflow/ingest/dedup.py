@@ -13,9 +13,10 @@ import asyncio
 import itertools
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
@@ -60,6 +61,7 @@ class Reservation:
     in_flight: list[int] = field(default_factory=list)  # valid-event indexes
     # (valid-event index, differing fields as bits: 1 event_type, 2 timestamp, 4 properties)
     conflicts: list[tuple[int, int]] = field(default_factory=list)
+    stream_length: int | None = None  # async mode: the stream's entries right after this batch's
 
 
 class Dedup(Protocol):
@@ -195,15 +197,100 @@ return n
 """
 
 
-class _RespConnection:
-    """A raw connection for the reservation pipeline: one write, replies parsed in Rust."""
+# A reply that has not come within this long fails the requests waiting on the connection.
+REPLY_TIMEOUT_S = 5.0
+
+
+class _Multiplexed:
+    """One Redis connection that carries the reservations of every concurrent
+    request of a worker: what the requests of one event-loop turn send goes in
+    one write, and one read serves many of them. Redis answers a connection's
+    commands in order; each request's commands end with an ECHO of a marker of
+    its own, so its replies are the bytes up to that marker's reply."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+        self._reader = reader
+        self._writer = writer
+        self._out: list[bytes] = []
+        # Per request in the order sent: its marker's reply, its parser, its future, when it was sent.
+        self._waiting: deque[tuple[bytes, Callable[[bytes], Any], asyncio.Future[Any], float]] = deque()
+        self._seq = itertools.count()
+        self._loop = asyncio.get_running_loop()
+        self._reading = self._loop.create_task(self._read())
+        self.closed = False
 
-    def close(self) -> None:
-        self.writer.close()
+    def send(self, data: bytes, parse: Callable[[bytes], T | None]) -> asyncio.Future[T]:
+        """The parsed replies to `data` (commands whose replies `parse` reads whole)."""
+        marker = b"mf:%d" % next(self._seq)  # a reply to a reservation never holds ':'
+        done: asyncio.Future[T] = self._loop.create_future()
+        self._waiting.append((b"$%d\r\n%s\r\n" % (len(marker), marker), parse, done, time.monotonic()))
+        if not self._out:
+            self._loop.call_soon(self._write)
+        self._out.append(data + b"*2\r\n$4\r\nECHO\r\n$%d\r\n%s\r\n" % (len(marker), marker))
+        return done
+
+    def _write(self) -> None:
+        if self.closed:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        self._writer.write(data)
+
+    async def _read(self) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(1.0):
+                        chunk = await self._reader.read(1 << 16)
+                except TimeoutError:
+                    if self._waiting and time.monotonic() - self._waiting[0][3] > REPLY_TIMEOUT_S:
+                        raise ConnectionError(f"Redis did not answer within {REPLY_TIMEOUT_S:g} s") from None
+                    continue
+                if not chunk:
+                    raise ConnectionError("Redis closed the connection")
+                buf += chunk
+                while self._waiting:
+                    end, parse, done, _ = self._waiting[0]
+                    at = buf.find(end)
+                    if at < 0:
+                        break
+                    self._waiting.popleft()
+                    replies = bytes(buf[:at])
+                    del buf[: at + len(end)]
+                    if done.done():
+                        continue  # its request was cancelled; the replies are read all the same
+                    try:
+                        taken = parse(replies)
+                    except Exception as e:  # the request's own error (a refused command)
+                        done.set_exception(e)
+                        continue
+                    if taken is None:
+                        done.set_exception(ConnectionError("Redis sent a truncated reply"))
+                    else:
+                        done.set_result(taken)
+        except asyncio.CancelledError:
+            self.close(ConnectionError("the dedup store is closing"))
+            raise
+        except Exception as e:  # a broken connection, or replies out of step: no request may wait forever
+            self.close(e)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Closes the connection; every request still waiting fails with `error`."""
+        if self.closed:
+            return
+        self.closed = True
+        self._writer.close()
+        failure = error or ConnectionError("the dedup store is closing")
+        while self._waiting:
+            done = self._waiting.popleft()[2]
+            if not done.done():
+                done.set_exception(ConnectionError(str(failure)))
+        if asyncio.current_task() is not self._reading:
+            self._reading.cancel()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._reading, return_exceptions=True)
 
 
 class RedisDedup:
@@ -217,7 +304,8 @@ class RedisDedup:
         self._window = settings.dedup_window_s
         self._flush_timeout_ms = settings.flush_timeout_s * 1000
         self._redis: aioredis.Redis | None = None
-        self._idle: list[_RespConnection] = []
+        self._conn: _Multiplexed | None = None
+        self._connecting: asyncio.Task[_Multiplexed] | None = None
         u = urlparse(settings.redis_url)
         self._host = u.hostname or "127.0.0.1"
         self._port = u.port or 6379
@@ -237,9 +325,10 @@ class RedisDedup:
         self._release = self._redis.register_script(_RELEASE)
 
     async def close(self) -> None:
-        for c in self._idle:
-            c.close()
-        self._idle.clear()
+        if self._conn is not None:
+            self._conn.close()
+            await self._conn.wait_closed()
+            self._conn = None
         if self._redis is not None:
             await self._redis.aclose()
 
@@ -249,9 +338,8 @@ class RedisDedup:
         except (RedisError, OSError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
-    async def _connect(self) -> _RespConnection:
+    async def _connect(self) -> _Multiplexed:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), 3)
-        conn = _RespConnection(reader, writer)
         hello = b""
         if self._password is not None:
             args = [b"AUTH"] + ([self._username.encode()] if self._username else []) + [self._password.encode()]
@@ -264,29 +352,23 @@ class RedisDedup:
             for _ in range(expected):
                 line = await asyncio.wait_for(reader.readline(), 3)
                 if not line.startswith(b"+"):
-                    conn.close()
+                    writer.close()
                     raise DedupUnavailable(f"Redis refused the connection: {line.decode(errors='replace').strip()}")
-        return conn
+        return _Multiplexed(reader, writer)
 
     async def _pipeline(self, data: bytes, parse: Callable[[bytes], T | None]) -> T:
-        conn = self._idle.pop() if self._idle else await self._connect()
-        try:
-            conn.writer.write(data)
-            await conn.writer.drain()
-            buf = b""
-            while True:
-                chunk = await asyncio.wait_for(conn.reader.read(1 << 16), 5)
-                if not chunk:
-                    raise ConnectionError("Redis closed the connection")
-                buf += chunk
-                taken = parse(buf)
-                if taken is not None:
-                    break
-        except BaseException:
-            conn.close()
-            raise
-        self._idle.append(conn)
-        return taken
+        """Sends `data` on the worker's shared connection (connected once, by the first request that needs it)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            if self._connecting is None:
+                self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            connecting = self._connecting
+            try:
+                conn = self._conn = await asyncio.shield(connecting)
+            finally:
+                if self._connecting is connecting and connecting.done():
+                    self._connecting = None
+        return await conn.send(data, parse)
 
     async def reserve(self, batch: Batch, flush_id: str) -> Reservation:
         n = len(batch)
@@ -305,18 +387,22 @@ class RedisDedup:
     async def reserve_queued(self, batch: Batch, flush_id: str, stream: str) -> Reservation:
         """Async mode: in one transaction (one round trip, one AOF record) the
         flush's queued marker, its stream entry (every valid event; the worker
-        keeps those whose key this flush holds) and the reservations."""
+        keeps those whose key this flush holds), the stream's length after it
+        (`Reservation.stream_length`, the API's backpressure) and the reservations."""
         n = len(batch)
         window = str(self._window).encode()
         head = (
             _resp([b"MULTI"])
             + _resp([b"SET", (QUEUED_PREFIX + flush_id).encode(), b"1", b"EX", window])
             + _resp([b"XADD", stream.encode(), b"*", b"f", flush_id.encode(), b"e", batch.archive_lines()])
+            + _resp([b"XLEN", stream.encode()])
         )
         data = head + batch.redis_reserve(KEY_PREFIX, flush_id, self._window) + _resp([b"EXEC"])
-        prefix = b"+OK\r\n" + b"+QUEUED\r\n" * (n + 2) + b"*%d\r\n+OK\r\n" % (n + 2)
+        prefix = b"+OK\r\n" + b"+QUEUED\r\n" * (n + 3) + b"*%d\r\n+OK\r\n" % (n + 3)
+        length = 0
 
         def parse(buf: bytes) -> list[tuple[int, bytes, int]] | None:
+            nonlocal length
             m = min(len(buf), len(prefix))
             if buf[:m] != prefix[:m]:
                 error = next((ln for ln in buf.split(b"\r\n") if ln.startswith(b"-")), b"an unexpected reply")
@@ -329,20 +415,24 @@ class RedisDedup:
                 return None
             size = int(rest[1:end])
             start = end + 2 + size + 2
-            if len(rest) < start:
+            end = rest.find(b"\r\n", start)  # the XLEN's `:<entries>`
+            if end < 0:
                 return None
-            return batch.reserve_replies(rest[start:])
+            length = int(rest[start + 1 : end])
+            return batch.reserve_replies(rest[end + 2 :])
 
         try:
             taken = await self._pipeline(data, parse)
         except (OSError, ConnectionError, TimeoutError, ReplyError, ValueError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
         if not taken:
-            return Reservation(keep=None, accepted=n, duplicates=0)
+            return Reservation(keep=None, accepted=n, duplicates=0, stream_length=length)
         try:
-            return await self._resolve(batch, flush_id, n, taken, stream)
+            res = await self._resolve(batch, flush_id, n, taken, stream)
         except (RedisError, OSError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
+        res.stream_length = length
+        return res
 
     async def _resolve(
         self, batch: Batch, flush_id: str, n: int, taken: list[tuple[int, bytes, int]], stream: str
@@ -401,9 +491,11 @@ class RedisDedup:
         )
 
     async def commit(self, flush_id: str) -> None:
+        """The commit record, on the reservations' connection: it goes in the same write as theirs."""
+        data = _resp([b"SET", (FLUSH_PREFIX + flush_id).encode(), b"committed", b"EX", str(self._window).encode()])
         try:
-            await self.redis.set(FLUSH_PREFIX + flush_id, b"committed", ex=self._window)
-        except (RedisError, OSError) as e:
+            await self._pipeline(data, _ok)
+        except (OSError, ConnectionError, TimeoutError, ReplyError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
     async def release(self, flush_id: str, keys: list[str]) -> None:
@@ -416,6 +508,12 @@ class RedisDedup:
 
     async def warm(self, batch: Batch) -> None:
         return None  # Redis keeps its own state across restarts
+
+
+def _ok(replies: bytes) -> bool:
+    if replies != b"+OK\r\n":
+        raise ReplyError(f"Redis refused the commit record: {replies[:200].decode(errors='replace').strip()}")
+    return True
 
 
 def _resp(args: list[bytes]) -> bytes:

@@ -229,7 +229,8 @@ class IngestService:
         return res
 
     async def _queue(self, batch: Batch) -> Reservation:
-        """Async mode: refuse past the stream's bound, else reserve and queue in one round trip."""
+        """Async mode: refuse past the stream's bound (known from the previous reply, so
+        under load without a round trip of its own), else reserve and queue in one round trip."""
         stream, dedup = self.stream, self.dedup
         assert stream is not None and isinstance(dedup, RedisDedup)
         try:
@@ -242,7 +243,8 @@ class IngestService:
             t0 = time.perf_counter()
             res = await dedup.reserve_queued(batch, new_flush_id(), STREAM)
             self.metrics.stage("dedup", time.perf_counter() - t0)
-            stream.queued()
+            if res.stream_length is not None:
+                stream.seen(res.stream_length)
             return res
         except DedupUnavailable as e:
             raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e

@@ -20,6 +20,8 @@ ATTEMPTS = "meterflow:events:attempts"
 WORKERS = "meterflow:workers:stats"
 # A worker's statistics older than this are dropped from the lag report.
 WORKER_STATS_TTL_MS = 3_600_000
+# The API's cached stream length is re-read when no reply refreshed it for this long.
+LENGTH_FRESH_S = 0.1
 
 
 def entry_ms(entry_id: bytes | str) -> int:
@@ -55,9 +57,10 @@ class EventStream:
         self._reading: asyncio.Task[None] | None = None
 
     async def length(self) -> int:
-        """Entries queued or being processed (workers delete what they acknowledge);
-        re-read at most every 100 ms, by one XLEN that concurrent requests share."""
-        if time.monotonic() - self._length_at > 0.1:
+        """Entries queued or being processed (workers delete what they acknowledge):
+        the length the last reservation's reply carried (`seen`), re-read by one XLEN
+        that concurrent requests share only when no reply brought it within 100 ms."""
+        if time.monotonic() - self._length_at > LENGTH_FRESH_S:
             if self._reading is None or self._reading.done():
                 self._reading = asyncio.get_running_loop().create_task(self._read_length())
             await asyncio.shield(self._reading)
@@ -70,9 +73,10 @@ class EventStream:
             raise DedupUnavailable(f"Redis: {e}") from e
         self._length_at = time.monotonic()
 
-    def queued(self) -> None:
-        """Counts an entry this process just queued into the cached length."""
-        self._length += 1
+    def seen(self, length: int) -> None:
+        """The stream's length as a queued reservation's own reply told it."""
+        self._length = length
+        self._length_at = time.monotonic()
 
     async def lag(self) -> Lag:
         now = time.time_ns() // 1_000_000
