@@ -111,3 +111,14 @@ def test_new_objects_are_zstd_and_smaller_than_gzip() -> None:
 def test_a_body_neither_zstd_nor_gzip_is_an_archive_error(body: bytes) -> None:
     with pytest.raises(ArchiveError):
         decompress(body)
+
+
+def test_a_torn_zstd_object_is_an_archive_error() -> None:
+    """An object cut short (a torn upload, a truncated copy) never reads as fewer rows."""
+    lines = b"".join(b'{"transaction_id":"t%d","customer_id":"c","event_type":"api"}\n' % i for i in range(1000))
+    body = compress(lines)
+    joined = body + compress(b'{"transaction_id":"x"}\n')
+    assert decompress(joined)[-1] == b'{"transaction_id":"x"}'  # joined frames still read
+    for cut in (5, 12, len(body) // 3, len(body) // 2, len(body) - 1, len(body) + 5, len(joined) - 1):
+        with pytest.raises(ArchiveError, match="torn"):
+            decompress(joined[:cut])

@@ -13,12 +13,14 @@ from meterflow import samples
 from meterflow.config import Settings
 from meterflow.ingest.core import Batch, decode_batch
 from meterflow.ingest.dedup import (
+    FLUSH_PREFIX,
     KEY_PREFIX,
     QUEUED_PREFIX,
     Dedup,
     DedupUnavailable,
     RedisDedup,
     Reservation,
+    _Multiplexed,
     new_flush_id,
     open_dedup,
 )
@@ -333,3 +335,97 @@ async def test_a_request_failing_while_reserving_leaves_its_flush_uncommitted(
     await until(retried, "the failed request's ids taken over", 10, every=0.2)
     await plain.close()
     await lossy.close()
+
+
+PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+def _pong(replies: bytes) -> bytes:
+    return replies
+
+
+async def test_a_request_on_a_closed_connection_fails_at_once(redis_server: Redis) -> None:
+    """Nobody reads a closed connection: a request sent on it would wait forever."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+    conn = _Multiplexed(reader, writer)
+    assert await asyncio.wait_for(conn.send(PING, _pong), 10) == b"+PONG\r\n"
+    conn.close()
+    await conn.wait_closed()
+    sent = conn.send(PING, _pong)
+    assert sent.done()
+    with pytest.raises(ConnectionError):
+        sent.result()
+
+
+async def test_a_finished_connect_is_never_handed_out_again(redis_server: Redis) -> None:
+    """A connect that finished (its waiters gone) and whose connection closed since: the next request connects anew."""
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url))
+    await d.start()
+    assert (await d.reserve(batch(1, seed=500), flush())).accepted == 1
+    old = d._conn
+    assert old is not None
+    old.close()
+    await old.wait_closed()
+
+    async def connected() -> _Multiplexed:
+        return old
+
+    d._conn, d._connecting = None, asyncio.ensure_future(connected())
+    await asyncio.wait_for(asyncio.shield(d._connecting), 10)
+    r = await asyncio.wait_for(d.reserve(batch(1, seed=501), flush()), 10)
+    assert r.accepted == 1
+    assert d._conn is not old and not d._conn.closed
+    await d.close()
+
+
+class _Panic(BaseException):
+    """What a Rust panic in a parser raises (pyo3's PanicException is a BaseException)."""
+
+
+def _panics(replies: bytes) -> bytes:
+    raise _Panic("parser panicked")
+
+
+async def test_a_parser_raising_past_exception_closes_the_connection_and_fails_its_requests(
+    redis_server: Redis,
+) -> None:
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url))
+    await d.start()
+    assert (await d.reserve(batch(1, seed=510), flush())).accepted == 1
+    conn = d._conn
+    assert conn is not None
+    panicking, behind = conn.send(PING, _panics), conn.send(PING, _pong)
+    for sent in (panicking, behind):
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(sent, 10)
+    assert conn.closed
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(conn.send(PING, _pong), 10)  # nobody reads it any more
+    (ended,) = await asyncio.gather(conn._reading, return_exceptions=True)
+    assert isinstance(ended, _Panic)
+    assert (await asyncio.wait_for(d.reserve(batch(1, seed=511), flush()), 10)).accepted == 1  # a new connection
+    await d.close()
+
+
+async def test_a_commit_record_lost_with_its_connection_is_sent_again_on_a_new_one(redis_server: Redis) -> None:
+    flush_redis(redis_server)
+    d = RedisDedup(Settings(dedup="redis", redis_url=redis_server.url))
+    await d.start()
+    f = flush()
+    assert (await d.reserve(batch(1, seed=520), f)).accepted == 1
+    await d.redis.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+    try:
+        committing = asyncio.ensure_future(d.commit(f))
+
+        async def held() -> bool:
+            return int((await d.redis.info("clients"))["blocked_clients"]) == 1
+
+        await until(held, "the commit record held by the paused server")
+        await d.redis.client_kill_filter(_type="normal", skipme=True)  # the commit's connection is lost
+    finally:
+        await d.redis.execute_command("CLIENT", "UNPAUSE")
+    await asyncio.wait_for(committing, 10)
+    assert await d.redis.get(FLUSH_PREFIX + f) == b"committed"
+    await d.close()

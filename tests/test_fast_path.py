@@ -8,9 +8,12 @@ from typing import Any
 import httpx
 import orjson
 from services import TEST_ADMIN_KEY, Backend
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from meterflow import config, samples
+from meterflow.api import errors
 from meterflow.api.app import IngestFastPath, create_app
 from meterflow.config import Settings
 
@@ -77,3 +80,17 @@ async def test_other_routes_go_to_the_starlette_app(make_backend: Callable[[str]
             page = (await client.get("/v1/events", headers=KEY)).json()  # GET: the routed handler
             assert len(page["data"]) == 2
             assert (await client.get("/v1/events/nowhere", headers=KEY)).status_code == 404
+
+
+async def test_an_error_handler_that_fails_answers_internal_error_json(make_backend: Callable[[str], Backend]) -> None:
+    """As Starlette's ServerErrorMiddleware: the app's `Exception` handler answers, never a bare 500."""
+    app = create_app(settings_of(make_backend("full"), flush_max_wait_ms=5))
+
+    async def failing_handler(request: Request, exc: Exception) -> Response:
+        raise RuntimeError("the error handler failed")
+
+    app.exception_handlers[errors.ApiError] = failing_handler
+    async with app.router.lifespan_context(app):
+        ((label, status, (body, _, content_type)),) = await answers(IngestFastPath(app), ingest_requests()[2:3])
+    assert (label, status, content_type) == ("no key", 500, "application/json")
+    assert body["error"] == "internal_error"

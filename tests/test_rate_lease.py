@@ -62,6 +62,7 @@ async def test_checks_within_a_lease_do_not_touch_the_shared_bucket(redis_server
         for _ in range(renew_from - 1):
             assert answered_without_waiting(limiter.check("lease-a", 10_000, 10_000, 1)).allowed
         assert await raw.get("rl:lease-a") == tat  # answered from the lease
+        assert not limiter._renewing
         # The check past that point is still answered at once; the renewal goes in the background.
         assert answered_without_waiting(limiter.check("lease-a", 10_000, 10_000, 1)).allowed
 
@@ -113,3 +114,21 @@ async def test_a_leased_limit_is_never_looser(redis_server: Redis) -> None:
     finally:
         for w in workers:
             await w.close()
+
+
+async def test_a_renewal_keeps_the_tokens_left_in_the_lease_in_use(redis_server: Redis) -> None:
+    """The renewal is taken with a quarter of the lease left; those tokens are spent, not thrown away:
+    N allowed checks cost N / lease round trips."""
+    shared = CountingLimiter(redis_server.url)
+    limiter = LeasedRateLimiter(shared)
+    rate = burst = 100_000  # a lease of 1000 tokens
+    size, n = lease_size(rate, burst), 10_000
+    try:
+        for _ in range(n):
+            assert (await limiter.check("lease-e", rate, burst, 1)).allowed
+            renewing = limiter._renewing.get("lease-e")
+            if renewing is not None:
+                await asyncio.wait_for(asyncio.shield(renewing), 10)  # Redis answers before the lease runs out
+        assert shared.calls <= n // size + 1  # each lease spent whole, not three quarters of it
+    finally:
+        await limiter.close()

@@ -172,10 +172,21 @@ class IngestFastPath:
         try:
             response = await self.endpoint(request)
         except Exception as exc:
-            # The handler of the nearest class, as Starlette's middleware picks it (Exception: 500).
-            handler = next(self.handlers[c] for c in type(exc).__mro__ if c in self.handlers)
-            response = await handler(request, exc)
+            response = await self._error_response(request, exc)
         await response(scope, receive, send)
+
+    async def _error_response(self, request: Request, exc: Exception) -> Response:
+        # The handler of the nearest class, as Starlette's middleware picks it (Exception: 500).
+        handler = next(self.handlers[c] for c in type(exc).__mro__ if c in self.handlers)
+        last = self.handlers.get(Exception, errors.internal_error)
+        try:
+            return await handler(request, exc)
+        except Exception as failed:
+            if handler is last:
+                raise
+            # A handler that fails itself: the last resort answers (internal_error JSON), as
+            # Starlette's ServerErrorMiddleware does, never Granian's bare 500.
+            return await last(request, failed)
 
 
 def app_factory() -> IngestFastPath:

@@ -64,7 +64,7 @@ def decompress(data: bytes) -> list[bytes]:
     """The NDJSON lines of an object's body, zstd or gzip; ArchiveError if it is neither or torn."""
     try:
         if data.startswith(_ZSTD_MAGIC):
-            raw = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read()
+            raw = _zstd_frames(data)
         elif data.startswith(_GZIP_MAGIC):
             raw = gzip.decompress(data)
         else:
@@ -72,3 +72,18 @@ def decompress(data: bytes) -> list[bytes]:
     except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
         raise ArchiveError(f"an archive object is torn: {e}") from e
     return [line for line in raw.splitlines() if line]
+
+
+def _zstd_frames(data: bytes) -> bytes:
+    """Every frame of a zstd body, joined; ArchiveError unless each frame ends whole
+    (a stream reader would return a torn frame's first part without a word)."""
+    dctx = zstandard.ZstdDecompressor()
+    out: list[bytes] = []
+    rest = data
+    while rest:
+        frame = dctx.decompressobj()
+        out.append(frame.decompress(rest))
+        if not frame.eof:
+            raise ArchiveError("an archive object is torn: its last zstd frame ends early")
+        rest = frame.unused_data
+    return b"".join(out)

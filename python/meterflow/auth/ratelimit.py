@@ -172,6 +172,8 @@ class Lease:
     renew_below: int  # tokens left that start a renewal
     renew_at: float  # time that starts a renewal
     spent: int = 0
+    # A renewal taken while this lease was in use: it takes over once this one is used up or expired.
+    next: Lease | None = None
 
 
 class LeasedRateLimiter:
@@ -179,10 +181,12 @@ class LeasedRateLimiter:
     check takes a lease of tokens, and this worker's checks of the bucket spend it
     until it is used up or a second old. Checks that find no lease share one
     round trip per bucket and worker, and a lease in use is renewed ahead, in the
-    background, so a busy bucket's checks never wait for Redis.
-    Unspent tokens of a replaced or expired lease are counted as spent, so a limit
-    is at most two leases per worker per second stricter, never looser. Small
-    limits (a lease of 1) ask Redis every time."""
+    background, so a busy bucket's checks never wait for Redis. The renewal is held
+    as the next lease, spent once the current one is used up, so the tokens the
+    current one still has are not thrown away. A token is spent within a lease's
+    second of leaving the shared bucket or never: the unspent tokens of an expired
+    lease are counted as spent, so a limit is at most two leases per worker per
+    second stricter, never looser. Small limits (a lease of 1) ask Redis every time."""
 
     def __init__(self, shared: RedisRateLimiter) -> None:
         self.shared = shared
@@ -209,11 +213,14 @@ class LeasedRateLimiter:
         if lease is None:
             return None
         now = time.monotonic()
+        if (lease.tokens < cost or now >= lease.expires) and lease.next is not None:
+            lease = self._leases[bucket] = lease.next  # the renewal takes over
         if lease.tokens < cost or now >= lease.expires:
             return None
         lease.tokens -= cost
         lease.spent += cost
-        if (lease.tokens < lease.renew_below or now >= lease.renew_at) and bucket not in self._renewing:
+        renew = lease.next is None and (lease.tokens < lease.renew_below or now >= lease.renew_at)
+        if renew and bucket not in self._renewing:
             self._renew(bucket, rate, burst, size)
         return Verdict(True, burst, max(0, lease.remaining - lease.spent), 0.0, lease.expires - now)
 
@@ -237,7 +244,12 @@ class LeasedRateLimiter:
         if len(self._leases) > 100_000:  # forget expired leases
             self._leases = {k: v for k, v in self._leases.items() if v.expires > now}
         below = int(size * (1 - RENEW_SHARE))
-        self._leases[bucket] = Lease(size, now + LEASE_S, remaining, below, now + LEASE_S * RENEW_SHARE)
+        lease = Lease(size, now + LEASE_S, remaining, below, now + LEASE_S * RENEW_SHARE)
+        current = self._leases.get(bucket)
+        if current is not None and current.next is None and current.tokens > 0 and now < current.expires:
+            current.next = lease  # a renewal: the current lease's tokens are spent first, within their own second
+        else:
+            self._leases[bucket] = lease
 
     async def check(self, bucket: str, rate: int, burst: int, cost: int = 1) -> Verdict:
         size = lease_size(rate, burst)

@@ -220,9 +220,16 @@ class _Multiplexed:
         self.closed = False
 
     def send(self, data: bytes, parse: Callable[[bytes], T | None]) -> asyncio.Future[T]:
-        """The parsed replies to `data` (commands whose replies `parse` reads whole)."""
-        marker = b"mf:%d" % next(self._seq)  # a reply to a reservation never holds ':'
+        """The parsed replies to `data` (commands whose replies `parse` reads whole);
+        already failed with ConnectionError when the connection is closed (nobody reads it)."""
         done: asyncio.Future[T] = self._loop.create_future()
+        if self.closed:
+            done.set_exception(ConnectionError("the connection to Redis is closed"))
+            return done
+        # The reply looked for is the marker's whole bulk reply `$<len>\r\nmf:<n>\r\n`. Other replies hold
+        # ':' only as an integer reply's first byte (XLEN's `:<n>`), right after a CRLF, never after "mf";
+        # their bulk strings (flush ids, fingerprints, stream entry ids) never hold ':'.
+        marker = b"mf:%d" % next(self._seq)
         self._waiting.append((b"$%d\r\n%s\r\n" % (len(marker), marker), parse, done, time.monotonic()))
         if not self._out:
             self._loop.call_soon(self._write)
@@ -255,25 +262,21 @@ class _Multiplexed:
                     at = buf.find(end)
                     if at < 0:
                         break
-                    self._waiting.popleft()
                     replies = bytes(buf[:at])
                     del buf[: at + len(end)]
-                    if done.done():
-                        continue  # its request was cancelled; the replies are read all the same
-                    try:
-                        taken = parse(replies)
-                    except Exception as e:  # the request's own error (a refused command)
-                        done.set_exception(e)
-                        continue
-                    if taken is None:
-                        done.set_exception(ConnectionError("Redis sent a truncated reply"))
-                    else:
-                        done.set_result(taken)
+                    if not done.done():  # else its request was cancelled; the replies are read all the same
+                        _settle(done, parse, replies)
+                    # Taken off only now: a parser that raises past Exception leaves its request to close().
+                    self._waiting.popleft()
         except asyncio.CancelledError:
             self.close(ConnectionError("the dedup store is closing"))
             raise
         except Exception as e:  # a broken connection, or replies out of step: no request may wait forever
             self.close(e)
+        finally:
+            # Whatever ended the reader (a BaseException from a parser: a Rust panic), nobody reads the
+            # connection any more: it closes, its requests fail, and later ones go to a new connection.
+            self.close(ConnectionError("the connection's reader stopped"))
 
     def close(self, error: BaseException | None = None) -> None:
         """Closes the connection; every request still waiting fails with `error`."""
@@ -291,6 +294,19 @@ class _Multiplexed:
 
     async def wait_closed(self) -> None:
         await asyncio.gather(self._reading, return_exceptions=True)
+
+
+def _settle(done: asyncio.Future[Any], parse: Callable[[bytes], Any], replies: bytes) -> None:
+    """Gives a request its parsed replies, or its own error (a refused command)."""
+    try:
+        taken = parse(replies)
+    except Exception as e:
+        done.set_exception(e)
+        return
+    if taken is None:
+        done.set_exception(ConnectionError("Redis sent a truncated reply"))
+    else:
+        done.set_result(taken)
 
 
 class RedisDedup:
@@ -356,18 +372,31 @@ class RedisDedup:
                     raise DedupUnavailable(f"Redis refused the connection: {line.decode(errors='replace').strip()}")
         return _Multiplexed(reader, writer)
 
-    async def _pipeline(self, data: bytes, parse: Callable[[bytes], T | None]) -> T:
-        """Sends `data` on the worker's shared connection (connected once, by the first request that needs it)."""
+    async def _connection(self) -> _Multiplexed:
+        """The worker's shared connection, open when handed out (connected once, by the first request that needs it)."""
         conn = self._conn
-        if conn is None or conn.closed:
-            if self._connecting is None:
-                self._connecting = asyncio.get_running_loop().create_task(self._connect())
-            connecting = self._connecting
-            try:
-                conn = self._conn = await asyncio.shield(connecting)
-            finally:
-                if self._connecting is connecting and connecting.done():
-                    self._connecting = None
+        if conn is not None and not conn.closed:
+            return conn
+        connecting = self._connecting
+        if connecting is None or connecting.done():
+            # A finished connect is never handed out again: it failed, or its connection may have closed since.
+            if connecting is not None and not connecting.cancelled() and connecting.exception() is None:
+                connecting.result().close()  # open only if its waiters were cancelled: nobody uses it
+            connecting = self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        try:
+            conn = await asyncio.shield(connecting)
+        finally:
+            if self._connecting is connecting and connecting.done():
+                self._connecting = None
+        if self._conn is None or self._conn.closed:
+            self._conn = conn
+        return conn
+
+    async def _pipeline(self, data: bytes, parse: Callable[[bytes], T | None]) -> T:
+        """Sends `data` on the worker's shared connection."""
+        conn = await self._connection()
+        if conn.closed:  # the server hung up between the connect and now: connect once more
+            conn = await self._connection()
         return await conn.send(data, parse)
 
     async def reserve(self, batch: Batch, flush_id: str) -> Reservation:
@@ -491,10 +520,14 @@ class RedisDedup:
         )
 
     async def commit(self, flush_id: str) -> None:
-        """The commit record, on the reservations' connection: it goes in the same write as theirs."""
+        """The commit record, on the reservations' connection: it goes in the same write as theirs.
+        `SET … EX` is idempotent, so a lost connection is retried once, on a fresh one."""
         data = _resp([b"SET", (FLUSH_PREFIX + flush_id).encode(), b"committed", b"EX", str(self._window).encode()])
         try:
-            await self._pipeline(data, _ok)
+            try:
+                await self._pipeline(data, _ok)
+            except (ConnectionError, TimeoutError):
+                await self._pipeline(data, _ok)  # the failed connection is closed: this one is new
         except (OSError, ConnectionError, TimeoutError, ReplyError) as e:
             raise DedupUnavailable(f"Redis at {self._host}:{self._port}: {e}") from e
 
