@@ -5,21 +5,20 @@ version and the customer's time zone from the records database (SQLite), the
 usage queries the plan needs, and the exact rating. The baseline, in the same
 run, is those usage queries alone (what any pricer must wait for), so the
 ratio is the share of the time the queries take: 1.0 would be a free pricer.
-The data is bench_usage.py's generator; under `make test` 100,000 events.
+The data is bench_usage.py's (benches/events.py, loaded once for both); under
+`make test` 100,000 events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bench_usage import END, START, generate_sql
+from events import END, START, Events, load_events
 from paired import paired_ratio
-from services import ClickHouse
 
 from meterflow.billing.catalog import PlanCatalog
 from meterflow.billing.periods import Period
@@ -30,11 +29,8 @@ from meterflow.customers import Customers, validate
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.usage import UsageRequest, query_limits, run_usage
 from meterflow.records import Records, open_records
-from meterflow.storage import Storage, open_storage
-from meterflow.storage.base import SCHEMA
-from meterflow.storage.embedded import EmbeddedStorage
+from meterflow.storage import Storage
 
-_db = itertools.count(1)
 # Five charges over the two meters the generated api_request events feed.
 PLAN: dict[str, Any] = {
     "code": "bench", "currency": "EUR", "minimum": "100.00",
@@ -62,24 +58,12 @@ class Deps:
         self.subscriptions = Subscriptions(records, self.plans)
 
 
-@pytest.fixture(scope="module", params=["chdb", "clickhouse"])
+@pytest.fixture(scope="module")
 def invoice_data(
-    request: pytest.FixtureRequest, chdb_storage: EmbeddedStorage, tmp_path_factory: pytest.TempPathFactory
+    events_storage: Events, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[asyncio.AbstractEventLoop, Deps, Subscription]]:
-    n = 10_000_000 if request.config.getoption("benchmark_enable") else 100_000
-    loop = asyncio.new_event_loop()
-    if request.param == "chdb":
-        storage: Storage = chdb_storage
-        loop.run_until_complete(storage.execute("DROP TABLE IF EXISTS events"))
-        for ddl in SCHEMA:
-            loop.run_until_complete(storage.execute(ddl))
-    else:
-        ch: ClickHouse = request.getfixturevalue("clickhouse")
-        db = f"mf_bench_invoice_{next(_db)}"
-        ch.reset_database(db)
-        storage = open_storage(Settings(storage="clickhouse", clickhouse_url=ch.url, clickhouse_database=db))
-        loop.run_until_complete(storage.start())
-    loop.run_until_complete(storage.execute(generate_sql(n)))
+    loop, storage, n = events_storage
+    load_events(loop, storage, n)  # the set bench_usage.py queries: loaded once for both
     records = open_records(Settings(data_dir=str(Path(tmp_path_factory.mktemp("records")))))
     loop.run_until_complete(records.start())
     deps = Deps(storage, records)
@@ -88,9 +72,6 @@ def invoice_data(
     sub = loop.run_until_complete(deps.subscriptions.create("cust_42", "bench", START))
     yield loop, deps, sub
     loop.run_until_complete(records.close())
-    if request.param == "clickhouse":
-        loop.run_until_complete(storage.close())
-    loop.close()
 
 
 @pytest.mark.benchmark(group="invoice_month")
