@@ -6,7 +6,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from pricing_reference import reference_price
+from pricing_reference import ISSUE_PLAN, reference_price
 
 from meterflow.billing.invoices import Invoices
 from meterflow.billing.periods import Period, ServicePeriod
@@ -16,16 +16,8 @@ from meterflow.config import Settings
 
 DAY = 86_400_000
 JAN_2026 = Period(1_767_225_600_000, 1_767_225_600_000 + 31 * DAY)  # 2026-01-01 UTC, 31 days
-PLAN = {
-    "code": "pro", "name": "Pro", "currency": "EUR", "interval": "month", "minimum": "100.00",
-    "charges": [
-        {"type": "flat", "amount": "49.00", "description": "Platform fee"},
-        {"type": "unit", "meter": "api_calls", "unit_amount": "0.0004", "free_units": "10000"},
-        {"type": "graduated", "meter": "bandwidth", "tiers": [
-            {"up_to": "1000000000", "unit_amount": "0"},
-            {"up_to": None, "unit_amount": "0.00000002", "flat_amount": "0"}]},
-    ],
-}  # fmt: skip
+# Issue 12's plan with its first three charges: flat, unit with free units, graduated.
+PLAN = {**ISSUE_PLAN, "charges": ISSUE_PLAN["charges"][:3]}
 
 
 def priced(api_calls: str = "312500", bandwidth: str = "2500000000", period: Period = JAN_2026) -> PricedPeriod:

@@ -341,7 +341,23 @@ admin_token = "{os.urandom(16).hex()}"
                 "MF_S3_SECRET_KEY": self.secret_key}  # fmt: skip
 
 
-class MeterFlowServer:
+class _MeterFlowProcess:
+    """A `meterflow` command in a subprocess: its process and its log."""
+
+    proc: Process
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        return self.proc.stop(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def logs(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+class MeterFlowServer(_MeterFlowProcess):
     """`meterflow serve` in a subprocess, as a user runs it."""
 
     auth: ClassVar[dict[str, str]] = {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
@@ -368,21 +384,12 @@ class MeterFlowServer:
 
         wait_for(up, "meterflow", timeout)
 
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        return self.proc.stop(sig)
-
-    def kill(self) -> None:
-        self.proc.kill()
-
-    def logs(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
 
 # Async mode as the tests run it: dead workers' entries claimed after half a second.
 ASYNC = {"MF_INGEST_MODE": "async", "MF_WORKER_CLAIM_IDLE_MS": "500", "MF_FLUSH_TIMEOUT_S": "2"}
 
 
-class MeterFlowWorker:
+class MeterFlowWorker(_MeterFlowProcess):
     """`meterflow worker` in a subprocess (async mode), as a user runs it."""
 
     _seq = itertools.count(1)
@@ -398,15 +405,6 @@ class MeterFlowWorker:
     def start(self) -> None:
         self.proc.start()
         wait_for(lambda: "reading the event stream" in self.logs(), "meterflow worker")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        return self.proc.stop(sig)
-
-    def kill(self) -> None:
-        self.proc.kill()
-
-    def logs(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
 
 
 def flush_redis(redis: Redis) -> None:

@@ -268,9 +268,6 @@ class _Multiplexed:
                         _settle(done, parse, replies)
                     # Taken off only now: a parser that raises past Exception leaves its request to close().
                     self._waiting.popleft()
-        except asyncio.CancelledError:
-            self.close(ConnectionError("the dedup store is closing"))
-            raise
         except Exception as e:  # a broken connection, or replies out of step: no request may wait forever
             self.close(e)
         finally:
