@@ -142,6 +142,10 @@ invoices = sa.Table(
     sa.Column("paid_at", sa.BigInteger),
     sa.Column("voided_at", sa.BigInteger),
     sa.Column("version", sa.Integer, nullable=False),
+    # `period`: one billing period of the subscription; `late`: late lines only, of ended subscriptions.
+    sa.Column("kind", sa.String(8), nullable=False, server_default="period"),
+    # The sum of the invoice's credit notes, raised in the transaction that makes each one.
+    sa.Column("amount_credited", sa.String(64), nullable=False, server_default="0"),
     sa.CheckConstraint("status IN ('draft', 'finalized', 'paid', 'void')", name="invoices_status"),
     sa.UniqueConstraint("subscription_id", "period_start", name="invoices_subscription_period"),
     sa.Index("invoices_customer", "customer_id", "id"),
@@ -193,6 +197,83 @@ subscriptions = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
+    # The earliest instant whose finalized periods a change made after the fact touches (a cancel,
+    # a plan change, a meter version dated in the past); closing settles them and clears it.
+    sa.Column("settle_from", sa.BigInteger),
     sa.ForeignKeyConstraint(["plan_code", "plan_version"], ["plan_versions.code", "plan_versions.plan_version"]),
     sa.CheckConstraint("end_at IS NULL OR end_at >= start_at", name="subscriptions_ends_after_start"),
+)
+
+# Every definition a meter has had, each in force from `effective_at` until the next one (NULL
+# definition: deleted from then on). A period is priced with the version in force at its start.
+meter_versions = sa.Table(
+    "meter_versions",
+    metadata,
+    sa.Column("code", record_id(63), primary_key=True),
+    sa.Column("effective_at", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("definition", sa.JSON),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+# Every time zone a customer has had, from the instant it was set; a period that has begun
+# keeps the bounds it opened with, so a change applies from the next period boundary.
+customer_timezones = sa.Table(
+    "customer_timezones",
+    metadata,
+    sa.Column("customer_id", record_id(), primary_key=True),
+    sa.Column("changed_at", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("timezone", sa.String(64), nullable=False),
+)
+
+# Credit notes: what is no longer owed on a finalized invoice; `document` holds lines that name
+# the invoice lines they correct. Never written again once made.
+credit_notes = sa.Table(
+    "credit_notes",
+    metadata,
+    sa.Column("id", record_id(32), primary_key=True),
+    sa.Column("number", sa.String(32), nullable=False, unique=True),
+    sa.Column("invoice_id", record_id(32), sa.ForeignKey("invoices.id"), nullable=False),
+    sa.Column("customer_id", record_id(), nullable=False),
+    sa.Column("subscription_id", record_id(64), nullable=False),
+    sa.Column("reason", sa.String(24), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("total", sa.String(64), nullable=False),
+    sa.Column("document", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.CheckConstraint("reason IN ('retroactive_change', 'late_correction', 'manual')", name="credit_notes_reason"),
+    sa.Index("credit_notes_invoice", "invoice_id", "id"),
+    sa.Index("credit_notes_customer", "customer_id", "id"),
+)
+
+# The last credit-note number given per calendar year (a sequence of its own, gapless like invoices').
+credit_note_numbers = sa.Table(
+    "credit_note_numbers",
+    metadata,
+    sa.Column("year", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("last", sa.Integer, nullable=False),
+)
+
+# The HTML and PDF of a finalized invoice or a credit note, rendered once from its frozen
+# snapshot; every later GET serves these bytes, with the SHA-256 as ETag.
+rendered_documents = sa.Table(
+    "rendered_documents",
+    metadata,
+    sa.Column("owner_id", record_id(40), primary_key=True),
+    sa.Column("format", sa.String(8), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+# A subscription whose last closing attempt failed (a meter gone, a plan that no longer
+# parses): listed by the API and the dashboard, counted in the metrics, retried every pass.
+closing_failures = sa.Table(
+    "closing_failures",
+    metadata,
+    sa.Column("subscription_id", record_id(64), primary_key=True),
+    sa.Column("period_start", sa.BigInteger),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("first_failed_at", sa.BigInteger, nullable=False),
+    sa.Column("last_failed_at", sa.BigInteger, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
 )

@@ -1,0 +1,34 @@
+"""The one clock of the package: epoch milliseconds now, injectable so that billing histories can be replayed in tests."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int:
+        """The current instant in epoch milliseconds."""
+
+
+class SystemClock:
+    """Wall-clock time."""
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+
+class ManualClock:
+    """A clock that moves only when told (tests and replays of histories)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def now_ms(self) -> int:
+        return self.at
+
+    def set(self, at: int) -> None:
+        self.at = at
+
+
+SYSTEM = SystemClock()
