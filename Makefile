@@ -12,7 +12,7 @@ RUST_SRC := $(shell find rust_core/src -name '*.rs') rust_core/Cargo.toml rust_c
 GARAGE_ROOT := $(HOME)/.cache/meterflow/garage
 GARAGE := $(GARAGE_ROOT)/bin/garage
 
-.PHONY: loadtest run test test-rust test-python bench bench-baseline bench-compare lint format services build clean garage
+.PHONY: loadtest run test test-long test-rust test-python bench bench-baseline bench-compare lint format services build clean garage
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,9 @@ test-python: build services garage
 	$(PY) -m pytest
 
 test: services garage build test-rust test-python
+
+test-long: build
+	MF_BOOKS_EXAMPLES=2000 $(PY) -m pytest tests/test_books_stateful.py
 
 # Benchmarks: every run is saved by pytest-benchmark under .benchmarks/<machine>/NNNN_*.json
 # (machine info included). `make bench-baseline` keeps one run as the baseline;

@@ -36,19 +36,20 @@ from services import ClickHouse, PostgreSQL
 from meterflow.archive import DirectoryStore
 from meterflow.billing.catalog import PlanCatalog
 from meterflow.billing.closing import Closer, Due
-from meterflow.billing.invoices import Invoices
+from meterflow.billing.credit_notes import CreditNotes
 from meterflow.billing.periods import Period
 from meterflow.billing.preview import price_subscription_period
 from meterflow.billing.rating import PricedPeriod
 from meterflow.billing.subscriptions import ID_PREFIX, Subscription, Subscriptions
 from meterflow.billing.webhooks import Webhooks
+from meterflow.clock import SYSTEM
 from meterflow.config import Settings
 from meterflow.customers import Customers, validate
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.records import Records, open_records
 from meterflow.records.tables import customers as customers_table
 from meterflow.records.tables import invoice_numbers, invoices, subscriptions, webhook_attempts, webhook_deliveries
-from meterflow.runtime import ClosingRuntime
+from meterflow.runtime import ClosingRuntime, open_invoices
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.embedded import EmbeddedStorage
 
@@ -102,7 +103,8 @@ def closing_data(
     meters = MeterCatalog(records, settings.meters)
     plans = PlanCatalog(records, meters, ())
     rt = ClosingRuntime(settings, storage, records, meters, plans, Subscriptions(records, plans),
-                        Invoices(records, archive, settings.invoice_due_days))  # fmt: skip
+                        open_invoices(settings, records, archive, Customers(records), meters), CreditNotes(records),
+                        Customers(records), SYSTEM)  # fmt: skip
 
     async def setup() -> list[Subscription]:
         await plans.create(await plans.parse(PLAN))

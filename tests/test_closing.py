@@ -11,6 +11,7 @@ from fractions import Fraction
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from pricing_reference import reference_price
 from services import Backend, MeterFlowServer, Process, free_port, http_ok, wait_for
@@ -109,7 +110,15 @@ def test_late_usage_lands_on_the_next_invoice_and_the_closed_one_never_changes(
         assert c.post("/v1/events", json={"events": grace}).json()["accepted"] == 1
         close(server, "--at", str(nxt + 2 * 3_600_000))
 
-        assert c.get(f"/v1/invoices/{first['id']}").content == before  # byte-identical
+        after = c.get(f"/v1/invoices/{first['id']}").json()
+        # The finalized invoice never changes; what settling took off it shows as amount_credited: the month
+        # now owes 89.50 with no minimum top-up, so the 1.00 top-up it billed comes back as a credit note.
+        frozen = {k: v for k, v in orjson.loads(before).items() if k not in ("amount_credited", "amount_due")}
+        assert {k: v for k, v in after.items() if k not in ("amount_credited", "amount_due")} == frozen
+        assert (after["amount_credited"], after["amount_due"]) == ("1.00", "59.00")
+        [note] = c.get("/v1/credit_notes", params={"invoice_id": first["id"]}).json()["data"]
+        assert (note["reason"], note["total"]) == ("late_correction", "1.00")
+        assert [(ln["line_key"], ln["invoice_line"], ln["amount"]) for ln in note["lines"]] == [("minimum", None, "1.00")]
         second = next(i for i in invoices_of(c, customer_id="cust_late") if i["id"] != first["id"])
         assert second["id"] == draft["id"] and second["status"] == "finalized"
         assert second["period"] == {"start": this, "end": nxt}

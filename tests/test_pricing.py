@@ -97,7 +97,11 @@ def test_issue_plan_priced_by_hand() -> None:
     assert p.lines[4].packages == 3
     assert (p.subtotal, p.minimum_adjustment, p.total) == (Decimal("110.10"), Decimal("0.00"), Decimal("110.10"))
     doc = priced_period_json(p)
+    # Line keys: the charge's position, with the value of a dimensional charge.
+    assert [ln["line_key"] for ln in doc["lines"]] == [
+        "0", "1", "2", "3", "4", "5:region=eu-west-1", "5:region=us-east-1", "5:region=", "5:region=ap-south-1"]
     assert doc["lines"][1] == {
+        "line_key": "1",
         "charge": "unit", "meter": "api_calls", "description": "API calls", "quantity": "12500", "amount": "1.00",
         "tiers": [{"up_to": "10000", "quantity": "10000", "unit_amount": "0", "flat_amount": "0", "amount": "0"},
                   {"up_to": None, "quantity": "2500", "unit_amount": "0.0004", "flat_amount": "0", "amount": "1"}],

@@ -283,8 +283,10 @@ def _invoices_close(args: argparse.Namespace) -> int:
             report = await Closer(rt).run(at, args.customer, progress)
         failed = f"; {report.failed} failed (see the log)" if report.failed else ""
         drafted = f", {report.drafted} drafted (in their grace)" if report.drafted else ""
+        settled = (f"; settling made {report.credit_notes} credit notes and {report.late_invoices} invoices of "
+                   "late lines only" if report.credit_notes or report.late_invoices else "")
         sys.stderr.write(f"\ninvoices close: {report.due} periods due; {report.closed} closed here{drafted}, "
-                         f"{report.skipped} by another closer{failed}.\n")  # fmt: skip
+                         f"{report.skipped} by another closer{settled}{failed}.\n")  # fmt: skip
         return 1 if report.failed else 0
 
     try:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from meterflow.clock import SYSTEM, Clock
 from meterflow.errors import FieldError
 from meterflow.metering.calendar import time_zone
 from meterflow.records import IfMatch, Records, locked_row, plain
-from meterflow.records.tables import customers
+from meterflow.records.tables import customer_timezones, customers
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,255}")
 EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
@@ -78,8 +79,9 @@ def validate(doc: Any, partial: bool = False) -> dict[str, Any]:
 class Customers:
     """Customers in the records database; every change raises `version` by one."""
 
-    def __init__(self, records: Records) -> None:
+    def __init__(self, records: Records, clock: Clock = SYSTEM) -> None:
         self._db = records
+        self._clock = clock
 
     async def put(
         self, customer_id: str, fields: dict[str, Any], if_match: IfMatch | None = None
@@ -92,12 +94,15 @@ class Customers:
                     live = old is not None and old["deleted_at"] is None
                     if if_match is not None:
                         if_match.check(old["version"] if live and old is not None else None)
-                    now = _now_ms()
+                    now = self._clock.now_ms()
                     if old is None:
                         row = {"id": customer_id, **fields, "created_at": now, "updated_at": now, "deleted_at": None,
                                "version": 1}  # fmt: skip
                         await conn.execute(sa.insert(customers).values(row))
+                        await _record_timezone(conn, customer_id, row["timezone"], now)
                         return _public(row), True
+                    if "timezone" in fields:
+                        await _record_timezone(conn, customer_id, fields["timezone"], now)
                     values = {**fields, "updated_at": now, "deleted_at": None, "version": old["version"] + 1,
                               **({} if live else {"created_at": now})}  # fmt: skip
                     await conn.execute(sa.update(customers).where(customers.c.id == customer_id).values(values))
@@ -116,9 +121,15 @@ class Customers:
                 return None
             if if_match is not None:
                 if_match.check(old["version"])
-            values = {**fields, "updated_at": _now_ms(), "version": old["version"] + 1}
+            values = {**fields, "updated_at": self._clock.now_ms(), "version": old["version"] + 1}
             await conn.execute(sa.update(customers).where(customers.c.id == customer_id).values(values))
+            if "timezone" in fields:
+                await _record_timezone(conn, customer_id, fields["timezone"], values["updated_at"])
         return _public({**old, **values})
+
+    async def timezone_history(self, customer_id: str) -> list[tuple[int, str]]:
+        """[(changed_at, zone)] oldest first; the first one is in force since ever. UTC for an unknown customer."""
+        return await timezone_history(self._db, customer_id)
 
     async def get(self, customer_id: str) -> dict[str, Any] | None:
         row = await self._row(customer_id)
@@ -132,7 +143,7 @@ class Customers:
                 return False
             if if_match is not None:
                 if_match.check(old["version"])
-            values = {"deleted_at": _now_ms(), "version": old["version"] + 1}
+            values = {"deleted_at": self._clock.now_ms(), "version": old["version"] + 1}
             await conn.execute(sa.update(customers).where(customers.c.id == customer_id).values(values))
         return True
 
@@ -156,8 +167,30 @@ class Customers:
         return plain(row) if row is not None else None
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+async def _record_timezone(conn: AsyncConnection, customer_id: str, zone: str, at: int) -> None:
+    """Adds `zone` to the customer's history from `at` when it differs from the zone in force; the
+    first zone of a customer is in force since ever (changed_at 0), so periods before its creation
+    (a subscription started in the past) have one too."""
+    h = customer_timezones.c
+    latest = (await conn.execute(sa.select(h.timezone).where(h.customer_id == customer_id)
+                                 .order_by(h.changed_at.desc()).limit(1))).scalar()  # fmt: skip
+    if latest == zone:
+        return
+    at = 0 if latest is None else at
+    await conn.execute(sa.delete(customer_timezones).where(h.customer_id == customer_id, h.changed_at == at))
+    await conn.execute(sa.insert(customer_timezones).values(customer_id=customer_id, changed_at=at, timezone=zone))
+
+
+async def timezone_history(records: Records, customer_id: str) -> list[tuple[int, str]]:
+    """A customer's time zones [(changed_at, zone)], oldest first (see `_record_timezone`)."""
+    h = customer_timezones.c
+    q = sa.select(h.changed_at, h.timezone).where(h.customer_id == customer_id).order_by(h.changed_at)
+    async with records.connect() as conn:
+        rows = [(int(a), str(z)) for a, z in (await conn.execute(q)).all()]
+        if rows:
+            return rows
+        tz = (await conn.execute(sa.select(customers.c.timezone).where(customers.c.id == customer_id))).scalar()
+    return [(0, str(tz or "UTC"))]
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from starlette.requests import Request
 
@@ -18,10 +18,13 @@ from meterflow.auth.keys import KeyStore
 from meterflow.auth.ratelimit import RateLimiter, open_rate_limiter
 from meterflow.billing.catalog import PlanCatalog
 from meterflow.billing.closing import close_periodically
+from meterflow.billing.credit_notes import CreditNotes
 from meterflow.billing.invoices import Invoices
 from meterflow.billing.outbox import Schedule, Sender
+from meterflow.billing.snapshot import take_snapshot
 from meterflow.billing.subscriptions import Subscriptions
 from meterflow.billing.webhooks import Webhooks
+from meterflow.clock import SYSTEM, Clock
 from meterflow.config import Settings
 from meterflow.customers import Customers
 from meterflow.ingest.dedup import Dedup, open_dedup
@@ -105,6 +108,8 @@ class Runtime:
     webhooks: Webhooks
     plans: PlanCatalog
     subscriptions: Subscriptions
+    credit_notes: CreditNotes
+    clock: Clock
 
     def probes(self) -> list[Probe]:
         probes = [Probe("storage", self.storage), Probe("dedup", self.dedup), Probe("records", self.records),
@@ -129,20 +134,22 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
                                  settings.redis_url if settings.dedup == "redis" else None)  # fmt: skip
     async with started(storage, dedup, records, limiter, auth_failures, *([archive] if archive is not None else [])):
         await import_documents(storage, records)
-        meters = MeterCatalog(records, settings.meters)
+        meters = MeterCatalog(records, settings.meters, late_window_ms=settings.max_age_ms + settings.max_future_ms)
         plans = PlanCatalog(records, meters, settings.plans)
         await plans.start()
         service = IngestService(settings, storage, dedup, metrics, spool)
         await service.warm()
         if spool is not None:
             spool.start()
+        customers = Customers(records)
         rt = Runtime(
             settings=settings, metrics=metrics, storage=storage, dedup=dedup, records=records, limiter=limiter,
-            archive=archive, spool=spool, ingest=service, customers=Customers(records),
+            archive=archive, spool=spool, ingest=service, customers=customers,
             keys=KeyStore(records, settings.admin_key, settings.key_cache_grace_s),
             auth_failures=auth_failures,
             meters=meters, plans=plans, subscriptions=Subscriptions(records, plans),
-            invoices=Invoices(records, archive, settings.invoice_due_days), webhooks=Webhooks(records),
+            invoices=open_invoices(settings, records, archive, customers, meters), webhooks=Webhooks(records),
+            credit_notes=CreditNotes(records), clock=SYSTEM,
         )  # fmt: skip
         sender = Sender(records, webhook_schedule(settings))
         sender.start()
@@ -176,17 +183,32 @@ class ClosingRuntime:
     plans: PlanCatalog
     subscriptions: Subscriptions
     invoices: Invoices
+    credit_notes: CreditNotes
+    customers: Customers
+    clock: Clock
 
     @classmethod
     @contextlib.asynccontextmanager
     async def opened(cls, settings: Settings, archive: Store | None) -> AsyncIterator[ClosingRuntime]:
         storage, records = open_storage(settings), open_records(settings)
         async with started(storage, records, *([archive] if archive is not None else [])):
-            meters = MeterCatalog(records, settings.meters)
+            meters = MeterCatalog(records, settings.meters, late_window_ms=settings.max_age_ms + settings.max_future_ms)
             plans = PlanCatalog(records, meters, settings.plans)
             await plans.start()
+            customers = Customers(records)
             yield cls(settings, storage, records, meters, plans, Subscriptions(records, plans),
-                      Invoices(records, archive, settings.invoice_due_days))  # fmt: skip
+                      open_invoices(settings, records, archive, customers, meters), CreditNotes(records), customers,
+                      SYSTEM)  # fmt: skip
+
+
+def open_invoices(settings: Settings, records: Records, archive: Store | None, customers: Customers,
+                  meters: MeterCatalog) -> Invoices:  # fmt: skip
+    """The invoice store, freezing seller, buyer, zone, locale and units into each invoice it finalizes."""
+
+    async def snapshot(invoice: dict[str, Any]) -> dict[str, Any]:
+        return await take_snapshot(customers, meters, settings, invoice)
+
+    return Invoices(records, archive, settings.invoice_due_days, snapshot=snapshot)
 
 
 def webhook_schedule(settings: Settings) -> Schedule:

@@ -20,10 +20,13 @@ from starlette.types import Receive, Scope, Send
 from meterflow import config
 from meterflow.api import errors
 from meterflow.api.auth import requires
+from meterflow.api.closing import list_closing_failures
+from meterflow.api.credit_notes import get_credit_note, get_credit_note_html, get_credit_note_pdf, list_credit_notes
 from meterflow.api.customers import delete_customer, get_customer, list_customers, patch_customer, put_customer
 from meterflow.api.events import events_lag, get_events, post_events
 from meterflow.api.health import health, metrics, ready
 from meterflow.api.invoices import (
+    create_credit_note,
     finalize_invoice,
     get_invoice,
     get_invoice_html,
@@ -33,7 +36,7 @@ from meterflow.api.invoices import (
     void_invoice,
 )
 from meterflow.api.keys import create_key, list_keys, revoke_key
-from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meters, put_meter
+from meterflow.api.meters import create_meter, delete_meter, get_meter, list_meter_versions, list_meters, put_meter
 from meterflow.api.openapi import openapi
 from meterflow.api.plans import create_plan, delete_plan, get_plan, list_plans, put_plan
 from meterflow.api.subscriptions import (
@@ -80,6 +83,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         Route("/v1/meters/{code}", requires("read", get_meter), methods=["GET"]),
         Route("/v1/meters/{code}", requires("admin", put_meter), methods=["PUT"]),
         Route("/v1/meters/{code}", requires("admin", delete_meter), methods=["DELETE"]),
+        Route("/v1/meters/{code}/versions", requires("read", list_meter_versions), methods=["GET"]),
         Route("/v1/usage", requires("read", get_usage), methods=["GET"]),
         Route("/v1/customers", requires("read", list_customers), methods=["GET"]),
         Route("/v1/customers/{customer_id}", requires("read", get_customer), methods=["GET"]),
@@ -108,6 +112,12 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         Route("/v1/invoices/{invoice_id}/finalize", requires("admin", finalize_invoice), methods=["POST"]),
         Route("/v1/invoices/{invoice_id}/void", requires("admin", void_invoice), methods=["POST"]),
         Route("/v1/invoices/{invoice_id}/mark_paid", requires("admin", mark_invoice_paid), methods=["POST"]),
+        Route("/v1/invoices/{invoice_id}/credit_notes", requires("admin", create_credit_note), methods=["POST"]),
+        Route("/v1/closing/failures", requires("read", list_closing_failures), methods=["GET"]),
+        Route("/v1/credit_notes", requires("read", list_credit_notes), methods=["GET"]),
+        Route("/v1/credit_notes/{credit_note_id}.html", requires("read", get_credit_note_html), methods=["GET"]),
+        Route("/v1/credit_notes/{credit_note_id}.pdf", requires("read", get_credit_note_pdf), methods=["GET"]),
+        Route("/v1/credit_notes/{credit_note_id}", requires("read", get_credit_note), methods=["GET"]),
         Route("/v1/webhooks", requires("admin", list_webhooks), methods=["GET"]),
         Route("/v1/webhooks", requires("admin", create_webhook), methods=["POST"]),
         Route("/v1/webhooks/{webhook_id}", requires("admin", delete_webhook), methods=["DELETE"]),

@@ -8,8 +8,9 @@ from starlette.responses import Response
 from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, STALE, operation
 from meterflow.api.responses import json_body, json_response, page_params
-from meterflow.metering.catalog import MeterCatalog, MeterConflict
+from meterflow.metering.catalog import MeterCatalog, MeterConflict, MeterInUse, MeterVersion
 from meterflow.metering.meters import Meter, MeterError, parse_meter
+from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
 from meterflow.records import IfMatch
 from meterflow.records.versions import etag
 from meterflow.runtime import runtime_of
@@ -25,11 +26,25 @@ def _answer(meter: Meter, version: int | None, status: int = 200) -> Response:
     return json_response({**meter.as_json(), "version": version}, status, headers)
 
 
-def _parse(doc: object, code: str | None = None) -> Meter:
+def _parse(doc: object, code: str | None = None) -> tuple[Meter, int | None]:
+    """The meter of a request body and its `effective_at` (None: from now), which is not a meter field."""
+    effective_at = None
+    if isinstance(doc, dict) and "effective_at" in doc:
+        doc = dict(doc)
+        v = doc.pop("effective_at")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not EPOCH_MS_MIN <= v <= EPOCH_MS_MAX):
+            raise ApiError(400, "invalid_meter", f"effective_at: `effective_at` must be epoch milliseconds from "
+                           f"{EPOCH_MS_MIN} to {EPOCH_MS_MAX}, got {str(v)[:40]!r}.")  # fmt: skip
+        effective_at = v
     try:
-        return parse_meter(doc, "api", code)
+        return parse_meter(doc, "api", code), effective_at
     except MeterError as e:
         raise ApiError(400, "invalid_meter", f"{e.field}: {e.message}") from None
+
+
+def _version_json(v: MeterVersion) -> dict[str, object]:
+    return {"effective_at": v.effective_at, "created_at": v.created_at, "deleted": v.deleted,
+            "meter": None if v.meter is None else v.meter.as_json()}  # fmt: skip
 
 
 @operation("List meters, in code order", {200: "A page of meters", 400: "`limit` or `cursor` is invalid."},
@@ -43,11 +58,12 @@ async def list_meters(request: Request) -> Response:
     return json_response({"data": data, "next_cursor": meters[-1][0].code if more and meters else None})
 
 
-@operation("Create a meter", {201: "Created", 409: "A meter with this code exists."}, body="Meter", result="Meter")
+@operation("Create a meter, in force from `effective_at` (default now)",
+           {201: "Created", 409: "A meter with this code exists."}, body="Meter", result="Meter")  # fmt: skip
 async def create_meter(request: Request) -> Response:
-    meter = _parse(await json_body(request))
+    meter, effective_at = _parse(await json_body(request))
     try:
-        version = await _catalog(request).create(meter)
+        version = await _catalog(request).create(meter, effective_at)
     except MeterConflict as e:
         raise ApiError(409, "meter_exists", str(e)) from None
     return _answer(meter, version, 201)
@@ -62,27 +78,42 @@ async def get_meter(request: Request) -> Response:
     return _answer(*found)
 
 
-@operation("Create or replace a meter (not one defined in the config)",
+@operation("Create or replace a meter (not one defined in the config): a version in force from `effective_at` "
+           "(default now)",
            {200: "Replaced", 201: "Created", 409: "The meter is defined in the config file.", **STALE}, body="Meter",
            result="Meter")  # fmt: skip
 async def put_meter(request: Request) -> Response:
     code = request.path_params["code"]
-    meter = _parse(await json_body(request), code)
+    meter, effective_at = _parse(await json_body(request), code)
+    if_match = IfMatch.parse(request.headers.get("if-match"))
     try:
-        created, version = await _catalog(request).replace(meter, IfMatch.parse(request.headers.get("if-match")))
+        created, version = await _catalog(request).replace(meter, if_match, effective_at)
     except MeterConflict as e:
         raise ApiError(409, "meter_read_only", str(e)) from None
     return _answer(meter, version, 201 if created else 200)
 
 
-@operation("Delete a meter", {204: "Deleted", 404: "There is no such meter.",
-                              409: "The meter is defined in the config file.", **STALE})  # fmt: skip
+@operation("Delete a meter from now on", {204: "Deleted", 404: "There is no such meter.",
+    409: "The meter is defined in the config file (`meter_read_only`), or a subscription that is active or may "
+         "still receive late usage bills with a plan version that prices it (`meter_in_use`).", **STALE})  # fmt: skip
 async def delete_meter(request: Request) -> Response:
     code = request.path_params["code"]
     try:
         deleted = await _catalog(request).delete(code, IfMatch.parse(request.headers.get("if-match")))
     except MeterConflict as e:
         raise ApiError(409, "meter_read_only", str(e)) from None
+    except MeterInUse as e:
+        raise ApiError(409, "meter_in_use", str(e)) from None
     if not deleted:
         raise ApiError(404, "meter_not_found", f"There is no meter {code!r}.")
     return Response(status_code=204)
+
+
+@operation("A meter's versions, oldest first, each in force from its `effective_at` until the next",
+           {200: "The versions (`deleted`: the meter is deleted from then on)", 404: "There is no such meter."})
+async def list_meter_versions(request: Request) -> Response:
+    code = request.path_params["code"]
+    found = await _catalog(request).versions(code)
+    if found is None:
+        raise ApiError(404, "meter_not_found", f"There is no meter {code!r}.")
+    return json_response({"data": [_version_json(v) for v in found]})

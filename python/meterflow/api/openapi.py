@@ -19,9 +19,11 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from meterflow import __version__
 from meterflow.api.responses import ADMIN_BODY_MAX, PAGE_MAX, json_response
+from meterflow.billing.webhooks import EVENTS
 from meterflow.config import Settings
 from meterflow.ingest.core import Limits
 from meterflow.metering.meters import AGGREGATIONS
+from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
 from meterflow.runtime import runtime_of
 
 E = TypeVar("E", bound=Callable[..., Any])
@@ -98,12 +100,12 @@ def _response(status: int, description: str, op: Operation) -> dict[str, Any]:
     out: dict[str, Any] = {"description": description}
     if status >= 400:
         out["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    elif status != 204 and op.result:
-        out["content"] = {op.media_type: {"schema": {"$ref": f"#/components/schemas/{op.result}"}}}
-    elif status != 204:
-        out["content"] = {
-            op.media_type: {"schema": {"type": "string" if op.media_type.startswith("text/") else "object"}}
-        }
+    elif status not in (204, 304):  # those two have no body
+        if op.result:
+            schema: dict[str, Any] = {"$ref": f"#/components/schemas/{op.result}"}
+        else:
+            schema = {"type": "string" if op.media_type.startswith("text/") else "object"}
+        out["content"] = {op.media_type: {"schema": schema}}
     if status in RETRY:
         out["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
     return out
@@ -266,6 +268,12 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 "filters": {"type": "object", "description": "property: value or [values]"},
                 "group_by": {"type": "array", "items": {"type": "string"}},
                 "description": {"type": "string"},
+                "effective_at": {
+                    "type": "integer",
+                    "minimum": EPOCH_MS_MIN,
+                    "maximum": EPOCH_MS_MAX,
+                    "description": "Request only: epoch ms from which this definition is in force (default now).",
+                },
             },
         },
         "Customer": {
@@ -300,7 +308,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "required": ["url"],
             "properties": {
                 "url": {"type": "string", "format": "uri"},
-                "events": {"type": "array", "items": {"enum": ["invoice.finalized", "invoice.voided", "invoice.paid"]}},
+                "events": {"type": "array", "items": {"enum": list(EVENTS)}},
                 "description": {"type": "string", "maxLength": 500},
             },
         },
@@ -329,8 +337,39 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 "subtotal": {"type": "string"},
                 "minimum_adjustment": {"type": "string"},
                 "total": {"type": "string"},
+                "kind": {"enum": ["period", "late"], "description": "late: late lines only, of ended subscriptions"},
+                "amount_credited": {"type": "string", "description": "The sum of the invoice's credit notes."},
+                "amount_due": {"type": "string", "description": "total - amount_credited"},
                 "issued_at": {"type": ["integer", "null"]},
                 "due_at": {"type": ["integer", "null"]},
+            },
+        },
+        "CreditNoteRequest": {
+            "type": "object",
+            "properties": {
+                "amount": {"type": "string", "description": "Decimal string; default: all that is left to credit."},
+                "memo": {"type": "string", "maxLength": 1000},
+            },
+        },
+        "CreditNote": {
+            "type": "object",
+            "required": ["id", "number", "invoice_id", "customer_id", "reason", "currency", "total", "lines"],
+            "description": "What is no longer owed on a finalized invoice (CN-YYYY-NNNNNN, gapless per year). Each "
+            "line names the invoice line it credits (`invoice_line`: its position, null for the minimum adjustment; "
+            "`line_key`; `late_for` for a late line). Amounts are decimal strings.",
+            "properties": {
+                "id": {"type": "string", "pattern": "^cn_[0-9a-f]{24}$"},
+                "number": {"type": "string"},
+                "invoice_id": {"type": "string"},
+                "invoice_number": {"type": "string"},
+                "customer_id": {"type": "string"},
+                "subscription_id": {"type": "string"},
+                "reason": {"enum": ["retroactive_change", "late_correction", "manual"]},
+                "currency": {"type": "string"},
+                "total": {"type": "string"},
+                "memo": {"type": "string"},
+                "lines": {"type": "array", "items": OBJECT},
+                "created_at": {"type": "integer"},
             },
         },
         "Page": {

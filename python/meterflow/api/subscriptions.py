@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from decimal import Decimal, localcontext
 from typing import Any
 
 from starlette.requests import Request
@@ -12,6 +13,8 @@ from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, Param, operation
 from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.billing.catalog import StoredPlanBroken
+from meterflow.billing.closing import Closer
+from meterflow.billing.money import EXACT, money_text
 from meterflow.billing.preview import billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.subscriptions import Subscription, SubscriptionConflict, SubscriptionError, Subscriptions
@@ -56,7 +59,7 @@ def _instant(doc: dict[str, Any], name: str, default: int | None = None) -> int:
 
 def _fail(e: SubscriptionError | SubscriptionConflict) -> ApiError:
     if isinstance(e, SubscriptionConflict):
-        return ApiError(409, "subscription_conflict", str(e))
+        return ApiError(409, e.code, str(e))
     return ApiError(400, "invalid_subscription", e.message)
 
 
@@ -65,7 +68,8 @@ def _sub_id(request: Request) -> str:
 
 
 @operation("Subscribe a customer to a plan from `start`", {
-    201: "Created", 409: "The customer has a subscription to this plan that overlaps."},
+    201: "Created", 409: "The customer has a subscription to this plan that overlaps (`subscription_conflict`), or "
+    "the plan's current version prices a meter that no longer exists (`plan_not_priceable`)."},
     body="SubscriptionRequest", result="Subscription")  # fmt: skip
 async def create_subscription(request: Request) -> Response:
     doc = _object(await json_body(request), ("customer_id", "plan", "start"))
@@ -76,6 +80,8 @@ async def create_subscription(request: Request) -> Response:
         sub = await _store(request).create(customer, doc.get("plan"), _instant(doc, "start", _now_ms()))  # type: ignore[arg-type]
     except (SubscriptionError, SubscriptionConflict) as e:
         raise _fail(e) from None
+    except StoredPlanBroken as e:
+        raise ApiError(409, "plan_not_priceable", str(e)) from None
     return _answer(sub, 201)
 
 
@@ -172,5 +178,10 @@ async def upcoming_invoice(request: Request) -> Response:
                        "(MF_USAGE_MAX_*).") from None  # fmt: skip
     except StoredPlanBroken as e:
         raise ApiError(422, "plan_not_priceable", str(e)) from None
+    # What settling found newly owed on finalized periods, to be billed on this subscription's next invoice.
+    pending = await Closer(rt).late_lines(sub, priced.currency, now)
+    with localcontext(EXACT):
+        late = sum((Decimal(ln["amount"]) for ln in pending), Decimal(0))
     return json_response({"customer_id": cid, "subscription_id": sub.id, "plan_version": sub.plan_version,
-                          **priced_period_json(priced)})  # fmt: skip
+                          **priced_period_json(priced), "pending_late_lines": pending,
+                          "pending_late_usage": money_text(late, priced.currency)})  # fmt: skip

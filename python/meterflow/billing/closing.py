@@ -1,21 +1,24 @@
-"""Closing periods: each ended subscription period becomes one finalized invoice, with late usage of earlier ones.
+"""Closing periods: each ended subscription period becomes one finalized invoice, and what touches a
+finalized period later is settled exactly once (late lines, credit notes, invoices of late lines only).
 
-A period gets a draft invoice at its end (`POST .../finalize` may finalize it
-early); `invoice_grace_s` after its end the draft is priced again and
-finalized, so events that arrive a little late are on it. Any number of
-closers (the periodic task of every worker on every host, and `meterflow
-invoices close`) may run at once: the unique (subscription, period start) lets one draft in,
+A period gets a draft invoice when its billed part ends (a cancelled or
+changed subscription's last, cut period at the subscription's end);
+`invoice_grace_s` after that the draft is priced again and finalized, so
+events that arrive a little late are on it. Any number of closers (the
+periodic task of every worker on every host, and `meterflow invoices close`)
+may run at once: the unique (subscription, period start) lets one draft in,
 and finalizing locks the invoice row and checks it is still a draft, so a
-period is invoiced and numbered exactly once. A closer that dies after its
-draft leaves it for the next pass, which finalizes it.
+period is invoiced and numbered exactly once.
 
-Late usage: usage stored after a period's invoice was finalized is billed on
-the subscription's next invoice. For each earlier finalized or paid period
-still inside the ingest age limit (older events are refused, so nothing can
-arrive late for older periods), the period is priced again with its usage now;
-every usage line whose quantity differs from what was billed (its frozen
-quantity plus the late lines already billed for it) adds a line "Late usage
-for <period>" with the difference in quantity and in amount.
+Settling (the rules are the README's "The books after the fact";
+`settlement.settle` is the pure part): every finalized period that can
+still change is priced again and compared, per line key, with what its
+invoices billed. What is newly owed becomes late lines on the subscription's
+next invoice (for an ended subscription, on the customer's next invoice in
+the currency, or on an invoice of late lines only when there is none); what
+is no longer owed becomes a credit note. A subscription whose periods cannot
+be priced is recorded as a closing failure and retried; it never stops the
+others.
 """
 
 from __future__ import annotations
@@ -24,26 +27,36 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from decimal import Decimal
+from dataclasses import dataclass, field
+from decimal import Decimal, localcontext
 from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
 
+from meterflow.billing.catalog import StoredPlanBroken
+from meterflow.billing.credit_notes import CreditLine, CreditNotes, credited_by_slot, slot_key
+from meterflow.billing.failures import ClosingFailures
 from meterflow.billing.invoices import Invoices, WrongStatus
-from meterflow.billing.money import decimal_text, money_text
-from meterflow.billing.periods import Period, periods_between
-from meterflow.billing.preview import BillingContext, PricingDeps, billing_context, price_service_period
+from meterflow.billing.money import EXACT, decimal_text, money_text
+from meterflow.billing.periods import Period, zone_at
+from meterflow.billing.plans import FlatCharge, Plan
+from meterflow.billing.preview import BillingContext, NotInPeriod, PricingDeps, billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
+from meterflow.billing.settlement import BilledLine, Debit, OwedLine, Settlement, owed_lines, settle
 from meterflow.billing.subscriptions import Subscription
+from meterflow.clock import Clock
 from meterflow.records import Records, RecordsUnavailable, plain
 from meterflow.records.tables import invoices
 from meterflow.storage import StorageError
 
 log = logging.getLogger("meterflow.closing")
 _CLOSING_LOCK = 0x4D46_494E  # "MFIN": the advisory-lock class of period closing (the key is the period's hash)
+_SETTLING_LOCK = 0x4D46_5354  # "MFST": settling a customer's books
+ZERO = Decimal(0)
+# What a pass survives per subscription: a backend down, a plan or meter that no longer applies.
+_FAILURES = (StorageError, RecordsUnavailable, LookupError, ValueError, StoredPlanBroken)
 
 
 class ClosingDeps(PricingDeps, Protocol):
@@ -53,6 +66,10 @@ class ClosingDeps(PricingDeps, Protocol):
     def records(self) -> Records: ...
     @property
     def invoices(self) -> Invoices: ...
+    @property
+    def credit_notes(self) -> CreditNotes: ...
+    @property
+    def clock(self) -> Clock: ...
 
 
 Outcome = Literal["finalized", "drafted", "skipped"]
@@ -60,7 +77,7 @@ Outcome = Literal["finalized", "drafted", "skipped"]
 
 @dataclass(frozen=True)
 class Due:
-    """A subscription's ended calendar period that has no finalized invoice yet."""
+    """A subscription's ended period that has no finalized invoice yet."""
 
     context: BillingContext
     period: Period
@@ -77,26 +94,49 @@ class CloseReport:
     closed: int = 0  # finalized by this closer
     drafted: int = 0  # drafted by this closer, to be finalized when their grace has passed
     skipped: int = 0  # closed by another closer meanwhile
-    failed: int = 0  # could not be priced or stored now (logged); the next pass tries again
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+    failed: int = 0  # could not be priced or stored now (recorded); the next pass tries again
+    credit_notes: int = 0  # made by settling
+    late_invoices: int = 0  # invoices of late lines only
+    finalized_ids: set[str] = field(default_factory=set)
 
 
 def period_label(ctx: BillingContext, period: Period) -> str:
-    start = dt.datetime.fromtimestamp(period.start / 1000, ctx.tz)
+    start = dt.datetime.fromtimestamp(period.start / 1000, zone_at(ctx.zones, period.start))
     return f"{start:%Y-%m}" if ctx.plan.interval == "month" else f"{start:%Y}"
+
+
+def billed_end(sub: Subscription, period: Period) -> int:
+    """When the billed part of `period` ends: the period's end, or the subscription's if it ends inside."""
+    return period.end if sub.end is None else min(period.end, sub.end)
+
+
+@dataclass
+class _Books:
+    """A customer's billing record as settling reads it."""
+
+    contexts: dict[str, BillingContext]
+    period_invoices: dict[tuple[str, int], dict[str, Any]]  # (subscription, period start) -> its invoice
+    billed: dict[tuple[str, int], list[BilledLine]]  # (subscription, period start) -> lines that billed it
+    settled: set[tuple[str, int]]  # periods with a non-draft invoice
 
 
 class Closer:
     def __init__(self, deps: ClosingDeps) -> None:
         self._deps = deps
         self._grace_ms = deps.settings.invoice_grace_s * 1000
+        # Events older than this are refused at ingest, so periods ending before it no longer change.
+        self._window_ms = deps.settings.max_age_ms + deps.settings.max_future_ms
+        self.failures = ClosingFailures(deps.records)
+        self._plans: dict[tuple[str, int], Plan] = {}
+        self._local = asyncio.Lock()  # settling takes turns within a process (PostgreSQL: an advisory lock too)
 
-    async def due(self, at: int, customer_id: str | None = None) -> list[Due]:
-        """Every period that ended by `at` without a finalized invoice, by subscription id: those that
-        ended `grace` before `at` to finalize, the younger ones to draft if they have no draft yet."""
+    # --- which periods are due --------------------------------------------------------------------------
+
+    async def due(self, at: int, customer_id: str | None = None,
+                  failed: dict[str, str] | None = None) -> list[Due]:  # fmt: skip
+        """Every period whose billed part ended by `at` without a finalized invoice, by subscription id:
+        those that ended `grace` before `at` to finalize, the younger ones to draft if they have no
+        draft yet. A subscription that cannot be read goes to `failed` (id -> error)."""
         boundary = at - self._grace_ms
         out: list[Due] = []
         after = ""
@@ -110,47 +150,54 @@ class Closer:
                 end = at if sub.end is None else min(sub.end, at)
                 if end <= sub.start:
                     continue
-                ctx = await billing_context(self._deps, sub)
-                for period in periods_between(ctx.plan.interval, ctx.tz, sub.start, end):
-                    if period.end > at:
+                try:
+                    ctx = await billing_context(self._deps, sub)
+                except _FAILURES as e:
+                    if failed is not None:
+                        failed[sub.id] = str(e)
+                    continue
+                for period in ctx.periods(end):
+                    ends = billed_end(sub, period)
+                    if ends > at:
                         continue
                     status = known.get((sub.id, period.start))
-                    final = period.end <= boundary
+                    final = ends <= boundary
                     if status is None or (final and status == "draft"):
                         out.append(Due(ctx, period, final))
 
     async def _invoiced(self, sub_ids: list[str]) -> dict[tuple[str, int], str]:
-        """(subscription, period start) -> status of its invoice."""
+        """(subscription, period start) -> status of its period invoice."""
         q = sa.select(invoices.c.subscription_id, invoices.c.period_start, invoices.c.status).where(
-            invoices.c.subscription_id.in_(sub_ids))
+            invoices.c.subscription_id.in_(sub_ids), invoices.c.kind == "period")
         async with self._deps.records.connect() as conn:
             rows = (await conn.execute(q)).all()
         return {(r.subscription_id, int(r.period_start)): str(r.status) for r in rows}
 
+    # --- closing one period ---------------------------------------------------------------------------------
+
     async def close(self, due: Due) -> Outcome:
         """Drafts the period's invoice and, once its grace has passed, finalizes it."""
-        async with self._period_lock(due) as mine:
+        async with self._period_lock(f"{due.subscription.id}:{due.period.start}", _CLOSING_LOCK) as mine:
             return await self._close(due) if mine else "skipped"
 
     @contextlib.asynccontextmanager
-    async def _period_lock(self, due: Due) -> AsyncIterator[bool]:
-        """PostgreSQL: a session advisory lock per period, tried without waiting, so of several closers
-        one prices the period and the others move on (the unique constraint and the finalize row lock
-        stay the guarantee). It goes with the connection if the closer dies. SQLite: one process."""
+    async def _period_lock(self, key: str, cls: int) -> AsyncIterator[bool]:
+        """PostgreSQL: a session advisory lock, tried without waiting, so of several closers one does the
+        work and the others move on (the unique constraint and the finalize row lock stay the guarantee).
+        It goes with the connection if the closer dies. SQLite: one process."""
         if self._deps.records.name != "postgresql":
             yield True
             return
-        key = f"{due.subscription.id}:{due.period.start}"
         async with self._deps.records.connect() as conn:
             got = bool((await conn.execute(sa.text("SELECT pg_try_advisory_lock(:cls, hashtext(:key))"),
-                                           {"cls": _CLOSING_LOCK, "key": key})).scalar())  # fmt: skip
+                                           {"cls": cls, "key": key})).scalar())  # fmt: skip
             await conn.commit()
             try:
                 yield got
             finally:
                 if got:
                     await conn.execute(sa.text("SELECT pg_advisory_unlock(:cls, hashtext(:key))"),
-                                       {"cls": _CLOSING_LOCK, "key": key})  # fmt: skip
+                                       {"cls": cls, "key": key})  # fmt: skip
                     await conn.commit()
 
     async def _close(self, due: Due) -> Outcome:
@@ -178,91 +225,333 @@ class Closer:
         return "finalized"
 
     async def document(self, due: Due) -> tuple[str, dict[str, Any]]:
-        """(currency, the invoice document): the period priced, with late usage of earlier periods."""
+        """(currency, the invoice document): the period priced, with the late lines it receives."""
         priced = await price_service_period(self._deps, due.context, due.period)
         # The plan version is frozen with the lines: a later version of the plan does not change this invoice.
         document = {**priced_period_json(priced), "plan_version": due.subscription.plan_version}
-        late = await self.late_lines(due.context, due.period.start)
-        if late:
-            extra = sum((Decimal(ln["amount"]) for ln in late), Decimal(0))
-            document["lines"] += late
-            document["late_usage"] = money_text(extra, priced.currency)
-            document["total"] = money_text(priced.total + extra, priced.currency)
-        return priced.currency, document
+        late = await self.late_lines(due.subscription, priced.currency, self._deps.clock.now_ms())
+        return priced.currency, with_late_lines(document, late, priced.currency)
 
-    async def late_lines(self, ctx: BillingContext, before: int) -> list[dict[str, Any]]:
-        """Lines for usage of earlier finalized periods that their invoices (and late lines since) did not bill."""
-        sub = ctx.subscription
-        oldest = _now_ms() - self._deps.settings.max_age_ms - self._deps.settings.max_future_ms
-        q = (sa.select(invoices).where(invoices.c.subscription_id == sub.id, invoices.c.period_start < before)
-             .order_by(invoices.c.period_start))  # fmt: skip
-        async with self._deps.records.connect() as conn:
-            rows = [plain(r) for r in (await conn.execute(q)).mappings().all()]
-        billed: dict[tuple[int, str], tuple[Decimal, Decimal]] = {}  # (period start, line key) -> (quantity, amount)
-        for r in rows:
-            if r["status"] not in ("finalized", "paid"):
-                continue
-            for ln in r["document"]["lines"]:
-                if ln.get("meter") is None:
-                    continue
-                start = ln["late_for"]["start"] if "late_for" in ln else r["period_start"]
-                key = (start, _line_key(ln))
-                q0, a0 = billed.get(key, (Decimal(0), Decimal(0)))
-                billed[key] = (q0 + Decimal(ln["quantity"]), a0 + Decimal(ln["amount"]))
+    async def late_lines(self, receiver: Subscription, currency: str, at: int,
+                         skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:  # fmt: skip
+        """The late lines an invoice of `receiver` carries: what its own finalized periods newly owe, and
+        what ended subscriptions of the customer in the same currency newly owe when `receiver` is the
+        one that takes them (see `_receiver`)."""
+        if not await self._has_finalized(receiver.customer_id):
+            return []  # nothing billed yet: nothing can be owed late (one cheap query for a new customer)
+        books = await self._books(receiver.customer_id, at)
         out: list[dict[str, Any]] = []
-        for r in rows:
-            if r["status"] not in ("finalized", "paid") or r["period_end"] <= oldest:
+        for ctx in books.contexts.values():
+            sub = ctx.subscription
+            if ctx.plan.currency != currency:
                 continue
-            period = Period(r["period_start"], r["period_end"])
-            now = priced_period_json(await price_service_period(self._deps, ctx, period))
-            label = period_label(ctx, period)
-            for ln in now["lines"]:
-                if ln.get("meter") is None:
-                    continue
-                q_then, a_then = billed.get((period.start, _line_key(ln)), (Decimal(0), Decimal(0)))
-                dq, da = Decimal(ln["quantity"]) - q_then, Decimal(ln["amount"]) - a_then
-                if dq == 0 and da == 0:
-                    continue
-                out.append({"charge": ln["charge"], "meter": ln["meter"], **_dimension(ln),
-                            "description": f"Late usage for {label}" + (f": {ln['description']}"
-                                                                        if ln.get("description") else ""),
-                            "quantity": decimal_text(dq), "amount": money_text(da, now["currency"]), "tiers": [],
-                            "late_for": {"start": period.start, "end": period.end}})  # fmt: skip
+            if sub.id != receiver.id and self._receiver(books, sub, at) != receiver.id:
+                continue
+            for period, s in await self._settlements(books, ctx, at, skip):
+                out += [_late_line(ctx, period, d, currency) for d in s.debits]
         return out
 
+    async def _has_finalized(self, customer_id: str) -> bool:
+        q = sa.select(invoices.c.id).where(invoices.c.customer_id == customer_id, invoices.c.status != "draft")
+        async with self._deps.records.connect() as conn:
+            return (await conn.execute(q.limit(1))).first() is not None
+
+    def _receiver(self, books: _Books, sub: Subscription, at: int) -> str | None:
+        """Who takes the late lines of `sub`: itself while it has a period left to invoice; once ended and
+        all invoiced, the customer's subscription in the same currency whose next period ends first
+        (ties by id); None when there is none (settling then makes an invoice of late lines only)."""
+        if sub.id not in books.contexts or self._next_end(books, books.contexts[sub.id], at) is not None:
+            return sub.id
+        currency = books.contexts[sub.id].plan.currency
+        best: tuple[int, str] | None = None
+        for ctx in books.contexts.values():
+            if ctx.plan.currency != currency or ctx.subscription.id == sub.id:
+                continue
+            nxt = self._next_end(books, ctx, at)
+            if nxt is not None and (best is None or (nxt, ctx.subscription.id) < best):
+                best = (nxt, ctx.subscription.id)
+        return None if best is None else best[1]
+
+    def _next_end(self, books: _Books, ctx: BillingContext, at: int) -> int | None:
+        """When the subscription's next period without a finalized invoice ends; None if it has none left."""
+        sub = ctx.subscription
+        if sub.end is None:
+            for p in ctx.periods(max(at, sub.start) + 1):
+                if (sub.id, p.start) not in books.settled:
+                    return billed_end(sub, p)
+            return ctx.period_at(max(at, sub.start)).end  # pragma: no cover - the loop always finds the current one
+        for p in ctx.periods(sub.end):
+            if (sub.id, p.start) not in books.settled:
+                return billed_end(sub, p)
+        return None
+
+    # --- settling ---------------------------------------------------------------------------------------------
+
+    async def settle_customer(self, customer_id: str, at: int, skip: frozenset[str] = frozenset(),
+                              report: CloseReport | None = None) -> None:  # fmt: skip
+        """Credit notes for what the customer's finalized periods no longer owe, and an invoice of late lines
+        only for what ended subscriptions newly owe when no other subscription takes it. `skip`: invoices
+        finalized in this pass (priced just now; the next pass settles them)."""
+        report = report if report is not None else CloseReport()
+        async with self._local, self._period_lock(customer_id, _SETTLING_LOCK) as mine:
+            if not mine:
+                return
+            if not await self._has_finalized(customer_id):
+                return
+            books = await self._books(customer_id, at)
+            orphans: dict[str, list[dict[str, Any]]] = defaultdict(list)  # currency -> late lines of nobody's
+            for ctx in sorted(books.contexts.values(), key=lambda c: c.subscription.id):
+                sub = ctx.subscription
+                credits: dict[str, list[CreditLine]] = defaultdict(list)
+                retro: dict[str, bool] = {}
+                takes = self._receiver(books, sub, at)
+                for period, s in await self._settlements(books, ctx, at, skip):
+                    late_for = {"subscription_id": sub.id, "start": period.start, "end": period.end}
+                    own_invoice = books.period_invoices.get((sub.id, period.start), {}).get("id")
+                    for c in s.credits:
+                        own = c.billed.invoice_id == own_invoice  # else a late line on a later invoice
+                        credits[c.billed.invoice_id].append(CreditLine(
+                            c.billed.slot, c.billed.key, f"Correction for {period_label(ctx, period)}",
+                            c.quantity, c.amount, None if own else late_for))  # fmt: skip
+                        retro[c.billed.invoice_id] = retro.get(c.billed.invoice_id, False) or (
+                            sub.settle_from is not None and period.end > sub.settle_from)
+                    if takes is None and s.debits:
+                        orphans[ctx.plan.currency] += [_late_line(ctx, period, d, ctx.plan.currency)
+                                                       for d in s.debits]  # fmt: skip
+                for invoice_id, lines in credits.items():
+                    reason = "retroactive_change" if retro[invoice_id] else "late_correction"
+                    if await self._deps.credit_notes.create(invoice_id, reason, lines) is not None:
+                        report.credit_notes += 1
+                if sub.settle_from is not None:
+                    await self._deps.subscriptions.mark_settled(sub.id, sub.settle_from)
+            for currency, lines in sorted(orphans.items()):
+                first = lines[0]["late_for"]["subscription_id"]
+                await self._late_invoice(customer_id, first, currency, lines, at)
+                report.late_invoices += 1
+
+    async def _late_invoice(self, customer_id: str, sub_id: str, currency: str, lines: list[dict[str, Any]],
+                            at: int) -> None:  # fmt: skip
+        """An invoice of late lines only, made and finalized now (its period is the instant it is made)."""
+        zero = money_text(ZERO, currency)
+        doc = {"plan": None, "currency": currency, "period": {"start": at, "end": at},
+               "billing_period": {"start": at, "end": at}, "lines": [], "subtotal": zero, "minimum": zero,
+               "minimum_adjustment": zero, "total": zero, "plan_version": None}  # fmt: skip
+        doc = with_late_lines(doc, lines, currency)
+        inv, created = await self._deps.invoices.create_draft_document(customer_id, sub_id, Period(at, at), currency,
+                                                                       doc, kind="late")  # fmt: skip
+        if created:
+            await self._deps.invoices.transition(inv["id"], "finalize")
+
+    async def _settlements(self, books: _Books, ctx: BillingContext, at: int,
+                           skip: frozenset[str]) -> list[tuple[Period, Settlement]]:  # fmt: skip
+        """Each finalized period of the subscription that can still change, priced now and settled."""
+        sub = ctx.subscription
+        oldest = at - self._window_ms
+        timeline = {p.start: p for p in ctx.periods(sub.end if sub.end is not None else at + 1)}
+        # Periods a cancel dated in the past cut away still have their invoices: they owe nothing now.
+        invoiced = {start: Period(start, int(inv["period_end"])) for (sid, start), inv in books.period_invoices.items()
+                    if sid == sub.id}  # fmt: skip
+        out: list[tuple[Period, Settlement]] = []
+        for start in sorted(invoiced):
+            inv = books.period_invoices[(sub.id, start)]
+            period = timeline.get(start, invoiced[start])
+            if inv["id"] in skip or inv["status"] == "draft":
+                continue
+            changed = sub.settle_from is not None and period.end > sub.settle_from
+            if period.end <= oldest and not changed:
+                continue
+            owed: list[OwedLine] = []
+            if start in timeline:
+                try:
+                    priced = await price_service_period(self._deps, ctx, period)
+                except NotInPeriod:
+                    priced = None
+                if priced is not None:
+                    owed = owed_lines(priced_period_json(priced))
+            s = settle(owed, books.billed.get((sub.id, start), []))
+            if not s.empty:
+                out.append((period, s))
+        return out
+
+    async def _books(self, customer_id: str, at: int) -> _Books:
+        contexts: dict[str, BillingContext] = {}
+        for sub in await self._deps.subscriptions.of_customer(customer_id):
+            try:
+                contexts[sub.id] = await billing_context(self._deps, sub)
+            except _FAILURES:
+                continue  # its own closing records the failure; the customer's other subscriptions go on
+        q = sa.select(invoices).where(invoices.c.customer_id == customer_id).order_by(invoices.c.created_at,
+                                                                                       invoices.c.id)  # fmt: skip
+        async with self._deps.records.connect() as conn:
+            rows = [plain(r) for r in (await conn.execute(q)).mappings().all()]
+        notes = await self._deps.credit_notes.of_customer(customer_id)
+        notes_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for n in notes:
+            notes_of[n["invoice_id"]].append(n)
+        books = _Books(contexts, {}, defaultdict(list), set())
+        for order, inv in enumerate(rows):
+            if inv["kind"] == "period":
+                books.period_invoices[(inv["subscription_id"], int(inv["period_start"]))] = inv
+            if inv["status"] == "draft":
+                continue
+            if inv["kind"] == "period":
+                books.settled.add((inv["subscription_id"], int(inv["period_start"])))
+            all_off = credited_by_slot(notes_of[inv["id"]])
+            settled_off = credited_by_slot(n for n in notes_of[inv["id"]] if n["reason"] != "manual")
+            keys = await self._line_keys(inv)
+            doc = inv["document"]
+            lines = [(i, ln, keys[i]) for i, ln in enumerate(doc["lines"])]
+            if Decimal(doc.get("minimum_adjustment") or 0):
+                lines.append((None, {"amount": doc["minimum_adjustment"], "quantity": "1"}, "minimum"))
+            for slot, ln, key in lines:
+                late = ln.get("late_for")
+                owner = ((late["subscription_id"], int(late["start"])) if late
+                         else (inv["subscription_id"], int(inv["period_start"])))  # fmt: skip
+                k = slot_key(slot)
+                books.billed[owner].append(BilledLine(inv["id"], slot, key, Decimal(ln["quantity"]),
+                                                      Decimal(ln["amount"]), settled_off[k], all_off[k], order))  # fmt: skip
+        return books
+
+    async def _line_keys(self, inv: dict[str, Any]) -> list[str]:
+        """Each line's key; invoices made before line keys existed get theirs from their plan version."""
+        lines = inv["document"]["lines"]
+        if all("line_key" in ln for ln in lines):
+            return [str(ln["line_key"]) for ln in lines]
+        plan = await self._plan(inv)
+        return legacy_keys(plan, lines) if plan is not None else [_legacy(ln) for ln in lines]
+
+    async def _plan(self, inv: dict[str, Any]) -> Plan | None:
+        sub = await self._deps.subscriptions.get(inv["subscription_id"])
+        pv = inv["document"].get("plan_version") or (sub.plan_version if sub else None)
+        if sub is None or pv is None:
+            return None
+        if (sub.plan, pv) not in self._plans:
+            self._plans[(sub.plan, pv)] = await self._deps.plans.get_version(sub.plan, pv)
+        return self._plans[(sub.plan, pv)]
+
+    # --- a pass -------------------------------------------------------------------------------------------------
+
     async def run(self, at: int, customer_id: str | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> CloseReport:  # fmt: skip
-        """Closes every due period; `progress(done, total)` after each."""
-        due = await self.due(at, customer_id)
+                  progress: Callable[[int, int], None] | None = None, settle: bool = True) -> CloseReport:  # fmt: skip
+        """Closes every due period, then settles the books of every customer with a subscription;
+        `progress(done, total)` after each period. Failures are recorded per subscription."""
+        failed: dict[str, str] = {}
+        due = await self.due(at, customer_id, failed)
         report = CloseReport(due=len(due))
+        customers: set[str] = set()
         for i, d in enumerate(due, 1):
             try:
                 outcome = await self.close(d)
-            except (StorageError, RecordsUnavailable, LookupError, ValueError) as e:
+            except _FAILURES as e:
                 # One period that cannot be priced (a meter gone, a backend down) does not hold up the others.
                 log.warning("period not closed", extra={"subscription": d.subscription.id,
                                                         "period_start": d.period.start, "error": str(e)[:300]})
-                report.failed += 1
+                failed.setdefault(d.subscription.id, str(e))
             else:
                 if outcome == "finalized":
                     report.closed += 1
+                    inv = await self._deps.invoices.of_period(d.subscription.id, d.period.start)
+                    if inv is not None:
+                        report.finalized_ids.add(inv["id"])
                 elif outcome == "drafted":
                     report.drafted += 1
                 else:
                     report.skipped += 1
             if progress is not None:
                 progress(i, len(due))
+        if settle:
+            customers = await self._customers(customer_id)
+            for cid in sorted(customers):
+                try:
+                    await self.settle_customer(cid, at, frozenset(report.finalized_ids), report)
+                except _FAILURES as e:
+                    log.warning("books not settled", extra={"customer": cid, "error": str(e)[:300]})
+                    for s in await self._deps.subscriptions.of_customer(cid):
+                        failed.setdefault(s.id, f"settling: {e}")
+        report.failed = len(failed)
+        now = self._deps.clock.now_ms()
+        for sub_id, error in sorted(failed.items()):
+            await self.failures.record(sub_id, None, error, now)
+        ok = await self._subscription_ids(customer_id)
+        await self.failures.clear(sorted(ok - set(failed)))
         return report
 
+    async def _customers(self, customer_id: str | None) -> set[str]:
+        out: set[str] = set()
+        after = ""
+        while True:
+            subs = await self._deps.subscriptions.page(customer_id, after, 500)
+            if not subs:
+                return out
+            out |= {s.customer_id for s in subs}
+            after = subs[-1].id
 
-def _line_key(ln: dict[str, Any]) -> str:
-    """A usage line's identity across invoices: its meter, charge type and dimension."""
+    async def _subscription_ids(self, customer_id: str | None) -> set[str]:
+        failures = await self.failures.list("", 10_000)
+        wanted = {f["subscription_id"] for f in failures}
+        if customer_id is None:
+            return wanted
+        return {s.id for s in await self._deps.subscriptions.of_customer(customer_id)} & wanted
+
+
+def with_late_lines(document: dict[str, Any], late: list[dict[str, Any]], currency: str) -> dict[str, Any]:
+    """The document with `late` appended and its total raised by their amounts (100-digit context)."""
+    if not late:
+        return document
+    with localcontext(EXACT):
+        extra = sum((Decimal(ln["amount"]) for ln in late), ZERO)
+        total = Decimal(document["total"]) + extra
+    return {**document, "lines": document["lines"] + late, "late_usage": money_text(extra, currency),
+            "total": money_text(total, currency)}
+
+
+def _late_line(ctx: BillingContext, period: Period, d: Debit, currency: str) -> dict[str, Any]:
+    o = d.line
+    what = o.description or (o.meter or o.charge)
+    line: dict[str, Any] = {"line_key": o.key, "charge": o.charge, "meter": o.meter,
+                            "description": f"Late usage for {period_label(ctx, period)}: {what}",
+                            "quantity": decimal_text(d.quantity), "amount": money_text(d.amount, currency), "tiers": [],
+                            "late_for": {"subscription_id": ctx.subscription.id, "start": period.start,
+                                         "end": period.end}}  # fmt: skip
+    if o.dimension:
+        line["dimension"] = o.dimension
+    return line
+
+
+def _legacy(ln: dict[str, Any]) -> str:
     dim = ln.get("dimension") or {}
-    return f"{ln['meter']}|{ln['charge']}|{sorted(dim.items())}"
+    return f"legacy:{ln.get('meter')}|{ln.get('charge')}|{sorted(dim.items())}"
 
 
-def _dimension(ln: dict[str, Any]) -> dict[str, Any]:
-    return {"dimension": ln["dimension"]} if "dimension" in ln else {}
+def legacy_keys(plan: Plan, lines: list[dict[str, Any]]) -> list[str]:
+    """Line keys for lines stored before keys existed: the period's own lines follow the plan's charges in
+    order (a dimensional charge's lines one after another); a late line takes the first charge that
+    prices its meter the same way."""
+    keys: list[str] = []
+    own = [ln for ln in lines if "late_for" not in ln]
+    at = 0
+    for i, c in enumerate(plan.charges):
+        if at >= len(own):
+            break
+        if isinstance(c, FlatCharge) or c.price_by is None:
+            keys.append(str(i))
+            at += 1
+            continue
+        while at < len(own) and own[at].get("meter") == c.meter and c.price_by in (own[at].get("dimension") or {}):
+            keys.append(f"{i}:{c.price_by}={own[at]['dimension'][c.price_by]}")
+            at += 1
+    keys += [_legacy(ln) for ln in own[len(keys):]]
+    for ln in lines[len(own):]:
+        dim = ln.get("dimension") or {}
+        match = next((i for i, c in enumerate(plan.charges) if not isinstance(c, FlatCharge) and c.meter ==
+                      ln.get("meter") and (c.price_by in dim if c.price_by else not dim)), None)  # fmt: skip
+        if match is None:
+            keys.append(_legacy(ln))
+        else:
+            c = plan.charges[match]
+            keys.append(f"{match}:{c.price_by}={dim[c.price_by]}" if dim and not isinstance(c, FlatCharge)
+                        and c.price_by else str(match))  # fmt: skip
+    return keys
 
 
 async def close_periodically(deps: ClosingDeps, interval_s: int) -> None:
@@ -270,10 +559,12 @@ async def close_periodically(deps: ClosingDeps, interval_s: int) -> None:
     closer = Closer(deps)
     while True:
         try:
-            report = await closer.run(_now_ms())
-            if report.closed or report.drafted or report.failed:
+            report = await closer.run(deps.clock.now_ms())
+            if report.closed or report.drafted or report.failed or report.credit_notes or report.late_invoices:
                 log.info("periods closed", extra={"closed": report.closed, "drafted": report.drafted,
-                                                  "skipped": report.skipped, "failed": report.failed})
+                                                  "skipped": report.skipped, "failed": report.failed,
+                                                  "credit_notes": report.credit_notes,
+                                                  "late_invoices": report.late_invoices})
         except Exception as e:  # a backend may be down: the next pass tries again
             log.warning("closing pass failed", extra={"error": str(e)[:300]})
         await asyncio.sleep(interval_s)

@@ -12,20 +12,22 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
-import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from decimal import Decimal, localcontext
+from typing import Any, Literal
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterflow.archive import Store
+from meterflow.billing.money import EXACT, money_text
+from meterflow.billing.numbering import next_number
 from meterflow.billing.periods import Period
 from meterflow.billing.rating import PricedPeriod
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.webhooks import enqueue
+from meterflow.clock import SYSTEM, Clock
 from meterflow.records import Records, plain
 from meterflow.records.tables import invoice_numbers, invoices
 
@@ -50,8 +52,9 @@ class WrongStatus(Exception):
         self.action = action
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+Kind = Literal["period", "late"]
+# What finalizing freezes beside the lines: seller and buyer details, time zone, locale, units.
+Snapshot = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def number_text(year: int, n: int) -> str:
@@ -59,9 +62,15 @@ def number_text(year: int, n: int) -> str:
 
 
 def public(row: dict[str, Any]) -> dict[str, Any]:
-    """An invoice as the API shows it: the upcoming invoice's shape plus id, number, status and dates."""
-    return {"id": row["id"], "number": row["number"], "status": row["status"], "customer_id": row["customer_id"],
-            "subscription_id": row["subscription_id"], **row["document"], "created_at": row["created_at"],
+    """An invoice as the API shows it: the upcoming invoice's shape plus id, number, status, dates and
+    what its credit notes took off (`amount_credited`, `amount_due`)."""
+    credited = row.get("amount_credited") or "0"
+    with localcontext(EXACT):
+        due = Decimal(row["total"]) - Decimal(credited)
+    return {"id": row["id"], "number": row["number"], "status": row["status"], "kind": row.get("kind") or "period",
+            "customer_id": row["customer_id"], "subscription_id": row["subscription_id"], **row["document"],
+            "amount_credited": money_text(Decimal(credited), row["currency"]),
+            "amount_due": money_text(due, row["currency"]), "created_at": row["created_at"],
             "issued_at": row["issued_at"], "due_at": row["due_at"], "paid_at": row["paid_at"],
             "voided_at": row["voided_at"]}  # fmt: skip
 
@@ -74,10 +83,13 @@ def archive_key(number: str, issued_at: int) -> str:
 class Invoices:
     """Invoices in the records database; finalized ones also go to the archive store."""
 
-    def __init__(self, records: Records, archive: Store | None, due_days: int = 30) -> None:
+    def __init__(self, records: Records, archive: Store | None, due_days: int = 30, *, clock: Clock = SYSTEM,
+                 snapshot: Snapshot | None = None) -> None:  # fmt: skip
         self._db = records
         self._archive = archive
         self._due_ms = due_days * DAY_MS
+        self._clock = clock
+        self._snapshot = snapshot
 
     async def create_draft(
         self, customer_id: str, subscription_id: str, priced: PricedPeriod
@@ -88,15 +100,18 @@ class Invoices:
         )
 
     async def create_draft_document(
-        self, customer_id: str, subscription_id: str, period: Period, currency: str, document: dict[str, Any]
+        self, customer_id: str, subscription_id: str, period: Period, currency: str, document: dict[str, Any],
+        kind: Kind = "period",
     ) -> tuple[dict[str, Any], bool]:
         """The period's draft with `document` (the priced period's JSON, late lines included); (invoice,
         created). The unique (subscription, period start) makes a second draft of the same period
-        impossible: the loser of a race gets the winner's invoice."""
+        impossible: the loser of a race gets the winner's invoice. A `late` invoice holds late lines
+        only; its period is the instant it is made."""
         row = {"id": "inv_" + secrets.token_hex(12), "customer_id": customer_id, "subscription_id": subscription_id,
                "period_start": period.start, "period_end": period.end, "status": "draft", "number": None,
-               "currency": currency, "total": document["total"], "document": document, "created_at": _now_ms(),
-               "issued_at": None, "due_at": None, "paid_at": None, "voided_at": None, "version": 1}  # fmt: skip
+               "currency": currency, "total": document["total"], "document": document,
+               "created_at": self._clock.now_ms(), "issued_at": None, "due_at": None, "paid_at": None,
+               "voided_at": None, "version": 1, "kind": kind, "amount_credited": "0"}  # fmt: skip
         try:
             async with self._db.begin() as conn:
                 await conn.execute(sa.insert(invoices).values(row))
@@ -129,8 +144,11 @@ class Invoices:
             row = (await conn.execute(sa.select(invoices).where(invoices.c.id == invoice_id))).mappings().first()
         return public(plain(row)) if row is not None else None
 
-    async def list(self, after: str, limit: int, customer_id: str = "", status: str = "") -> list[dict[str, Any]]:
+    async def list(self, after: str, limit: int, customer_id: str = "", status: str = "",
+                   subscription_id: str = "") -> list[dict[str, Any]]:  # fmt: skip
         q = sa.select(invoices).where(invoices.c.id > after)
+        if subscription_id:
+            q = q.where(invoices.c.subscription_id == subscription_id)
         if customer_id:
             q = q.where(invoices.c.customer_id == customer_id)
         if status:
@@ -143,6 +161,11 @@ class Invoices:
         """Applies `action` (finalize, void, mark_paid); None when there is no such invoice; WrongStatus
         when its status does not allow it. The webhook deliveries commit with the change."""
         needs, makes, column, event = TRANSITIONS[action]
+        frozen: dict[str, Any] | None = None
+        if action == "finalize" and self._snapshot is not None:
+            current = await self.get(invoice_id)
+            if current is not None and current["status"] == "draft":
+                frozen = await self._snapshot(current)
         async with self._db.begin() as conn:
             q = sa.select(invoices).where(invoices.c.id == invoice_id)
             if conn.dialect.name == "postgresql":
@@ -153,10 +176,12 @@ class Invoices:
             row = plain(found)
             if row["status"] != needs:
                 raise WrongStatus(row["status"], action)
-            now = _now_ms()
+            now = self._clock.now_ms()
             values: dict[str, Any] = {"status": makes, column: now, "version": row["version"] + 1}
+            if frozen is not None:
+                values["document"] = {**row["document"], "snapshot": frozen}
             if action == "finalize":
-                values["number"] = number_text(*await self._next_number(conn, now))
+                values["number"] = number_text(*await next_number(conn, invoice_numbers, now))
                 values["due_at"] = now + self._due_ms
             done = await conn.execute(
                 sa.update(invoices)
@@ -172,19 +197,6 @@ class Invoices:
         if action == "finalize":
             await self._archive_copy(invoice)
         return invoice
-
-    async def _next_number(self, conn: AsyncConnection, now: int) -> tuple[int, int]:
-        """(year, n): the year's counter raised by one inside the caller's transaction."""
-        year = dt.datetime.fromtimestamp(now / 1000, dt.UTC).year
-        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        stmt = (
-            insert(invoice_numbers)
-            .values(year=year, last=1)
-            .on_conflict_do_update(index_elements=[invoice_numbers.c.year], set_={"last": invoice_numbers.c.last + 1})
-            .returning(invoice_numbers.c.last)
-        )
-        n = (await conn.execute(stmt)).scalar_one()
-        return year, int(n)
 
     async def _archive_copy(self, invoice: dict[str, Any]) -> None:
         """The disaster-recovery copy; the records database stays the truth if the store is down."""

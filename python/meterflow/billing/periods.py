@@ -9,6 +9,7 @@ period's milliseconds prorates flat charges.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
@@ -83,4 +84,44 @@ def service_periods(interval: Interval, tz: ZoneInfo, start: int, end: int | Non
         part = cut(p, start, end)
         if part is not None:
             out.append(part)
+    return out
+
+
+# Time offsets differ by at most 26 hours, so two days after a boundary is inside the new
+# zone's period that follows it.
+_SETTLE_IN_MS = 2 * 86_400_000
+
+Zones = Sequence[tuple[int, ZoneInfo]]  # [(changed_at, zone)] oldest first; the first in force since ever
+
+
+def zone_at(zones: Zones, t: int) -> ZoneInfo:
+    """The zone in force at instant `t`: the last one set at or before it (the first one before any)."""
+    found = zones[0][1]
+    for at, z in zones:
+        if at > t:
+            break
+        found = z
+    return found
+
+
+def subscription_periods(interval: Interval, zones: Zones, start: int, end: int) -> list[Period]:
+    """The billing periods of a subscription that starts at `start`, in order, every one that meets [start, end).
+
+    The first is the calendar period holding `start` in the zone in force then. A period that has
+    begun keeps its bounds: a zone set later takes effect at the next boundary, where a period runs
+    to the end of the new zone's period holding the instant two days later (a whole period, not a
+    cut one); from there on periods are the new zone's calendar periods.
+    """
+    out: list[Period] = []
+    zone = zone_at(zones, start)
+    p = period_containing(interval, zone, start)
+    while p.start < end:
+        out.append(p)
+        t = p.end
+        new = zone_at(zones, t)
+        if new.key != zone.key:
+            p = Period(t, period_containing(interval, new, t + _SETTLE_IN_MS).end)
+            zone = new
+        else:
+            p = period_containing(interval, zone, t)
     return out

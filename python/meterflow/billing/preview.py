@@ -18,7 +18,7 @@ from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from meterflow.billing.catalog import PlanCatalog
-from meterflow.billing.periods import Period, ServicePeriod, cut, period_containing
+from meterflow.billing.periods import Period, ServicePeriod, cut, period_containing, subscription_periods, zone_at
 from meterflow.billing.plans import Plan
 from meterflow.billing.rating import MeterUsage, PricedPeriod, price_period
 from meterflow.billing.subscriptions import Subscription, Subscriptions
@@ -49,20 +49,32 @@ class NotInPeriod(ValueError):
 
 @dataclass(frozen=True)
 class BillingContext:
-    """A subscription's plan version and the customer's time zone: all that periods and prices depend on."""
+    """A subscription's plan version and the customer's time zones: all that periods and prices depend on."""
 
     subscription: Subscription
     plan: Plan
-    tz: ZoneInfo
+    zones: tuple[tuple[int, ZoneInfo], ...]  # [(changed_at, zone)] oldest first
+
+    @property
+    def tz(self) -> ZoneInfo:
+        """The zone in force now (for labels and documents)."""
+        return self.zones[-1][1]
+
+    def periods(self, until: int) -> list[Period]:
+        """The subscription's billing periods that begin before `until` (see `subscription_periods`)."""
+        return subscription_periods(self.plan.interval, self.zones, self.subscription.start, until)
 
     def period_at(self, at: int) -> Period:
-        """The calendar period (local to the customer) holding the instant `at`."""
-        return period_containing(self.plan.interval, self.tz, at)
+        """The billing period holding the instant `at` (at or after the subscription's start)."""
+        if at < self.subscription.start:
+            return period_containing(self.plan.interval, zone_at(self.zones, at), at)
+        return self.periods(at + 1)[-1]
 
 
 async def billing_context(deps: PricingDeps, sub: Subscription) -> BillingContext:
     plan = await deps.plans.get_version(sub.plan, sub.plan_version)
-    return BillingContext(sub, plan, ZoneInfo(await deps.subscriptions.customer_timezone(sub.customer_id)))
+    zones = tuple((at, ZoneInfo(z)) for at, z in await deps.subscriptions.timezone_history(sub.customer_id))
+    return BillingContext(sub, plan, zones)
 
 
 async def meter_usage(deps: PricingDeps, plan: Plan, customer_id: str, start: int, end: int) -> dict[str, MeterUsage]:
@@ -72,7 +84,7 @@ async def meter_usage(deps: PricingDeps, plan: Plan, customer_id: str, start: in
     needs = plan.usage_needs()
     requests: list[tuple[str, str | None, UsageRequest]] = []
     for code, props in needs.items():
-        meter = await deps.meters.get(code)
+        meter = await deps.meters.at(code, start)
         if meter is None:
             raise LookupError(f"plan {plan.code!r} prices meter {code!r}, which no longer exists")
         for p in props or (None,):

@@ -79,6 +79,9 @@ class Line:
     tiers: tuple[TierLine, ...] = ()
     dimension: tuple[str, str] | None = None  # (price_by property, value)
     packages: Decimal | None = None  # package lines: started blocks
+    # The line's identity across invoices: the charge's position in the plan version, with the value
+    # of a dimensional charge ("5:region=eu-west-1"); never the meter and type, which two charges may share.
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ def _exact_amount(q: Decimal, price: Price) -> tuple[Decimal, tuple[TierLine, ..
     return (*_volume(q, price.tiers), None)
 
 
-def _line(c: UsageCharge, price: Price, quantity: Decimal, currency: str, dim: tuple[str, str] | None) -> Line:
+def _line(c: UsageCharge, price: Price, quantity: Decimal, currency: str, dim: tuple[str, str] | None,
+          index: int) -> Line:  # fmt: skip
     # Within Decimal128(38, 9) every product and sum below fits EXACT's 100 digits.
     if (
         not quantity.is_finite()
@@ -147,23 +151,25 @@ def _line(c: UsageCharge, price: Price, quantity: Decimal, currency: str, dim: t
     ):
         raise ValueError(f"quantity {quantity} of meter {c.meter!r} is not a Decimal128(38, 9) value")
     amount, tiers, packages = _exact_amount(max(quantity, ZERO), price)
-    return Line(price.type, c.meter, c.description, quantity, round_money(amount, currency), tiers, dim, packages)
+    key = str(index) if dim is None else f"{index}:{dim[0]}={dim[1]}"
+    return Line(price.type, c.meter, c.description, quantity, round_money(amount, currency), tiers, dim, packages,
+                key)  # fmt: skip
 
 
-def _usage_lines(c: UsageCharge, usage: Mapping[str, MeterUsage], currency: str) -> list[Line]:
+def _usage_lines(c: UsageCharge, usage: Mapping[str, MeterUsage], currency: str, index: int) -> list[Line]:
     u = usage.get(c.meter)
     if u is None:
         raise UsageMissing(f"no usage given for meter {c.meter!r}")
     if c.price_by is None:
         assert c.price is not None  # parse_plan: a charge without price_by has a price
-        return [_line(c, c.price, u.total, currency, None)]
+        return [_line(c, c.price, u.total, currency, None, index)]
     by = u.by.get(c.price_by)
     if by is None:
         raise UsageMissing(f"no usage by {c.price_by!r} given for meter {c.meter!r}")
     listed = dict(c.prices)
-    lines = [_line(c, p, by.get(v, ZERO), currency, (c.price_by, v)) for v, p in c.prices]
+    lines = [_line(c, p, by.get(v, ZERO), currency, (c.price_by, v), index) for v, p in c.prices]
     if c.price is not None:
-        lines += [_line(c, c.price, by[v], currency, (c.price_by, v)) for v in sorted(by) if v not in listed]
+        lines += [_line(c, c.price, by[v], currency, (c.price_by, v), index) for v in sorted(by) if v not in listed]
     return lines
 
 
@@ -176,12 +182,12 @@ def price_period(plan: Plan, usage: Mapping[str, MeterUsage], period: ServicePer
     cur = plan.currency
     lines: list[Line] = []
     with localcontext(EXACT):
-        for c in plan.charges:
+        for i, c in enumerate(plan.charges):
             if isinstance(c, FlatCharge):
                 amount = round_ratio(c.amount, period.served_ms, period.period_ms, cur)
-                lines.append(Line("flat", None, c.description, ONE, amount))
+                lines.append(Line("flat", None, c.description, ONE, amount, key=str(i)))
             else:
-                lines += _usage_lines(c, usage, cur)
+                lines += _usage_lines(c, usage, cur, i)
         subtotal = sum((ln.amount for ln in lines), ZERO)
         minimum = round_ratio(plan.minimum, period.served_ms, period.period_ms, cur)
         adjustment = max(minimum - subtotal, ZERO)

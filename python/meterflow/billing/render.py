@@ -20,6 +20,7 @@ def _tier_json(t: TierLine) -> dict[str, Any]:
 
 def _line_json(line: Line, currency: str) -> dict[str, Any]:
     out: dict[str, Any] = {
+        "line_key": line.key,
         "charge": line.charge,
         "meter": line.meter,
         "description": line.description,

@@ -6,13 +6,18 @@ has at most one subscription per plan at any instant: a new one that would
 overlap another of the same plan is refused. Checks and writes of one
 customer take turns (an advisory lock on PostgreSQL, a lock in the one
 embedded process on SQLite), so two concurrent requests cannot both pass.
+
+A subscription ends once: a cancel or change of one that already has an end
+(cancelled, changed, or a cancel scheduled) is a conflict, and the write
+compares the version it read, so of concurrent cancels and changes exactly
+one wins. An end dated in the past marks `settle_from`, from which closing
+settles what was already invoiced (README, "The books after the fact").
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterflow.billing.catalog import PlanCatalog
+from meterflow.clock import SYSTEM, Clock
+from meterflow.customers import timezone_history
 from meterflow.errors import FieldError
 from meterflow.records import Records
 from meterflow.records.tables import customers, subscriptions
@@ -36,6 +43,14 @@ class SubscriptionError(FieldError):
 class SubscriptionConflict(Exception):
     """The change would overlap another subscription to the same plan, or the subscription has ended."""
 
+    code = "subscription_conflict"
+
+
+class SubscriptionEnded(SubscriptionConflict):
+    """The subscription already has an end (cancelled, changed, or a cancel scheduled): it ends once."""
+
+    code = "subscription_ended"
+
 
 @dataclass(frozen=True)
 class Subscription:
@@ -49,6 +64,7 @@ class Subscription:
     created_at: int
     updated_at: int
     version: int
+    settle_from: int | None = None
 
     def active_at(self, t: int) -> bool:
         return self.start <= t and (self.end is None or t < self.end)
@@ -65,14 +81,15 @@ def _sub(row: Any) -> Subscription:
         id=row["id"], customer_id=row["customer_id"], plan=row["plan_code"], plan_version=int(row["plan_version"]),
         start=int(row["start_at"]), end=None if row["end_at"] is None else int(row["end_at"]),
         end_reason=row["end_reason"], created_at=int(row["created_at"]), updated_at=int(row["updated_at"]),
-        version=int(row["version"]),
+        version=int(row["version"]), settle_from=None if row.get("settle_from") is None else int(row["settle_from"]),
     )  # fmt: skip
 
 
 class Subscriptions:
-    def __init__(self, records: Records, plans: PlanCatalog) -> None:
+    def __init__(self, records: Records, plans: PlanCatalog, *, clock: Clock = SYSTEM) -> None:
         self._db = records
         self._plans = plans
+        self._clock = clock
         self._local = asyncio.Lock()  # SQLite: the one embedded worker's writes take turns
 
     async def get(self, sub_id: str) -> Subscription | None:
@@ -95,11 +112,16 @@ class Subscriptions:
             rows = (await conn.execute(q.order_by(subscriptions.c.start_at, subscriptions.c.id))).mappings().all()
         return [_sub(r) for r in rows]
 
-    async def customer_timezone(self, customer_id: str) -> str:
-        """The customer's time zone for billing periods (kept for a deleted customer; UTC if unknown)."""
-        async with self._db.connect() as conn:
-            tz = (await conn.execute(sa.select(customers.c.timezone).where(customers.c.id == customer_id))).scalar()
-        return str(tz or "UTC")
+    async def timezone_history(self, customer_id: str) -> list[tuple[int, str]]:
+        """The customer's time zones [(changed_at, zone)] for billing periods (kept for a deleted customer)."""
+        return await timezone_history(self._db, customer_id)
+
+    async def mark_settled(self, sub_id: str, settle_from: int) -> None:
+        """Clears `settle_from` once closing has settled from it (unless a later change moved it meanwhile)."""
+        async with self._db.begin() as conn:
+            await conn.execute(sa.update(subscriptions).where(subscriptions.c.id == sub_id,
+                                                              subscriptions.c.settle_from == settle_from)
+                               .values(settle_from=None))  # fmt: skip
 
     async def create(self, customer_id: str, plan_code: str, start: int) -> Subscription:
         pv = await self._plan_version(plan_code, "plan")
@@ -110,7 +132,7 @@ class Subscriptions:
             if live.first() is None:
                 raise SubscriptionError("customer_id", f"`customer_id`: there is no customer {customer_id!r}.")
             await _refuse_overlap(conn, customer_id, plan_code, start, None)
-            return await _insert(conn, customer_id, plan_code, pv, start)
+            return await _insert(conn, customer_id, plan_code, pv, start, self._clock.now_ms())
 
     async def cancel(self, sub_id: str, at: int) -> Subscription | None:
         sub = await self.get(sub_id)
@@ -119,7 +141,7 @@ class Subscriptions:
         async with self._turn(sub.customer_id) as conn:
             sub = await self._current(conn, sub_id)
             self._check_end(sub, at)
-            return await _end(conn, sub, at, "canceled")
+            return await _end(conn, sub, at, "canceled", self._clock.now_ms())
 
     async def change(self, sub_id: str, plan_code: str, at: int) -> tuple[Subscription, Subscription] | None:
         """Ends the subscription at `at` and starts one on `plan_code` from `at`; returns (ended, new)."""
@@ -132,9 +154,10 @@ class Subscriptions:
             self._check_end(sub, at)
             if at == sub.start:
                 raise SubscriptionError("at", f"`at` ({at}) is the subscription's start; a change must come after it.")
-            ended = await _end(conn, sub, at, "changed")
-            await _refuse_overlap(conn, sub.customer_id, plan_code, at, sub.end, exclude=sub.id)
-            new = await _insert(conn, sub.customer_id, plan_code, pv, at, sub.end)
+            now = self._clock.now_ms()
+            ended = await _end(conn, sub, at, "changed", now)
+            await _refuse_overlap(conn, sub.customer_id, plan_code, at, None, exclude=sub.id)
+            new = await _insert(conn, sub.customer_id, plan_code, pv, at, now)
             return ended, new
 
     async def _plan_version(self, code: str, field: str) -> int:
@@ -151,8 +174,9 @@ class Subscriptions:
     def _check_end(sub: Subscription, at: int) -> None:
         if at < sub.start:
             raise SubscriptionError("at", f"`at` ({at}) is before the subscription's start ({sub.start}).")
-        if sub.end is not None and at >= sub.end:
-            raise SubscriptionConflict(f"Subscription {sub.id} already ends at {sub.end}, before `at` ({at}).")
+        if sub.end is not None:
+            raise SubscriptionEnded(f"Subscription {sub.id} already ends at {sub.end} ({sub.end_reason}); "
+                                    "a subscription ends once.")  # fmt: skip
 
     @staticmethod
     async def _current(conn: AsyncConnection, sub_id: str) -> Subscription:
@@ -223,10 +247,9 @@ async def _refuse_overlap(
         )
 
 
-async def _insert(
-    conn: AsyncConnection, customer_id: str, plan_code: str, pv: int, start: int, end: int | None = None
-) -> Subscription:
-    now = _now_ms()
+async def _insert(conn: AsyncConnection, customer_id: str, plan_code: str, pv: int, start: int,
+                  now: int) -> Subscription:  # fmt: skip
+    end = None
     row = {"id": ID_PREFIX + secrets.token_hex(12), "customer_id": customer_id, "plan_code": plan_code,
            "plan_version": pv, "start_at": start, "end_at": end, "end_reason": None, "created_at": now,
            "updated_at": now, "version": 1}  # fmt: skip
@@ -234,15 +257,18 @@ async def _insert(
     return _sub(row)
 
 
-async def _end(conn: AsyncConnection, sub: Subscription, at: int, reason: EndReason) -> Subscription:
-    now = _now_ms()
-    await conn.execute(
-        sa.update(subscriptions).where(subscriptions.c.id == sub.id)
-        .values(end_at=at, end_reason=reason, updated_at=now, version=sub.version + 1)
+async def _end(conn: AsyncConnection, sub: Subscription, at: int, reason: EndReason, now: int) -> Subscription:
+    """Ends `sub` at `at` if it is still the version read and has no end; an end in the past marks
+    `settle_from` (the earliest one wins) so that closing settles what was invoiced after it."""
+    settle = sub.settle_from
+    if at < now:
+        settle = at if settle is None else min(settle, at)
+    done = await conn.execute(
+        sa.update(subscriptions)
+        .where(subscriptions.c.id == sub.id, subscriptions.c.version == sub.version, subscriptions.c.end_at.is_(None))
+        .values(end_at=at, end_reason=reason, updated_at=now, version=sub.version + 1, settle_from=settle)
     )  # fmt: skip
+    if done.rowcount != 1:
+        raise SubscriptionEnded(f"Subscription {sub.id} changed meanwhile; read it again.")
     return Subscription(sub.id, sub.customer_id, sub.plan, sub.plan_version, sub.start, at, reason,
-                        sub.created_at, now, sub.version + 1)  # fmt: skip
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+                        sub.created_at, now, sub.version + 1, settle)  # fmt: skip

@@ -21,7 +21,7 @@ from meterflow.errors import FieldError
 from meterflow.records import Records, plain
 from meterflow.records.tables import webhook_attempts, webhook_deliveries, webhooks
 
-EVENTS = ("invoice.finalized", "invoice.voided", "invoice.paid")
+EVENTS = ("invoice.finalized", "invoice.voided", "invoice.paid", "credit_note.created")
 URL_MAX = 2000
 
 

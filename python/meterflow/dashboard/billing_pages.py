@@ -9,9 +9,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from meterflow.api.invoices import INVOICE_ID_RE, _document, _filename
+from meterflow.api.invoices import INVOICE_ID_RE, _filename, invoice_document
 from meterflow.billing.catalog import StoredPlanBroken
-from meterflow.billing.documents import render_html, render_pdf
 from meterflow.billing.invoices import STATUSES, WrongStatus
 from meterflow.billing.preview import billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
@@ -109,20 +108,20 @@ async def _transition(request: Request) -> Response:
 
 transition = signed_in(_transition, change=True)
 
-# The document is the API's own (GET /v1/invoices/{id}.html and .pdf), built by the same function.
+# The document is the API's own (GET /v1/invoices/{id}.html and .pdf): a draft's built live by the same
+# function, a finalized invoice's the very bytes the API serves.
 FRAMED = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'"}
 
 
 @signed_in
 async def invoice_html(request: Request) -> Response:
-    invoice, doc = await _document(request)
-    return HTMLResponse(render_html(doc), headers={**FRAMED, **_filename(invoice, "html"), "Cache-Control": "no-store"})
+    invoice, body, _ = await invoice_document(request, "html")
+    return HTMLResponse(body, headers={**FRAMED, **_filename(invoice, "html"), "Cache-Control": "no-store"})
 
 
 @signed_in
 async def invoice_pdf(request: Request) -> Response:
-    invoice, doc = await _document(request)
-    pdf = await asyncio.to_thread(render_pdf, doc)  # typesetting is CPU work: off the event loop
+    invoice, pdf, _ = await invoice_document(request, "pdf")
     return Response(
         pdf, media_type="application/pdf", headers={**_filename(invoice, "pdf"), "Cache-Control": "no-store"}
     )

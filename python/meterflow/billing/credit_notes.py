@@ -1,0 +1,212 @@
+"""Credit notes: what is no longer owed on a finalized invoice, as a numbered document of its own.
+
+A credit note's lines name the invoice line they correct (`invoice_line`, its
+position in the invoice's lines, or null for the invoice's own minimum
+adjustment), its `line_key`, and for a late line the period it belongs to
+(`late_for`). No line credits more than is left of the invoice line it names,
+so an invoice's `amount_credited` never exceeds its total. A note is made, its
+number given (`CN-YYYY-NNNNNN`, gapless per year), the invoice's
+`amount_credited` raised and `credit_note.created` queued for the webhooks in
+one transaction; it is never written again.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal, localcontext
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterflow.billing.invoices import WrongStatus
+from meterflow.billing.money import EXACT, decimal_text, money_text, round_money
+from meterflow.billing.numbering import next_number
+from meterflow.billing.webhooks import enqueue
+from meterflow.clock import SYSTEM, Clock
+from meterflow.records import Records, plain
+from meterflow.records.tables import credit_note_numbers, credit_notes, invoices
+
+Reason = Literal["retroactive_change", "late_correction", "manual"]
+REASONS: tuple[Reason, ...] = ("retroactive_change", "late_correction", "manual")
+CREDITABLE = ("finalized", "paid")
+ZERO = Decimal(0)
+
+
+class CreditExceedsInvoice(Exception):
+    """A manual credit asks for more than is left to credit on the invoice (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class CreditLine:
+    """One line of a credit note: `amount` (positive) off the invoice line `slot`."""
+
+    slot: int | None  # the invoice line's position; None: the invoice's own minimum adjustment
+    line_key: str
+    description: str
+    quantity: Decimal
+    amount: Decimal
+    late_for: dict[str, Any] | None = None  # {subscription_id, start, end} of the period the line belongs to
+
+
+def number_text(year: int, n: int) -> str:
+    return f"CN-{year}-{n:06d}"
+
+
+def slot_key(slot: int | None) -> str:
+    return "minimum" if slot is None else str(slot)
+
+
+def invoice_slots(invoice: dict[str, Any]) -> list[tuple[int | None, dict[str, Any], Decimal]]:
+    """What an invoice billed, line by line: (slot, line, amount), the minimum adjustment last (slot None)."""
+    out: list[tuple[int | None, dict[str, Any], Decimal]] = [
+        (i, ln, Decimal(ln["amount"])) for i, ln in enumerate(invoice["document"]["lines"])
+    ]
+    adjustment = Decimal(invoice["document"].get("minimum_adjustment") or 0)
+    if adjustment:
+        out.append((None, {"line_key": "minimum", "description": "Minimum adjustment", "quantity": "1"}, adjustment))
+    return out
+
+
+def credited_by_slot(notes: Iterable[dict[str, Any]]) -> dict[str, Decimal]:
+    """What the credit notes of one invoice took off each of its lines."""
+    out: dict[str, Decimal] = defaultdict(Decimal)
+    with localcontext(EXACT):
+        for n in notes:
+            for ln in n["document"]["lines"]:
+                out[slot_key(ln["invoice_line"])] += Decimal(ln["amount"])
+    return out
+
+
+def public(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "number": row["number"], "invoice_id": row["invoice_id"],
+            "customer_id": row["customer_id"], "subscription_id": row["subscription_id"], "reason": row["reason"],
+            "currency": row["currency"], "total": row["total"], **row["document"],
+            "created_at": row["created_at"]}  # fmt: skip
+
+
+class CreditNotes:
+    def __init__(self, records: Records, *, clock: Clock = SYSTEM) -> None:
+        self._db = records
+        self._clock = clock
+
+    async def create(self, invoice_id: str, reason: Reason, lines: list[CreditLine],
+                     memo: str = "") -> dict[str, Any] | None:  # fmt: skip
+        """A credit note of `lines` on a finalized or paid invoice, each cut to what is left of its invoice
+        line; None when nothing is left to credit. WrongStatus for a draft or a void invoice."""
+        async with self._db.begin() as conn:
+            inv = await self._locked_invoice(conn, invoice_id)
+            return await self._create(conn, inv, reason, lines, memo)
+
+    async def create_manual(self, invoice_id: str, amount: Decimal | None, memo: str = "") -> dict[str, Any] | None:
+        """Credits `amount` (None: all that is left) of the invoice, from its last line up; a concession
+        that settling never bills again. CreditExceedsInvoice past what is left; None for no such invoice."""
+        async with self._db.begin() as conn:
+            inv = await self._locked_invoice(conn, invoice_id, missing_ok=True)
+            if inv is None:
+                return None
+            taken = credited_by_slot(await self._notes_of(conn, invoice_id))
+            with localcontext(EXACT):
+                rooms = [(slot, ln, a - taken[slot_key(slot)]) for slot, ln, a in invoice_slots(inv)]
+                left = sum((r for _, _, r in rooms), ZERO)
+                want = left if amount is None else amount
+                if want <= 0 or want > left:
+                    cur = inv["currency"]
+                    raise CreditExceedsInvoice(
+                        f"Invoice {inv['number']} has {money_text(left, cur)} {cur} left to credit; "
+                        f"asked for {money_text(want, cur)}." if want > 0 else
+                        f"Invoice {inv['number']} has nothing left to credit." if left <= 0 else
+                        "`amount` must be more than 0.")  # fmt: skip
+                lines: list[CreditLine] = []
+                for slot, ln, room in reversed(rooms):
+                    take = min(room, want)
+                    if take > 0:
+                        lines.append(CreditLine(slot, ln.get("line_key") or "", ln.get("description") or "",
+                                                ZERO, take, ln.get("late_for")))  # fmt: skip
+                        want -= take
+            return await self._create(conn, inv, "manual", lines, memo)
+
+    async def get(self, note_id: str) -> dict[str, Any] | None:
+        async with self._db.connect() as conn:
+            row = (await conn.execute(sa.select(credit_notes).where(credit_notes.c.id == note_id))).mappings().first()
+        return public(plain(row)) if row is not None else None
+
+    async def list(self, after: str, limit: int, invoice_id: str = "", customer_id: str = "",
+                   subscription_id: str = "") -> list[dict[str, Any]]:  # fmt: skip
+        q = sa.select(credit_notes).where(credit_notes.c.id > after)
+        if invoice_id:
+            q = q.where(credit_notes.c.invoice_id == invoice_id)
+        if customer_id:
+            q = q.where(credit_notes.c.customer_id == customer_id)
+        if subscription_id:
+            q = q.where(credit_notes.c.subscription_id == subscription_id)
+        async with self._db.connect() as conn:
+            rows = (await conn.execute(q.order_by(credit_notes.c.id).limit(limit))).mappings().all()
+        return [public(plain(r)) for r in rows]
+
+    async def of_customer(self, customer_id: str) -> list[dict[str, Any]]:
+        """Every credit note of a customer, as stored (`document` holds the lines)."""
+        q = sa.select(credit_notes).where(credit_notes.c.customer_id == customer_id)
+        async with self._db.connect() as conn:
+            return [plain(r) for r in (await conn.execute(q.order_by(credit_notes.c.created_at,
+                                                                       credit_notes.c.id))).mappings().all()]  # fmt: skip
+
+    async def _locked_invoice(self, conn: AsyncConnection, invoice_id: str,
+                              missing_ok: bool = False) -> dict[str, Any]:  # fmt: skip
+        q = sa.select(invoices).where(invoices.c.id == invoice_id)
+        if conn.dialect.name == "postgresql":
+            q = q.with_for_update()
+        else:  # SQLite: take the write lock now, so the read below cannot go stale before our write
+            await conn.execute(sa.update(invoices).where(invoices.c.id == invoice_id)
+                               .values(version=invoices.c.version))  # fmt: skip
+        row = (await conn.execute(q)).mappings().first()
+        if row is None:
+            if missing_ok:
+                return None  # type: ignore[return-value]
+            raise LookupError(f"there is no invoice {invoice_id!r}")
+        inv = plain(row)
+        if inv["status"] not in CREDITABLE:
+            raise WrongStatus(inv["status"], "credit")
+        return inv
+
+    async def _notes_of(self, conn: AsyncConnection, invoice_id: str) -> list[dict[str, Any]]:
+        q = sa.select(credit_notes.c.document).where(credit_notes.c.invoice_id == invoice_id)
+        return [{"document": d} for d in (await conn.execute(q)).scalars()]
+
+    async def _create(self, conn: AsyncConnection, inv: dict[str, Any], reason: Reason, lines: list[CreditLine],
+                      memo: str) -> dict[str, Any] | None:  # fmt: skip
+        cur = inv["currency"]
+        billed = {slot_key(slot): a for slot, _, a in invoice_slots(inv)}
+        taken = credited_by_slot(await self._notes_of(conn, inv["id"]))
+        kept: list[dict[str, Any]] = []
+        with localcontext(EXACT):
+            total = ZERO
+            for ln in lines:
+                k = slot_key(ln.slot)
+                take = min(round_money(ln.amount, cur), billed.get(k, ZERO) - taken[k])
+                if take <= 0:
+                    continue
+                taken[k] += take
+                total += take
+                doc: dict[str, Any] = {"invoice_line": ln.slot, "line_key": ln.line_key, "description": ln.description,
+                                       "quantity": decimal_text(ln.quantity), "amount": money_text(take, cur)}  # fmt: skip
+                if ln.late_for is not None:
+                    doc["late_for"] = ln.late_for
+                kept.append(doc)
+            if not kept:
+                return None
+            credited = Decimal(inv["amount_credited"] or 0) + total
+        now = self._clock.now_ms()
+        row = {"id": "cn_" + secrets.token_hex(12), "number": number_text(*await next_number(conn, credit_note_numbers, now)),
+               "invoice_id": inv["id"], "customer_id": inv["customer_id"], "subscription_id": inv["subscription_id"],
+               "reason": reason, "currency": cur, "total": money_text(total, cur),
+               "document": {"invoice_number": inv["number"], "memo": memo, "lines": kept}, "created_at": now}  # fmt: skip
+        await conn.execute(sa.insert(credit_notes).values(row))
+        await conn.execute(sa.update(invoices).where(invoices.c.id == inv["id"])
+                           .values(amount_credited=money_text(credited, cur), version=invoices.c.version + 1))  # fmt: skip
+        note = public(row)
+        await enqueue(conn, "credit_note.created", note)
+        return note
