@@ -202,13 +202,13 @@ class ClosingRuntime:
 
 
 def open_invoices(settings: Settings, records: Records, archive: Store | None, customers: Customers,
-                  meters: MeterCatalog) -> Invoices:  # fmt: skip
+                  meters: MeterCatalog, clock: Clock = SYSTEM) -> Invoices:  # fmt: skip
     """The invoice store, freezing seller, buyer, zone, locale and units into each invoice it finalizes."""
 
     async def snapshot(invoice: dict[str, Any]) -> dict[str, Any]:
         return await take_snapshot(customers, meters, settings, invoice)
 
-    return Invoices(records, archive, settings.invoice_due_days, snapshot=snapshot)
+    return Invoices(records, archive, settings.invoice_due_days, clock=clock, snapshot=snapshot)
 
 
 def webhook_schedule(settings: Settings) -> Schedule:
