@@ -246,7 +246,8 @@ def test_the_upcoming_invoice_counts_with_the_version_in_force_at_the_period_sta
         # One in force from the period's start prices it; one dated inside the period does not change that.
         ok(c.put("/v1/meters/calls", json={"event_type": "b", "aggregation": "COUNT", "effective_at": period.start}))
         assert quantity() == "5"
-        ok(c.put("/v1/meters/calls", json={"event_type": "c", "aggregation": "COUNT", "effective_at": period.start + 1}))
+        inside = {"event_type": "c", "aggregation": "COUNT", "effective_at": period.start + 1}
+        ok(c.put("/v1/meters/calls", json=inside))
         assert quantity() == "5"
 
         versions = ok(c.get("/v1/meters/calls/versions"))["data"]

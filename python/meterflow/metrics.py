@@ -30,6 +30,7 @@ HELP = {
     "meterflow_archive_spool_full_total": "Requests refused because the archive spool was full.",
     "meterflow_archive_spool_objects": "Archive objects waiting in the spool.",
     "meterflow_archive_spool_bytes": "Bytes waiting in the spool.",
+    "meterflow_closing_failures": "Subscriptions whose last closing pass failed (GET /v1/closing/failures).",
     "meterflow_stream_full_total": "Requests refused because the event stream was full (async mode).",
     "meterflow_stream_length": "Entries in the event stream: queued or being committed (async mode).",
     "meterflow_stream_oldest_pending_seconds": "Age of the oldest entry in the event stream (async mode).",

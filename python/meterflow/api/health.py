@@ -13,6 +13,7 @@ from starlette.responses import PlainTextResponse, Response
 from meterflow.api.openapi import operation
 from meterflow.api.responses import json_response
 from meterflow.metrics import HELP
+from meterflow.billing.failures import ClosingFailures
 from meterflow.runtime import Probe, runtime_of
 
 log = logging.getLogger("meterflow.api")
@@ -79,6 +80,10 @@ async def metrics(request: Request) -> Response:
         objects, size = rt.spool.depth()
         rt.metrics.gauges["meterflow_archive_spool_objects"] = objects
         rt.metrics.gauges["meterflow_archive_spool_bytes"] = size
+    try:
+        rt.metrics.gauges["meterflow_closing_failures"] = await ClosingFailures(rt.records).count()
+    except Exception as e:  # the records database may be down: the other metrics are still worth serving
+        log.warning("closing metrics unavailable", extra={"error": (str(e) or type(e).__name__)[:500]})
     extra = ""
     if rt.ingest.stream is not None:
         try:

@@ -17,7 +17,7 @@ from meterflow.billing.documents import Document, Seller, build, render_html, re
 from meterflow.billing.invoices import STATUSES, Invoices, WrongStatus
 from meterflow.billing.money import MoneyError, parse_decimal
 from meterflow.billing.rendered import FROZEN_STATUSES, Format, invoice_bytes
-from meterflow.billing.snapshot import seller_address, take_snapshot
+from meterflow.billing.snapshot import meter_units, seller_address, take_snapshot
 from meterflow.customers import ID_RE
 from meterflow.runtime import Runtime, runtime_of
 
@@ -72,11 +72,7 @@ async def _invoice(request: Request) -> dict[str, Any]:
 
 async def _live(rt: Runtime, invoice: dict[str, Any]) -> Document:
     """A draft's document, from the customer, seller and meters as they are now."""
-    units: dict[str, str] = {}
-    for code in {ln["meter"] for ln in invoice["lines"] if ln.get("meter")}:
-        meter = await rt.meters.get(code)
-        units[code] = meter.unit if meter is not None else ""
-    s = rt.settings
+    s, units = rt.settings, await meter_units(rt.meters, invoice)
     customer = await rt.customers.get(invoice["customer_id"])
     return build(invoice, customer, Seller(s.invoice_seller_name, tuple(seller_address(s))), units, s.invoice_locale)
 

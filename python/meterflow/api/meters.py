@@ -110,7 +110,8 @@ async def delete_meter(request: Request) -> Response:
 
 
 @operation("A meter's versions, oldest first, each in force from its `effective_at` until the next",
-           {200: "The versions (`deleted`: the meter is deleted from then on)", 404: "There is no such meter."})
+           {200: "The versions (`deleted`: from then on the meter is deleted)",
+            404: "There is no such meter."})  # fmt: skip
 async def list_meter_versions(request: Request) -> Response:
     code = request.path_params["code"]
     found = await _catalog(request).versions(code)

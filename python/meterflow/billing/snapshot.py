@@ -23,6 +23,15 @@ def seller_address(settings: Settings) -> list[str]:
     return [x.strip() for x in settings.invoice_seller_address.split("|") if x.strip()]
 
 
+async def meter_units(meters: MeterCatalog, invoice: Mapping[str, Any]) -> dict[str, str]:
+    """The unit of each meter the invoice's lines name, as the catalog has it now ("" for a deleted meter)."""
+    units: dict[str, str] = {}
+    for code in sorted({ln["meter"] for ln in invoice["lines"] if ln.get("meter")}):
+        meter = await meters.get(code)
+        units[code] = meter.unit if meter is not None else ""
+    return units
+
+
 async def take_snapshot(
     customers: Customers, meters: MeterCatalog, settings: Settings, invoice: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -31,10 +40,7 @@ async def take_snapshot(
     A deleted customer reads as no name and no email (the id stays); a deleted meter as no unit.
     """
     customer = await customers.get(invoice["customer_id"]) or {}
-    units: dict[str, str] = {}
-    for code in sorted({ln["meter"] for ln in invoice["lines"] if ln.get("meter")}):
-        meter = await meters.get(code)
-        units[code] = meter.unit if meter is not None else ""
+    units = await meter_units(meters, invoice)
     return {
         "seller": {"name": settings.invoice_seller_name, "address": seller_address(settings)},
         "buyer": {"id": invoice["customer_id"], "name": customer.get("name"), "email": customer.get("email")},

@@ -11,6 +11,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from meterflow.api.invoices import INVOICE_ID_RE, _filename, invoice_document
 from meterflow.billing.catalog import StoredPlanBroken
+from meterflow.billing.failures import ClosingFailures
 from meterflow.billing.invoices import STATUSES, WrongStatus
 from meterflow.billing.preview import billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
@@ -70,8 +71,9 @@ async def invoices(request: Request) -> Response:
     rows = await runtime_of(request).invoices.list(cursor, PAGE + 1, customer_id, status)
     more = len(rows) > PAGE
     rows = rows[:PAGE]
+    failures = await ClosingFailures(runtime_of(request).records).list("", PAGE)
     ctx = {"rows": rows, "customer_id": customer_id, "status": status, "statuses": STATUSES, "cursor": cursor,
-           "next_cursor": rows[-1]["id"] if more and rows else None, "error": error}  # fmt: skip
+           "next_cursor": rows[-1]["id"] if more and rows else None, "error": error, "failures": failures}  # fmt: skip
     template = "invoices_table.html" if request.headers.get("hx-request") else "invoices.html"
     return page(request, template, ctx)
 

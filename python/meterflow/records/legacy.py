@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from meterflow.records.database import Records
-from meterflow.records.tables import api_keys, customers, legacy_imports, meters
+from meterflow.records.tables import api_keys, customer_timezones, customers, legacy_imports, meter_versions, meters
 from meterflow.storage import Storage
 from meterflow.storage import documents as docs
 
@@ -45,6 +45,14 @@ async def import_documents(storage: Storage, records: Records) -> dict[str, int]
                 fresh = [r for r in rows[table.name] if r[key] not in existing]
                 if fresh:
                     await conn.execute(sa.insert(table), fresh)
+                # What the imported rows have meant since ever: a meter's version and a customer's time zone.
+                if fresh and table is meters and (live := [r for r in fresh if r["deleted_at"] is None]):
+                    await conn.execute(sa.insert(meter_versions), [
+                        {"code": r["code"], "effective_at": 0, "definition": r["definition"],
+                         "created_at": r["created_at"]} for r in live])  # fmt: skip
+                if fresh and table is customers:
+                    await conn.execute(sa.insert(customer_timezones), [
+                        {"customer_id": r["id"], "changed_at": 0, "timezone": r["timezone"]} for r in fresh])
     except IntegrityError as e:
         if await _imported(records):
             return None  # another worker imported them meanwhile
