@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import sqlalchemy as sa
 from invoice_samples import draft
 from openapi_spec_validator import validate
 from services import Backend, MeterFlowServer
@@ -26,6 +27,7 @@ from meterflow.billing.invoices import Invoices
 from meterflow.config import Settings
 from meterflow.ingest.core import Limits, decode_batch
 from meterflow.records import open_records
+from meterflow.records.tables import credit_notes
 from meterflow.runtime import started
 
 Probe = Callable[[httpx.Client], httpx.Response | int]
@@ -37,7 +39,7 @@ METER = {"event_type": "probe", "aggregation": "COUNT"}
 STALE = {"If-Match": '"999"'}  # a version none of the probes' records reaches
 # Path parameters of the generic probes (auth and rate limits answer before the route reads them).
 SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12, "subscription_id": "sub_probe",
-          "invoice_id": "inv_" + "0" * 24, "webhook_id": "wh_" + "0" * 24}
+          "invoice_id": "inv_" + "0" * 24, "webhook_id": "wh_" + "0" * 24, "credit_note_id": "cn_" + "0" * 24}
 PLAN = {"currency": "EUR", "charges": [{"type": "unit", "meter": "api_calls", "unit_amount": "0.001"}]}
 DIMENSIONAL = {"currency": "EUR", "charges": [{"meter": "api_calls", "price_by": "region",
                                               "prices": {"eu-west-1": {"type": "unit", "unit_amount": "1"}}}]}
@@ -126,6 +128,24 @@ def drafts(data_dir: str, n: int) -> list[str]:
     return asyncio.run(make())
 
 
+def credit_note(data_dir: str, invoice_id: str) -> str:
+    """A credit note on a finalized invoice, written to the server's records database as billing/credit_notes.py
+    writes one."""
+
+    async def make() -> str:
+        records = open_records(Settings(data_dir=data_dir))
+        async with started(records), records.begin() as conn:
+            await conn.execute(sa.insert(credit_notes).values(
+                id="cn_" + "1" * 24, number="CN-2026-000099", invoice_id=invoice_id, customer_id="cust_inv",
+                subscription_id="sub_probe_0", reason="manual", currency="EUR", total="1.00", created_at=1,
+                document={"invoice_number": None, "memo": "", "lines": [
+                    {"invoice_line": 0, "line_key": "0", "description": "Probe", "quantity": "0", "amount": "1.00"}]},
+            ))  # fmt: skip
+        return "/v1/credit_notes/cn_" + "1" * 24
+
+    return asyncio.run(make())
+
+
 def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], Probe]:
     """A request per (route, status) that only the route itself answers; in an order that builds its own state."""
     events = "/v1/events"
@@ -139,6 +159,17 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         if not invoice_ids:
             invoice_ids.extend(drafts(data_dir, 2))
         return f"/v1/invoices/{invoice_ids[i]}"
+
+    def note() -> str:
+        if "note" not in made:
+            made["note"] = credit_note(data_dir, invoice(0).rsplit("/", 1)[1])
+        return made["note"]
+
+    def unchanged(url: str) -> Probe:
+        """A frozen document asked for again with the ETag it answered."""
+        return lambda c: c.get(url, headers={"If-None-Match": c.get(url).headers.get("etag", "")})
+
+    cn, none_cn = "/v1/credit_notes/{credit_note_id}", f"/v1/credit_notes/{SAMPLE['credit_note_id']}"
 
     def new_webhook(c: httpx.Client) -> httpx.Response:
         r = c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hooks"})
@@ -253,6 +284,8 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         ("POST", "/v1/meters", 415): lambda c: c.post("/v1/meters", content=b"{}", headers=TEXT),
         ("GET", m, 200): lambda c: c.get("/v1/meters/api_calls"),
         ("GET", m, 404): lambda c: c.get("/v1/meters/nope"),
+        ("GET", m + "/versions", 200): lambda c: c.get("/v1/meters/api_calls/versions"),
+        ("GET", m + "/versions", 404): lambda c: c.get("/v1/meters/nope/versions"),
         ("PUT", m, 201): lambda c: c.put("/v1/meters/probe_b", json=METER),
         ("PUT", m, 200): lambda c: c.put("/v1/meters/probe_b", json=METER),
         ("PUT", m, 412): lambda c: c.put("/v1/meters/probe_b", json=METER, headers=STALE),
@@ -317,6 +350,28 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         ("POST", inv + "/mark_paid", 409): lambda c: c.post(invoice(0) + "/mark_paid"),
         ("POST", inv + "/mark_paid", 200): paid,
         ("POST", inv + "/mark_paid", 404): lambda c: c.post(none_inv + "/mark_paid"),
+        ("POST", inv + "/credit_notes", 201): lambda c: c.post(invoice(1) + "/credit_notes", json={"amount": "1.00"}),
+        ("POST", inv + "/credit_notes", 400): lambda c: c.post(invoice(1) + "/credit_notes", json={"amount": "x"}),
+        ("POST", inv + "/credit_notes", 404): lambda c: c.post(none_inv + "/credit_notes", json={}),
+        ("POST", inv + "/credit_notes", 409): lambda c: c.post(invoice(0) + "/credit_notes", json={}),  # void
+        ("POST", inv + "/credit_notes", 413): lambda c: c.post(none_inv + "/credit_notes", content=BIG, headers=JSON),
+        ("POST", inv + "/credit_notes", 415): lambda c: c.post(none_inv + "/credit_notes", content=b"{}",
+                                                               headers=TEXT),
+        ("GET", "/v1/closing/failures", 200): lambda c: c.get("/v1/closing/failures"),
+        ("GET", "/v1/closing/failures", 400): lambda c: c.get("/v1/closing/failures", params={"limit": "0"}),
+        ("GET", inv + ".html", 304): lambda c: unchanged(invoice(0) + ".html")(c),
+        ("GET", inv + ".pdf", 304): lambda c: unchanged(invoice(0) + ".pdf")(c),
+        ("GET", "/v1/credit_notes", 200): lambda c: c.get("/v1/credit_notes",
+                                                          params={"invoice_id": invoice(0).rsplit("/", 1)[1]}),
+        ("GET", "/v1/credit_notes", 400): lambda c: c.get("/v1/credit_notes", params={"invoice_id": "inv_x"}),
+        ("GET", cn, 200): lambda c: c.get(note()),
+        ("GET", cn, 404): lambda c: c.get(none_cn),
+        ("GET", cn + ".html", 200): lambda c: c.get(note() + ".html"),
+        ("GET", cn + ".html", 304): lambda c: unchanged(note() + ".html")(c),
+        ("GET", cn + ".html", 404): lambda c: c.get(none_cn + ".html"),
+        ("GET", cn + ".pdf", 200): lambda c: c.get(note() + ".pdf"),
+        ("GET", cn + ".pdf", 304): lambda c: unchanged(note() + ".pdf")(c),
+        ("GET", cn + ".pdf", 404): lambda c: c.get(none_cn + ".pdf"),
         ("POST", "/v1/webhooks", 201): new_webhook,
         ("POST", "/v1/webhooks", 400): lambda c: c.post("/v1/webhooks", json={"url": "x", "events": []}),
         ("POST", "/v1/webhooks", 413): lambda c: c.post("/v1/webhooks", content=BIG, headers=JSON),

@@ -1,4 +1,4 @@
-"""The one clock of the package: epoch milliseconds now, injectable so that billing histories can be replayed in tests."""
+"""The one clock of the package: epoch milliseconds now, injectable so that billing histories replay in tests."""
 
 from __future__ import annotations
 

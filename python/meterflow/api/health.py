@@ -12,8 +12,8 @@ from starlette.responses import PlainTextResponse, Response
 
 from meterflow.api.openapi import operation
 from meterflow.api.responses import json_response
-from meterflow.metrics import HELP
 from meterflow.billing.failures import ClosingFailures
+from meterflow.metrics import HELP
 from meterflow.runtime import Probe, runtime_of
 
 log = logging.getLogger("meterflow.api")

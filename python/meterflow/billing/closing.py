@@ -36,7 +36,7 @@ from typing import Any, Literal, Protocol
 import sqlalchemy as sa
 
 from meterflow.billing.catalog import StoredPlanBroken
-from meterflow.billing.credit_notes import CreditLine, CreditNotes, credited_by_slot, slot_key
+from meterflow.billing.credit_notes import CreditLine, CreditNotes, Reason, credited_by_slot, slot_key
 from meterflow.billing.failures import ClosingFailures
 from meterflow.billing.invoices import Invoices, WrongStatus
 from meterflow.billing.money import EXACT, decimal_text, money_text
@@ -319,21 +319,21 @@ class Closer:
                         orphans[ctx.plan.currency] += [_late_line(ctx, period, d, ctx.plan.currency)
                                                        for d in s.debits]  # fmt: skip
                 for invoice_id, lines in credits.items():
-                    reason = "retroactive_change" if retro[invoice_id] else "late_correction"
+                    reason: Reason = "retroactive_change" if retro[invoice_id] else "late_correction"
                     if await self._deps.credit_notes.create(invoice_id, reason, lines) is not None:
                         report.credit_notes += 1
                 if sub.settle_from is not None:
                     await self._deps.subscriptions.mark_settled(sub.id, sub.settle_from)
-            for currency, lines in sorted(orphans.items()):
-                first = lines[0]["late_for"]["subscription_id"]
-                await self._late_invoice(customer_id, first, currency, lines, at)
+            for currency, late in sorted(orphans.items()):
+                first = late[0]["late_for"]["subscription_id"]
+                await self._late_invoice(customer_id, first, currency, late, at)
                 report.late_invoices += 1
 
     async def _late_invoice(self, customer_id: str, sub_id: str, currency: str, lines: list[dict[str, Any]],
                             at: int) -> None:  # fmt: skip
         """An invoice of late lines only, made and finalized now (its period is the instant it is made)."""
         zero = money_text(ZERO, currency)
-        doc = {"plan": None, "currency": currency, "period": {"start": at, "end": at},
+        doc: dict[str, Any] = {"plan": None, "currency": currency, "period": {"start": at, "end": at},
                "billing_period": {"start": at, "end": at}, "lines": [], "subtotal": zero, "minimum": zero,
                "minimum_adjustment": zero, "total": zero, "plan_version": None}  # fmt: skip
         doc = with_late_lines(doc, lines, currency)
@@ -385,7 +385,7 @@ class Closer:
         async with self._deps.records.connect() as conn:
             rows = [plain(r) for r in (await conn.execute(q)).mappings().all()]
         notes = await self._deps.credit_notes.of_customer(customer_id)
-        notes_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        notes_of: dict[str, list[dict[str, Any]]] = defaultdict(list)  # invoice id -> its credit notes
         for n in notes:
             notes_of[n["invoice_id"]].append(n)
         books = _Books(contexts, {}, defaultdict(list), set())
@@ -400,7 +400,8 @@ class Closer:
             settled_off = credited_by_slot(n for n in notes_of[inv["id"]] if n["reason"] != "manual")
             keys = await self._line_keys(inv)
             doc = inv["document"]
-            lines = [(i, ln, keys[i]) for i, ln in enumerate(doc["lines"])]
+            lines: list[tuple[int | None, dict[str, Any], str]] = [
+                (i, ln, keys[i]) for i, ln in enumerate(doc["lines"])]
             if Decimal(doc.get("minimum_adjustment") or 0):
                 lines.append((None, {"amount": doc["minimum_adjustment"], "quantity": "1"}, "minimum"))
             for slot, ln, key in lines:
@@ -408,8 +409,9 @@ class Closer:
                 owner = ((late["subscription_id"], int(late["start"])) if late
                          else (inv["subscription_id"], int(inv["period_start"])))  # fmt: skip
                 k = slot_key(slot)
-                books.billed[owner].append(BilledLine(inv["id"], slot, key, Decimal(ln["quantity"]),
-                                                      Decimal(ln["amount"]), settled_off[k], all_off[k], order))  # fmt: skip
+                books.billed[owner].append(BilledLine(
+                    inv["id"], slot, key, Decimal(ln["quantity"]), Decimal(ln["amount"]), settled_off[k], all_off[k],
+                    order))  # fmt: skip
         return books
 
     async def _line_keys(self, inv: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ one transaction; it is never written again.
 
 from __future__ import annotations
 
+import builtins
 import secrets
 from collections import defaultdict
 from collections.abc import Iterable
@@ -113,14 +114,13 @@ class CreditNotes:
                 rooms = [(slot, ln, a - taken[slot_key(slot)]) for slot, ln, a in invoice_slots(inv)]
                 left = sum((r for _, _, r in rooms), ZERO)
                 want = left if amount is None else amount
-                if want <= 0 or want > left:
-                    cur = inv["currency"]
-                    raise CreditExceedsInvoice(
-                        f"Invoice {inv['number']} has {money_text(left, cur)} {cur} left to credit; "
-                        f"asked for {money_text(want, cur)}." if want > 0 else
-                        f"Invoice {inv['number']} has nothing left to credit." if left <= 0 else
-                        "`amount` must be more than 0.")  # fmt: skip
-                lines: list[CreditLine] = []
+                cur = inv["currency"]
+                if left <= 0:
+                    raise CreditExceedsInvoice(f"Invoice {inv['number']} has nothing left to credit.")
+                if want > left:
+                    raise CreditExceedsInvoice(f"Invoice {inv['number']} has {money_text(left, cur)} {cur} left to "
+                                               f"credit; `amount` asks for {money_text(want, cur)}.")  # fmt: skip
+                lines: builtins.list[CreditLine] = []
                 for slot, ln, room in reversed(rooms):
                     take = min(room, want)
                     if take > 0:
@@ -147,12 +147,12 @@ class CreditNotes:
             rows = (await conn.execute(q.order_by(credit_notes.c.id).limit(limit))).mappings().all()
         return [public(plain(r)) for r in rows]
 
-    async def of_customer(self, customer_id: str) -> list[dict[str, Any]]:
+    async def of_customer(self, customer_id: str) -> builtins.list[dict[str, Any]]:
         """Every credit note of a customer, as stored (`document` holds the lines)."""
-        q = sa.select(credit_notes).where(credit_notes.c.customer_id == customer_id)
+        q = (sa.select(credit_notes).where(credit_notes.c.customer_id == customer_id)
+             .order_by(credit_notes.c.created_at, credit_notes.c.id))  # fmt: skip
         async with self._db.connect() as conn:
-            return [plain(r) for r in (await conn.execute(q.order_by(credit_notes.c.created_at,
-                                                                       credit_notes.c.id))).mappings().all()]  # fmt: skip
+            return [plain(r) for r in (await conn.execute(q)).mappings().all()]
 
     async def _locked_invoice(self, conn: AsyncConnection, invoice_id: str,
                               missing_ok: bool = False) -> dict[str, Any]:  # fmt: skip
@@ -172,16 +172,16 @@ class CreditNotes:
             raise WrongStatus(inv["status"], "credit")
         return inv
 
-    async def _notes_of(self, conn: AsyncConnection, invoice_id: str) -> list[dict[str, Any]]:
+    async def _notes_of(self, conn: AsyncConnection, invoice_id: str) -> builtins.list[dict[str, Any]]:
         q = sa.select(credit_notes.c.document).where(credit_notes.c.invoice_id == invoice_id)
         return [{"document": d} for d in (await conn.execute(q)).scalars()]
 
-    async def _create(self, conn: AsyncConnection, inv: dict[str, Any], reason: Reason, lines: list[CreditLine],
-                      memo: str) -> dict[str, Any] | None:  # fmt: skip
+    async def _create(self, conn: AsyncConnection, inv: dict[str, Any], reason: Reason,
+                      lines: builtins.list[CreditLine], memo: str) -> dict[str, Any] | None:  # fmt: skip
         cur = inv["currency"]
         billed = {slot_key(slot): a for slot, _, a in invoice_slots(inv)}
         taken = credited_by_slot(await self._notes_of(conn, inv["id"]))
-        kept: list[dict[str, Any]] = []
+        kept: builtins.list[dict[str, Any]] = []
         with localcontext(EXACT):
             total = ZERO
             for ln in lines:
@@ -191,8 +191,9 @@ class CreditNotes:
                     continue
                 taken[k] += take
                 total += take
-                doc: dict[str, Any] = {"invoice_line": ln.slot, "line_key": ln.line_key, "description": ln.description,
-                                       "quantity": decimal_text(ln.quantity), "amount": money_text(take, cur)}  # fmt: skip
+                doc: dict[str, Any] = {"invoice_line": ln.slot, "line_key": ln.line_key,
+                                       "description": ln.description, "quantity": decimal_text(ln.quantity),
+                                       "amount": money_text(take, cur)}  # fmt: skip
                 if ln.late_for is not None:
                     doc["late_for"] = ln.late_for
                 kept.append(doc)
@@ -200,13 +201,16 @@ class CreditNotes:
                 return None
             credited = Decimal(inv["amount_credited"] or 0) + total
         now = self._clock.now_ms()
-        row = {"id": "cn_" + secrets.token_hex(12), "number": number_text(*await next_number(conn, credit_note_numbers, now)),
-               "invoice_id": inv["id"], "customer_id": inv["customer_id"], "subscription_id": inv["subscription_id"],
-               "reason": reason, "currency": cur, "total": money_text(total, cur),
-               "document": {"invoice_number": inv["number"], "memo": memo, "lines": kept}, "created_at": now}  # fmt: skip
+        number = number_text(*await next_number(conn, credit_note_numbers, now))
+        row = {"id": "cn_" + secrets.token_hex(12), "number": number, "invoice_id": inv["id"],
+               "customer_id": inv["customer_id"], "subscription_id": inv["subscription_id"], "reason": reason,
+               "currency": cur, "total": money_text(total, cur), "created_at": now,
+               "document": {"invoice_number": inv["number"], "memo": memo, "lines": kept}}  # fmt: skip
         await conn.execute(sa.insert(credit_notes).values(row))
-        await conn.execute(sa.update(invoices).where(invoices.c.id == inv["id"])
-                           .values(amount_credited=money_text(credited, cur), version=invoices.c.version + 1))  # fmt: skip
+        await conn.execute(
+            sa.update(invoices).where(invoices.c.id == inv["id"])
+            .values(amount_credited=money_text(credited, cur), version=invoices.c.version + 1)
+        )  # fmt: skip
         note = public(row)
         await enqueue(conn, "credit_note.created", note)
         return note

@@ -35,7 +35,9 @@ class ClosingFailures:
         if not subscription_ids:
             return
         async with self._db.begin() as conn:
-            await conn.execute(sa.delete(closing_failures).where(closing_failures.c.subscription_id.in_(subscription_ids)))
+            await conn.execute(
+                sa.delete(closing_failures).where(closing_failures.c.subscription_id.in_(subscription_ids))
+            )
 
     async def list(self, after: str = "", limit: int = 100) -> list[dict[str, Any]]:
         q = (sa.select(closing_failures).where(closing_failures.c.subscription_id > after)
