@@ -163,7 +163,7 @@ async def test_late_usage_of_a_cancelled_subscription_gets_an_invoice_of_late_li
     await books.ingest([call("late", "c1", utc(2026, 1, 25))])
     report = await books.close(utc(2026, 2, 10) + HOUR)
     assert report.late_invoices == 1
-    jan, late = await books.invoices_of("c1")
+    _, late = await books.invoices_of("c1")
     assert (late["kind"], late["status"], late["total"]) == ("late", "finalized", "0.65")
     assert late_lines(late) == [("1", "0.50"), ("2", "0.05"), ("3", "0.10")]
     assert all(ln["late_for"] == {"subscription_id": sub.id, "start": JAN, "end": FEB} for ln in late["lines"])
@@ -301,3 +301,55 @@ async def test_a_subscription_that_cannot_be_priced_never_stops_the_others(books
     report = await books.close(FEB + 4 * HOUR)
     assert report.closed == 1 and await failures.list() == []
     assert [i["total"] for i in await books.invoices_of("c2")] == ["5.00"]
+
+
+async def test_a_void_invoice_takes_no_credit_note_and_a_removed_periods_draft_is_discarded(books: Books) -> None:
+    """Voiding is a decision about collecting: settling credits nothing on a void invoice (and does not fail)."""
+    await books.customer("c1")
+    sub = await books.subscriptions.create("c1", "pro", JAN)
+    await books.close(FEB + 2 * HOUR)
+    [jan] = await books.invoices_of("c1")
+    await books.invoices.transition(jan["id"], "void")
+    await books.close(MAR + 10 * 60_000)  # February's draft, still in its grace
+    assert [i["status"] for i in await books.invoices_of("c1")] == ["void", "draft"]
+    books.clock.set(MAR + 20 * 60_000)
+    await books.subscriptions.cancel(sub.id, utc(2026, 1, 16))
+    report = await books.close(MAR + 30 * 60_000)
+    assert (report.failed, report.credit_notes) == (0, 0)
+    assert [i["status"] for i in await books.invoices_of("c1")] == ["void"]  # February is no longer billed
+    assert await ClosingFailures(books.records).list() == []
+
+
+async def test_between_full_settlements_only_changes_dated_in_the_past_are_settled(books: Books) -> None:
+    """MF_INVOICE_SETTLE_INTERVAL_S: one closer settles every customer once per interval."""
+    await jan_invoiced(books, "c1")
+    await jan_invoiced(books, "c2")
+    closer = Closer(books)
+    await closer.run(FEB + 3 * HOUR)  # the first pass of a closer settles everyone
+    books.clock.set(FEB + 3 * HOUR + 60_000)
+    await books.ingest([call("refund", "c1", utc(2026, 1, 25), -600)])
+    c2 = (await books.subscriptions.of_customer("c2"))[0]
+    await books.subscriptions.cancel(c2.id, utc(2026, 1, 16))
+    report = await closer.run(FEB + 3 * HOUR + 120_000)
+    assert report.credit_notes == 1 and await books.notes_of("c1") == []  # c2's cancel only
+    report = await closer.run(FEB + 3 * HOUR + books.settings.invoice_settle_interval_s * 1000)
+    assert report.credit_notes == 1 and [credits(n) for n in await books.notes_of("c1")] == [[("3", "0.60")]]
+
+
+def test_lines_stored_before_line_keys_get_theirs_from_the_plan_version() -> None:
+    from meterflow.billing.closing import legacy_keys
+    from meterflow.billing.plans import parse_plan
+    from meterflow.config import Settings
+
+    plan = parse_plan({**PRO, "charges": [*PRO["charges"], {"meter": "api_calls", "price_by": "region", "prices": {
+        "eu": {"type": "unit", "unit_amount": "1"}, "us": {"type": "unit", "unit_amount": "2"}}}]},
+        {m.code: m for m in Settings().meters})  # fmt: skip
+    lines: list[dict[str, Any]] = [
+        {"charge": "flat", "meter": None}, {"charge": "unit", "meter": "api_calls"},
+        {"charge": "unit", "meter": "api_calls"}, {"charge": "unit", "meter": "bandwidth"},
+        {"charge": "unit", "meter": "api_calls", "dimension": {"region": "eu"}},
+        {"charge": "unit", "meter": "api_calls", "dimension": {"region": "us"}},
+        {"charge": "unit", "meter": "bandwidth", "late_for": {}},
+        {"charge": "unit", "meter": "api_calls", "dimension": {"region": "us"}, "late_for": {}},
+    ]  # fmt: skip
+    assert legacy_keys(plan, lines) == ["0", "1", "2", "3", "4:region=eu", "4:region=us", "3", "4:region=us"]

@@ -106,6 +106,9 @@ class Settings:
     invoice_seller_address: str = ""
     invoice_locale: str = "en_US"
     invoice_close_interval_s: int = 60
+    # Settling every customer's finalized periods (late usage, corrections) runs at most this often per
+    # closer; changes dated in the past and periods finalized meanwhile are settled on every pass.
+    invoice_settle_interval_s: int = 3600
     # Webhook retries: the first after webhook_backoff_ms, doubling up to webhook_backoff_max_ms,
     # given up webhook_retry_for_s after the event; each attempt waits webhook_timeout_ms at most.
     webhook_backoff_ms: int = 5_000
@@ -129,6 +132,7 @@ class Settings:
             "http_body_timeout_s", "key_cache_grace_s", "stream_max_entries", "worker_claim_idle_ms",
             "worker_max_attempts",
             "http_body_timeout_s", "key_cache_grace_s", "invoice_due_days", "invoice_close_interval_s",
+            "invoice_settle_interval_s",
             "webhook_backoff_ms",
             "webhook_backoff_max_ms", "webhook_retry_for_s", "webhook_timeout_ms", "webhook_poll_ms",
         )  # fmt: skip

@@ -127,6 +127,8 @@ class Closer:
         # Events older than this are refused at ingest, so periods ending before it no longer change.
         self._window_ms = deps.settings.max_age_ms + deps.settings.max_future_ms
         self.failures = ClosingFailures(deps.records)
+        self._settle_every_ms = deps.settings.invoice_settle_interval_s * 1000
+        self._settled_all_at: int | None = None  # when this closer last settled every customer
         self._plans: dict[tuple[str, int], Plan] = {}
         self._local = asyncio.Lock()  # settling takes turns within a process (PostgreSQL: an advisory lock too)
 
@@ -302,6 +304,11 @@ class Closer:
             orphans: dict[str, list[dict[str, Any]]] = defaultdict(list)  # currency -> late lines of nobody's
             for ctx in sorted(books.contexts.values(), key=lambda c: c.subscription.id):
                 sub = ctx.subscription
+                live = {p.start for p in ctx.periods(sub.end if sub.end is not None else at + 1)}
+                stale = [inv["id"] for (sid, start), inv in books.period_invoices.items()
+                         if sid == sub.id and inv["status"] == "draft" and start not in live]  # fmt: skip
+                if stale:  # drafts of periods a cancel dated in the past removed
+                    await self._deps.invoices.discard_drafts(customer_id, stale)
                 credits: dict[str, list[CreditLine]] = defaultdict(list)
                 retro: dict[str, bool] = {}
                 takes = self._receiver(books, sub, at)
@@ -337,6 +344,7 @@ class Closer:
                "billing_period": {"start": at, "end": at}, "lines": [], "subtotal": zero, "minimum": zero,
                "minimum_adjustment": zero, "total": zero, "plan_version": None}  # fmt: skip
         doc = with_late_lines(doc, lines, currency)
+        await self._deps.invoices.discard_drafts(customer_id, kind="late")  # one a failed pass left behind
         inv, created = await self._deps.invoices.create_draft_document(customer_id, sub_id, Period(at, at), currency,
                                                                        doc, kind="late")  # fmt: skip
         if created:
@@ -397,6 +405,7 @@ class Closer:
             if inv["kind"] == "period":
                 books.settled.add((inv["subscription_id"], int(inv["period_start"])))
             all_off = credited_by_slot(notes_of[inv["id"]])
+            void = inv["status"] == "void"  # billed, but nothing can be credited on it: no room
             settled_off = credited_by_slot(n for n in notes_of[inv["id"]] if n["reason"] != "manual")
             keys = await self._line_keys(inv)
             doc = inv["document"]
@@ -409,9 +418,10 @@ class Closer:
                 owner = ((late["subscription_id"], int(late["start"])) if late
                          else (inv["subscription_id"], int(inv["period_start"])))  # fmt: skip
                 k = slot_key(slot)
+                amount = Decimal(ln["amount"])
                 books.billed[owner].append(BilledLine(
-                    inv["id"], slot, key, Decimal(ln["quantity"]), Decimal(ln["amount"]), settled_off[k], all_off[k],
-                    order))  # fmt: skip
+                    inv["id"], slot, key, Decimal(ln["quantity"]), amount, settled_off[k],
+                    amount if void else all_off[k], order))  # fmt: skip
         return books
 
     async def _line_keys(self, inv: dict[str, Any]) -> list[str]:
@@ -462,7 +472,13 @@ class Closer:
             if progress is not None:
                 progress(i, len(due))
         if settle:
-            customers = await self._customers(customer_id)
+            # Every customer once per settle interval (late usage may have arrived for any); in between,
+            # those with a change dated in the past, whose credit notes should not wait.
+            if self._settled_all_at is None or at - self._settled_all_at >= self._settle_every_ms:
+                customers = await self._customers(customer_id)
+                self._settled_all_at = at
+            else:
+                customers = await self._deps.subscriptions.marked_customers(customer_id)
             for cid in sorted(customers):
                 try:
                     await self.settle_customer(cid, at, frozenset(report.finalized_ids), report)

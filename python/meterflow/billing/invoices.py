@@ -132,6 +132,17 @@ class Invoices:
             )
         return await self.get(invoice_id) if done.rowcount == 1 else None
 
+    async def discard_drafts(self, customer_id: str, ids: list[str] | None = None, kind: Kind | None = None) -> int:
+        """Deletes drafts of the customer (those named, or of `kind`) that are still drafts: a draft is not a
+        document yet, and one whose period a change dated in the past removed must not be finalized."""
+        q = sa.delete(invoices).where(invoices.c.customer_id == customer_id, invoices.c.status == "draft")
+        if ids is not None:
+            q = q.where(invoices.c.id.in_(ids))
+        if kind is not None:
+            q = q.where(invoices.c.kind == kind)
+        async with self._db.begin() as conn:
+            return int((await conn.execute(q)).rowcount)
+
     async def of_period(self, subscription_id: str, period_start: int) -> dict[str, Any] | None:
         q = sa.select(invoices).where(invoices.c.subscription_id == subscription_id,
                                       invoices.c.period_start == period_start)  # fmt: skip

@@ -116,6 +116,14 @@ class Subscriptions:
         """The customer's time zones [(changed_at, zone)] for billing periods (kept for a deleted customer)."""
         return await timezone_history(self._db, customer_id)
 
+    async def marked_customers(self, customer_id: str | None = None) -> set[str]:
+        """The customers with a subscription whose `settle_from` is set (a change dated in the past)."""
+        q = sa.select(subscriptions.c.customer_id).where(subscriptions.c.settle_from.is_not(None)).distinct()
+        if customer_id is not None:
+            q = q.where(subscriptions.c.customer_id == customer_id)
+        async with self._db.connect() as conn:
+            return {str(c) for c in (await conn.execute(q)).scalars()}
+
     async def mark_settled(self, sub_id: str, settle_from: int) -> None:
         """Clears `settle_from` once closing has settled from it (unless a later change moved it meanwhile)."""
         async with self._db.begin() as conn:
