@@ -353,3 +353,66 @@ def test_lines_stored_before_line_keys_get_theirs_from_the_plan_version() -> Non
         {"charge": "unit", "meter": "api_calls", "dimension": {"region": "us"}, "late_for": {}},
     ]  # fmt: skip
     assert legacy_keys(plan, lines) == ["0", "1", "2", "3", "4:region=eu", "4:region=us", "3", "4:region=us"]
+
+
+async def test_a_pass_at_an_earlier_instant_credits_nothing_of_later_periods(books: Books) -> None:
+    """`meterflow invoices close --at <past>`: periods invoiced after `at` are still owed."""
+    await books.customer("c1")
+    await books.subscriptions.create("c1", "pro", JAN)
+    for at in (FEB, MAR, APR):
+        await books.close(at + 2 * HOUR)
+    books.clock.set(APR + 3 * HOUR)
+    report = await Closer(books).run(FEB + 3 * HOUR)
+    assert report.credit_notes == 0 and await books.notes_of("c1") == []
+    assert [i["status"] for i in await books.invoices_of("c1")] == ["finalized"] * 3
+
+
+async def test_whatever_one_subscription_raises_the_pass_closes_the_others_and_records_it(
+    books: Books, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import meterflow.billing.closing as closing
+
+    await books.customer("c1")
+    await books.customer("c2")
+    bad = await books.subscriptions.create("c1", "pro", JAN)
+    await books.subscriptions.create("c2", "pro", JAN)
+    real = closing.price_service_period
+
+    async def price(deps: Any, ctx: Any, period: Any) -> Any:
+        if ctx.subscription.id == bad.id:
+            raise RuntimeError("something no one foresaw")
+        return await real(deps, ctx, period)
+
+    monkeypatch.setattr(closing, "price_service_period", price)
+    report = await books.close(FEB + 2 * HOUR)
+    assert (report.closed, report.failed) == (1, 1)
+    [f] = await ClosingFailures(books.records).list()
+    assert f["subscription_id"] == bad.id and "no one foresaw" in f["error"]
+    assert [i["status"] for i in await books.invoices_of("c2")] == ["finalized"]
+
+
+async def test_a_change_made_while_a_pass_runs_is_not_invoiced_over(books: Books) -> None:
+    """The period listed as due before the change is not closed with the subscription as it was."""
+    h = await _mid_january_history(books)
+    books.clock.set(MAR + 2 * HOUR)
+    closer = Closer(books)
+    [due] = await closer.due(MAR + 2 * HOUR)  # February, of pro
+    await books.subscriptions.change(h["sub"].id, "lite", utc(2026, 1, 16))
+    assert await closer.close(due) == "skipped"
+    await books.close(MAR + 3 * HOUR)
+    pro = [i for i in await books.invoices_of("c1") if i["subscription_id"] == h["sub"].id]
+    assert [i["period"]["start"] for i in pro] == [JAN]  # no February for the plan that ended on the 16th
+    [note] = await books.notes_of("c1")
+    assert note["reason"] == "retroactive_change" and credits(note) == MID_JANUARY_CREDITS
+
+
+async def test_finalizing_a_draft_early_prices_it_again(books: Books) -> None:
+    await books.customer("c1")
+    await books.subscriptions.create("c1", "pro", JAN)
+    await books.close(FEB + 10 * 60_000)  # in its grace: a draft
+    [draft] = await books.invoices_of("c1")
+    assert (draft["status"], draft["total"]) == ("draft", "30.00")
+    books.clock.set(FEB + 20 * 60_000)
+    await books.ingest([call("in_grace", "c1", utc(2026, 1, 31))])
+    done = await Closer(books).finalize(draft["id"])
+    assert done is not None and (done["status"], done["total"]) == ("finalized", "30.65")

@@ -21,7 +21,7 @@ PLAN = {"code": "basic", "currency": "EUR", "charges": [{"type": "flat", "amount
 def server_with_invoice(backend: Backend, start_server: Callable[..., MeterFlowServer]) -> tuple[MeterFlowServer, str]:
     """A server whose customer has last month finalized (30.00 flat, 2 calls at 1.00) by its own closing task."""
     server = start_server(backend, **{**ENV, "MF_INVOICE_GRACE_S": "0"}, MF_INVOICE_CLOSE_INTERVAL_S="1")
-    last, this, _ = month_starts(samples.now_ms())
+    last, _, _ = month_starts(samples.now_ms())
     with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
         # The events first: the closing task may close the period as soon as the subscription exists.
         events = [{"transaction_id": f"t{i}", "customer_id": "cust_cn", "event_type": "api_request",
@@ -62,7 +62,7 @@ def test_a_manual_credit_note_credits_at_most_what_is_left(server_with_invoice: 
         over = c.post(url, json={"amount": "22.01"})
         assert over.status_code == 409 and over.json()["error"] == "credit_exceeds_invoice", over.text
         assert "22.00" in over.json()["message"]
-        for bad in ({"amount": "-1"}, {"amount": 5}, {"amount": "1.00001"}, {"memo": 3}, {"reason": "x"}, []):
+        for bad in ({"amount": "-1"}, {"amount": 5}, {"amount": "1.001"}, {"memo": 3}, {"reason": "x"}, []):
             r = c.post(url, json=bad)
             assert r.status_code == 400 and r.json()["error"] == "invalid_credit_note", (bad, r.text)
         assert c.post("/v1/invoices/inv_" + "0" * 24 + "/credit_notes", json={}).status_code == 404

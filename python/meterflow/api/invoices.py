@@ -12,7 +12,8 @@ from starlette.responses import Response
 from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, Param, operation
 from meterflow.api.responses import json_body, json_response, page_params
-from meterflow.billing.credit_notes import CreditExceedsInvoice
+from meterflow.billing.closing import Closer
+from meterflow.billing.credit_notes import CreditAmountInvalid, CreditExceedsInvoice
 from meterflow.billing.documents import Document, Seller, build, render_html, render_pdf
 from meterflow.billing.invoices import STATUSES, Invoices, WrongStatus
 from meterflow.billing.money import MoneyError, parse_decimal
@@ -153,7 +154,15 @@ async def _transition(request: Request, action: str) -> Response:
 @operation("Finalize a draft: freeze its lines and give it the year's next number",
            {200: "Finalized", 404: NOT_FOUND, 409: "The invoice is not a draft."}, result="Invoice")  # fmt: skip
 async def finalize_invoice(request: Request) -> Response:
-    return await _transition(request, "finalize")
+    iid = _id(request)
+    try:
+        invoice = await Closer(runtime_of(request)).finalize(iid)
+    except WrongStatus as e:
+        message = f"The invoice is {e.current}; finalize is not possible from it."
+        raise ApiError(409, "invalid_status", message) from None
+    if invoice is None:
+        raise ApiError(404, "invoice_not_found", f"There is no invoice {iid!r}.")
+    return json_response(invoice)
 
 
 @operation("Void a finalized invoice (it keeps its number)",
@@ -195,6 +204,8 @@ async def create_credit_note(request: Request) -> Response:
                        "can be credited.") from None  # fmt: skip
     except CreditExceedsInvoice as e:
         raise ApiError(409, "credit_exceeds_invoice", str(e)) from None
+    except CreditAmountInvalid as e:
+        raise ApiError(400, "invalid_credit_note", str(e)) from None
     if note is None:
         raise ApiError(404, "invoice_not_found", f"There is no invoice {iid!r}.")
     return json_response(note, 201)

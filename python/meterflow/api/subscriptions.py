@@ -171,6 +171,8 @@ async def upcoming_invoice(request: Request) -> Response:
     try:
         ctx = await billing_context(rt, sub)
         priced = await price_service_period(rt, ctx, ctx.period_at(now))
+        # What finalized periods newly owe, to be billed on this subscription's next invoice.
+        pending = await Closer(rt).late_lines(sub, priced.currency, now)
     except UsageOutOfRange as e:
         raise ApiError(422, "usage_out_of_range", e.message) from None
     except QueryLimitExceeded:
@@ -178,8 +180,6 @@ async def upcoming_invoice(request: Request) -> Response:
                        "(MF_USAGE_MAX_*).") from None  # fmt: skip
     except StoredPlanBroken as e:
         raise ApiError(422, "plan_not_priceable", str(e)) from None
-    # What settling found newly owed on finalized periods, to be billed on this subscription's next invoice.
-    pending = await Closer(rt).late_lines(sub, priced.currency, now)
     with localcontext(EXACT):
         late = sum((Decimal(ln["amount"]) for ln in pending), Decimal(0))
     return json_response({"customer_id": cid, "subscription_id": sub.id, "plan_version": sub.plan_version,

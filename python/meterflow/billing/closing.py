@@ -40,13 +40,14 @@ from meterflow.billing.credit_notes import CreditLine, CreditNotes, Reason, cred
 from meterflow.billing.failures import ClosingFailures
 from meterflow.billing.invoices import Invoices, WrongStatus
 from meterflow.billing.money import EXACT, decimal_text, money_text
-from meterflow.billing.periods import Period, zone_at
+from meterflow.billing.periods import SETTLE_IN_MS, Period, cut, zone_at
 from meterflow.billing.plans import FlatCharge, Plan
-from meterflow.billing.preview import BillingContext, NotInPeriod, PricingDeps, billing_context, price_service_period
+from meterflow.billing.preview import BillingContext, PricingDeps, billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.settlement import BilledLine, Debit, OwedLine, Settlement, owed_lines, settle
 from meterflow.billing.subscriptions import Subscription
 from meterflow.clock import Clock
+from meterflow.metering.usage import UsageOutOfRange
 from meterflow.records import Records, RecordsUnavailable, plain
 from meterflow.records.tables import invoices
 from meterflow.storage import StorageError
@@ -56,7 +57,8 @@ _CLOSING_LOCK = 0x4D46_494E  # "MFIN": the advisory-lock class of period closing
 _SETTLING_LOCK = 0x4D46_5354  # "MFST": settling a customer's books
 ZERO = Decimal(0)
 # What a pass survives per subscription: a backend down, a plan or meter that no longer applies.
-_FAILURES = (StorageError, RecordsUnavailable, LookupError, ValueError, StoredPlanBroken)
+_FAILURES = (StorageError, RecordsUnavailable, LookupError, ValueError, StoredPlanBroken, UsageOutOfRange,
+             WrongStatus)
 
 
 class ClosingDeps(PricingDeps, Protocol):
@@ -101,7 +103,9 @@ class CloseReport:
 
 
 def period_label(ctx: BillingContext, period: Period) -> str:
-    start = dt.datetime.fromtimestamp(period.start / 1000, zone_at(ctx.zones, period.start))
+    # Two days in: the first period after a zone change starts on the old zone's boundary.
+    inside = min(period.start + SETTLE_IN_MS, period.end - 1)
+    start = dt.datetime.fromtimestamp(inside / 1000, zone_at(ctx.zones, inside))
     return f"{start:%Y-%m}" if ctx.plan.interval == "month" else f"{start:%Y}"
 
 
@@ -178,9 +182,16 @@ class Closer:
     # --- closing one period ---------------------------------------------------------------------------------
 
     async def close(self, due: Due) -> Outcome:
-        """Drafts the period's invoice and, once its grace has passed, finalizes it."""
-        async with self._period_lock(f"{due.subscription.id}:{due.period.start}", _CLOSING_LOCK) as mine:
-            return await self._close(due) if mine else "skipped"
+        """Drafts the period's invoice and, once its grace has passed, finalizes it. One closer at a time
+        prices a subscription's periods (the late lines it takes must land on one invoice), and it reads the
+        subscription again under that lock: a change made since `due` was listed wins."""
+        async with self._period_lock(due.subscription.id, _CLOSING_LOCK) as mine:
+            if not mine:
+                return "skipped"
+            now = await self._deps.subscriptions.get(due.subscription.id)
+            if now is None or (now.start, now.end) != (due.subscription.start, due.subscription.end):
+                return "skipped"  # cancelled or changed meanwhile: the next pass lists its periods again
+            return await self._close(due)
 
     @contextlib.asynccontextmanager
     async def _period_lock(self, key: str, cls: int) -> AsyncIterator[bool]:
@@ -226,6 +237,23 @@ class Closer:
             return "skipped"
         return "finalized"
 
+    async def finalize(self, invoice_id: str) -> dict[str, Any] | None:
+        """Finalizes a draft now (`POST /v1/invoices/{id}/finalize`), priced again first as closing prices it
+        at the end of the grace, so the late lines it carries are those owed now. None: no such invoice;
+        WrongStatus when it is no longer a draft (or another closer is closing it right now)."""
+        inv = await self._deps.invoices.get(invoice_id)
+        if inv is None:
+            return None
+        sub = await self._deps.subscriptions.get(inv["subscription_id"]) if inv["kind"] == "period" else None
+        if inv["status"] == "draft" and sub is not None:
+            bp = inv["billing_period"]
+            await self.close(Due(await billing_context(self._deps, sub), Period(bp["start"], bp["end"]), True))
+            inv = await self._deps.invoices.get(invoice_id)
+            if inv is None or inv["status"] != "finalized":
+                raise WrongStatus("draft being closed" if inv is not None else "deleted", "finalize")
+            return inv
+        return await self._deps.invoices.transition(invoice_id, "finalize")
+
     async def document(self, due: Due) -> tuple[str, dict[str, Any]]:
         """(currency, the invoice document): the period priced, with the late lines it receives."""
         priced = await price_service_period(self._deps, due.context, due.period)
@@ -249,7 +277,7 @@ class Closer:
                 continue
             if sub.id != receiver.id and self._receiver(books, sub, at) != receiver.id:
                 continue
-            for period, s in await self._settlements(books, ctx, at, skip):
+            for period, s in (await self._settlements(books, ctx, at, skip))[0]:
                 out += [_late_line(ctx, period, d, currency) for d in s.debits]
         return out
 
@@ -267,8 +295,8 @@ class Closer:
         currency = books.contexts[sub.id].plan.currency
         best: tuple[int, str] | None = None
         for ctx in books.contexts.values():
-            if ctx.plan.currency != currency or ctx.subscription.id == sub.id:
-                continue
+            if ctx.plan.currency != currency or ctx.subscription.id == sub.id or ctx.subscription.start > at:
+                continue  # a scheduled subscription takes nothing before it starts
             nxt = self._next_end(books, ctx, at)
             if nxt is not None and (best is None or (nxt, ctx.subscription.id) < best):
                 best = (nxt, ctx.subscription.id)
@@ -298,21 +326,18 @@ class Closer:
         async with self._local, self._period_lock(customer_id, _SETTLING_LOCK) as mine:
             if not mine:
                 return
+            await self._discard_stale_drafts(customer_id)
             if not await self._has_finalized(customer_id):
                 return
             books = await self._books(customer_id, at)
             orphans: dict[str, list[dict[str, Any]]] = defaultdict(list)  # currency -> late lines of nobody's
             for ctx in sorted(books.contexts.values(), key=lambda c: c.subscription.id):
                 sub = ctx.subscription
-                live = {p.start for p in ctx.periods(sub.end if sub.end is not None else at + 1)}
-                stale = [inv["id"] for (sid, start), inv in books.period_invoices.items()
-                         if sid == sub.id and inv["status"] == "draft" and start not in live]  # fmt: skip
-                if stale:  # drafts of periods a cancel dated in the past removed
-                    await self._deps.invoices.discard_drafts(customer_id, stale)
                 credits: dict[str, list[CreditLine]] = defaultdict(list)
                 retro: dict[str, bool] = {}
                 takes = self._receiver(books, sub, at)
-                for period, s in await self._settlements(books, ctx, at, skip):
+                settled, complete = await self._settlements(books, ctx, at, skip)
+                for period, s in settled:
                     late_for = {"subscription_id": sub.id, "start": period.start, "end": period.end}
                     own_invoice = books.period_invoices.get((sub.id, period.start), {}).get("id")
                     for c in s.credits:
@@ -329,7 +354,7 @@ class Closer:
                     reason: Reason = "retroactive_change" if retro[invoice_id] else "late_correction"
                     if await self._deps.credit_notes.create(invoice_id, reason, lines) is not None:
                         report.credit_notes += 1
-                if sub.settle_from is not None:
+                if sub.settle_from is not None and complete:  # else a later pass settles what was left out
                     await self._deps.subscriptions.mark_settled(sub.id, sub.settle_from)
             for currency, late in sorted(orphans.items()):
                 first = late[0]["late_for"]["subscription_id"]
@@ -351,35 +376,44 @@ class Closer:
             await self._deps.invoices.transition(inv["id"], "finalize")
 
     async def _settlements(self, books: _Books, ctx: BillingContext, at: int,
-                           skip: frozenset[str]) -> list[tuple[Period, Settlement]]:  # fmt: skip
-        """Each finalized period of the subscription that can still change, priced now and settled."""
+                           skip: frozenset[str]) -> tuple[list[tuple[Period, Settlement]], bool]:  # fmt: skip
+        """Each finalized period of the subscription that can still change, priced now and settled; and whether
+        every period from its `settle_from` on was (none was a draft or finalized in this pass)."""
         sub = ctx.subscription
         oldest = at - self._window_ms
-        timeline = {p.start: p for p in ctx.periods(sub.end if sub.end is not None else at + 1)}
-        # Periods a cancel dated in the past cut away still have their invoices: they owe nothing now.
-        invoiced = {start: Period(start, int(inv["period_end"])) for (sid, start), inv in books.period_invoices.items()
-                    if sid == sub.id}  # fmt: skip
         out: list[tuple[Period, Settlement]] = []
-        for start in sorted(invoiced):
-            inv = books.period_invoices[(sub.id, start)]
-            period = timeline.get(start, invoiced[start])
-            if inv["id"] in skip or inv["status"] == "draft":
+        complete = True
+        for (sid, start), inv in sorted(books.period_invoices.items()):
+            if sid != sub.id:
                 continue
+            # A period keeps the bounds it was invoiced with; one the subscription no longer covers at all
+            # (a cancel dated before it) owes nothing now.
+            period = Period(start, int(inv["period_end"]))
             changed = sub.settle_from is not None and period.end > sub.settle_from
+            if inv["id"] in skip or inv["status"] == "draft":
+                complete = complete and not changed
+                continue
             if period.end <= oldest and not changed:
                 continue
             owed: list[OwedLine] = []
-            if start in timeline:
-                try:
-                    priced = await price_service_period(self._deps, ctx, period)
-                except NotInPeriod:
-                    priced = None
-                if priced is not None:
-                    owed = owed_lines(priced_period_json(priced))
+            if cut(period, sub.start, sub.end) is not None:
+                owed = owed_lines(priced_period_json(await price_service_period(self._deps, ctx, period)))
             s = settle(owed, books.billed.get((sub.id, start), []))
             if not s.empty:
                 out.append((period, s))
-        return out
+        return out, complete
+
+    async def _discard_stale_drafts(self, customer_id: str) -> None:
+        """Drafts of periods their subscription no longer covers at all (a cancel dated before them)."""
+        subs = {s.id: s for s in await self._deps.subscriptions.of_customer(customer_id)}
+        q = sa.select(invoices.c.id, invoices.c.subscription_id, invoices.c.period_start, invoices.c.period_end).where(
+            invoices.c.customer_id == customer_id, invoices.c.status == "draft", invoices.c.kind == "period")
+        async with self._deps.records.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        stale = [r.id for r in rows if (s := subs.get(r.subscription_id)) is not None
+                 and cut(Period(int(r.period_start), int(r.period_end)), s.start, s.end) is None]  # fmt: skip
+        if stale:
+            await self._deps.invoices.discard_drafts(customer_id, stale)
 
     async def _books(self, customer_id: str, at: int) -> _Books:
         contexts: dict[str, BillingContext] = {}
@@ -454,7 +488,7 @@ class Closer:
         for i, d in enumerate(due, 1):
             try:
                 outcome = await self.close(d)
-            except _FAILURES as e:
+            except Exception as e:
                 # One period that cannot be priced (a meter gone, a backend down) does not hold up the others.
                 log.warning("period not closed", extra={"subscription": d.subscription.id,
                                                         "period_start": d.period.start, "error": str(e)[:300]})
@@ -482,7 +516,7 @@ class Closer:
             for cid in sorted(customers):
                 try:
                     await self.settle_customer(cid, at, frozenset(report.finalized_ids), report)
-                except _FAILURES as e:
+                except Exception as e:
                     log.warning("books not settled", extra={"customer": cid, "error": str(e)[:300]})
                     for s in await self._deps.subscriptions.of_customer(cid):
                         failed.setdefault(s.id, f"settling: {e}")

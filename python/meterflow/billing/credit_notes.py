@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterflow.billing.invoices import WrongStatus
-from meterflow.billing.money import EXACT, decimal_text, money_text, round_money
+from meterflow.billing.money import EXACT, decimal_text, minor_unit, money_text, round_money
 from meterflow.billing.numbering import next_number
 from meterflow.billing.webhooks import enqueue
 from meterflow.clock import SYSTEM, Clock
@@ -39,6 +39,10 @@ ZERO = Decimal(0)
 
 class CreditExceedsInvoice(Exception):
     """A manual credit asks for more than is left to credit on the invoice (HTTP 409)."""
+
+
+class CreditAmountInvalid(ValueError):
+    """A manual credit's amount has more decimal places than the invoice's currency (HTTP 400)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,10 @@ class CreditNotes:
             inv = await self._locked_invoice(conn, invoice_id, missing_ok=True)
             if inv is None:
                 return None
+            places = minor_unit(inv["currency"])
+            if amount is not None and amount != amount.quantize(Decimal(1).scaleb(-places)):
+                raise CreditAmountInvalid(f"`amount` {decimal_text(amount)} has more decimal places than "
+                                          f"{inv['currency']}, which has {places}.")  # fmt: skip
             taken = credited_by_slot(await self._notes_of(conn, invoice_id))
             with localcontext(EXACT):
                 rooms = [(slot, ln, a - taken[slot_key(slot)]) for slot, ln, a in invoice_slots(inv)]

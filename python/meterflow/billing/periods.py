@@ -89,7 +89,7 @@ def service_periods(interval: Interval, tz: ZoneInfo, start: int, end: int | Non
 
 # Time offsets differ by at most 26 hours, so two days after a boundary is inside the new
 # zone's period that follows it.
-_SETTLE_IN_MS = 2 * 86_400_000
+SETTLE_IN_MS = 2 * 86_400_000
 
 Zones = Sequence[tuple[int, ZoneInfo]]  # [(changed_at, zone)] oldest first; the first in force since ever
 
@@ -120,7 +120,7 @@ def subscription_periods(interval: Interval, zones: Zones, start: int, end: int)
         t = p.end
         new = zone_at(zones, t)
         if new.key != zone.key:
-            p = Period(t, period_containing(interval, new, t + _SETTLE_IN_MS).end)
+            p = Period(t, period_containing(interval, new, t + SETTLE_IN_MS).end)
             zone = new
         else:
             p = period_containing(interval, zone, t)
