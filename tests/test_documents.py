@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import Callable
+from decimal import Decimal, localcontext
 from pathlib import Path
 
 import httpx
 from babel.numbers import format_currency
-from invoice_samples import draft, priced
+from invoice_samples import JAN_2026, draft, priced
 from services import ROOT, Backend, MeterFlowServer
 
 from meterflow.billing.documents import DASH, Seller, build, render_html, render_pdf
 from meterflow.billing.invoices import Invoices
+from meterflow.billing.periods import ServicePeriod
+from meterflow.billing.plans import parse_plan
+from meterflow.billing.rating import MeterUsage, price_period
 from meterflow.billing.render import priced_period_json
 from meterflow.config import Settings
 from meterflow.records import open_records
@@ -54,8 +58,58 @@ def test_money_and_dates_follow_the_locale() -> None:
     doc = build(invoice_json(), None, SELLER, {}, "de_DE")
     assert ("Total (EUR)", "200,00\xa0€") in doc.totals
     assert any(v == f"01.01.2026 {DASH} 31.01.2026" for _, v in doc.facts)
-    assert build(invoice_json(status="void"), None, SELLER, {}, "en_US").stamp == "VOID"
-    assert build(invoice_json(status="draft", number=None), None, SELLER, {}, "en_US").title == "Draft invoice"
+    drafted = build(invoice_json(status="draft", number=None), None, SELLER, {}, "en_US")
+    assert drafted.title == "Draft invoice" and drafted.stamp == "DRAFT"
+    # A finalized document never changes, so no status that comes later (paid, void) is printed on it.
+    for status in ("finalized", "paid", "void"):
+        assert build(invoice_json(status=status), None, SELLER, {}, "en_US").stamp is None
+
+
+# Numbers as wide as the plan rules allow: Decimal128(38, 9) quantities and tier bounds (29 + 9 digits),
+# prices of 15 + 12 digits; the exact amount of a tier then has 43 + 21 here.
+BOUND = "12345678901234567890123456789.123456789"
+USAGE = "98765432109876543210987654321.987654321"
+PRICE = "123456789012345.123456789012"
+FLAT = "999999999999999.999999999999"
+WIDE_PLAN = {"code": "wide", "currency": "EUR", "charges": [
+    {"type": "graduated", "meter": "api_calls", "tiers": [{"up_to": BOUND, "unit_amount": PRICE, "flat_amount": FLAT},
+                                                           {"up_to": None, "unit_amount": "0.000000000001"}]},
+    {"type": "unit", "meter": "bandwidth", "unit_amount": PRICE}]}  # fmt: skip
+
+
+def grouped(x: str) -> str:
+    """en_US digit grouping, by Python's own Decimal formatting (exact, no context): the oracle, not Babel."""
+    return f"{Decimal(x):,f}"
+
+
+def test_every_digit_the_plan_rules_allow_is_shown(tmp_path: Path) -> None:
+    """D10: 38 significant digits (quantities, tier bounds), 27-digit prices and the amounts they make."""
+    meters = {m.code: m for m in Settings().meters}
+    usage = {"api_calls": MeterUsage(Decimal(USAGE)), "bandwidth": MeterUsage(Decimal(USAGE))}
+    p = price_period(parse_plan(WIDE_PLAN, meters), usage, ServicePeriod(JAN_2026, JAN_2026.start, JAN_2026.end))
+    invoice = {**invoice_json(), **priced_period_json(p)}
+    tiered, unit = invoice["lines"]
+    doc = build(invoice, None, SELLER, {"api_calls": "calls"}, "en_US")
+    expected = [
+        f"{grouped(USAGE)} calls",  # the line's quantity: 38 digits
+        f"Tier 0 {DASH} {grouped(BOUND)}", f"Tier over {grouped(BOUND)}",  # tier bounds: 38 digits
+        f"€{grouped(PRICE)} + €{grouped(FLAT)}",  # a 27-digit price and flat amount
+        *(f"€{grouped(t['amount'])}" for t in tiered["tiers"]),  # exact tier amounts: 64 digits
+        f"€{grouped(tiered['amount'])}", f"€{grouped(unit['amount'])}", f"€{grouped(invoice['total'])}",
+    ]  # fmt: skip
+    assert len(Decimal(tiered["tiers"][0]["amount"]).as_tuple().digits) == 64  # 43 + 21
+    cells = {c for r in doc.rows for c in r.cells} | {v for _, v in doc.totals}
+    page = render_html(doc)
+    text = pdf_text(render_pdf(doc), tmp_path)
+    for x in expected:
+        assert any(x in c for c in cells), x
+        assert x in page, x
+        assert x in text, x
+    with localcontext() as ctx:  # whatever context the caller is in
+        ctx.prec = 5
+        assert build(invoice, None, SELLER, {"api_calls": "calls"}, "en_US") == doc
+    de = build(invoice, None, SELLER, {}, "de_DE")
+    assert any(v == f"{grouped(invoice['total']).translate(str.maketrans(',.', '.,'))}\xa0€" for _, v in de.totals)
 
 
 def test_pdf_over_http_holds_number_amounts_and_total(

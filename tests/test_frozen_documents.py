@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import secrets
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -34,7 +35,7 @@ from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import parse_meter
 from meterflow.records import Records, open_records
 from meterflow.records.tables import credit_notes, rendered_documents
-from meterflow.runtime import started
+from meterflow.runtime import open_invoices, started
 
 SELLER = {"invoice_seller_name": "Acme Metering GmbH", "invoice_seller_address": "Hauptstr. 1 | 10115 Berlin"}
 BEFORE = {"name": "Globex Corporation", "email": "billing@globex.example", "timezone": "UTC"}
@@ -68,23 +69,24 @@ def renders(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
 
 
 class Books:
-    """A customer, two API meters and a finalized invoice in a records database, with the snapshot that
-    finalizing takes (billing/snapshot.py), as the lead's finalization stores it in the invoice."""
+    """A customer, two API meters and an invoice store that freezes a snapshot into each invoice it
+    finalizes, wired as the server wires it (runtime.open_invoices)."""
 
     def __init__(self, records: Records) -> None:
         self.records = records
         self.customers = Customers(records)
         self.meters = MeterCatalog(records, ())
-        self.invoices = Invoices(records, None)
 
     async def finalized(self, settings: Settings) -> dict[str, Any]:
         await self.customers.put("cust_1", validate(BEFORE))
         for code, doc in (("api_calls", API_CALLS), ("bandwidth", BANDWIDTH)):
             await self.meters.create(parse_meter({"code": code, **doc}))
+        self.invoices = open_invoices(settings, self.records, None, self.customers, self.meters)
         d = await draft(self.invoices)
+        assert "snapshot" not in d  # a draft renders live
         invoice = await self.invoices.transition(d["id"], "finalize")
-        assert invoice is not None
-        return {**invoice, "snapshot": await take_snapshot(self.customers, self.meters, settings, invoice)}
+        assert invoice is not None and invoice == await self.invoices.get(d["id"])
+        return invoice
 
     async def edit_everything(self) -> None:
         await self.customers.patch("cust_1", validate(AFTER, partial=True))
@@ -132,9 +134,9 @@ async def test_finalized_documents_never_change_after_customer_seller_and_meter_
         assert changed in relived and changed not in page, changed
 
     again = await books.invoices.get(invoice["id"])
-    assert again is not None
+    assert again is not None and again["snapshot"] == invoice["snapshot"]  # never taken again
     for status in ("finalized", "paid"):  # a later status (or credit) changes no byte either
-        later = {**again, "snapshot": invoice["snapshot"], "status": status, "amount_credited": "10.00"}
+        later = {**again, "status": status, "amount_credited": "10.00", "amount_due": "190.00"}
         assert {fmt: await invoice_bytes(records, later, fmt) for fmt in ("html", "pdf")} == first
     assert renders == {"html": 1, "pdf": 1}  # served from the store: no second render
     # The model itself depends on the snapshot alone: built now it still says what it said.
@@ -162,21 +164,24 @@ async def test_a_frozen_document_carries_no_status_and_no_credit() -> None:
 
 async def test_concurrent_first_reads_store_one_row_and_answer_its_bytes(records: Records) -> None:
     calls: list[int] = []
+    # Every reader passes the store's first look before any renders (4 threads: the default executor has 5 or
+    # more), so all of them race to insert; a render that outlived its moment would break the barrier.
+    together = threading.Barrier(4, timeout=30)
 
     def render() -> bytes:
         calls.append(1)
+        together.wait()
         return f"render {len(calls)} {secrets.token_hex(8)}".encode()  # each render differs
 
-    answers = await asyncio.gather(*(frozen(records, "inv_" + "3" * 24, "pdf", render) for _ in range(8)))
+    answers = await asyncio.gather(*(frozen(records, "inv_" + "3" * 24, "pdf", render) for _ in range(4)))
+    assert len(calls) == 4
     assert len(set(answers)) == 1, answers  # every reader answers the one row that got in
     body, sha = answers[0]
     assert sha == hashlib.sha256(body).hexdigest()
     async with records.connect() as conn:
         rows = (await conn.execute(sa.select(rendered_documents.c.body, rendered_documents.c.sha256))).all()
     assert [(bytes(b), s) for b, s in rows] == [(body, sha)]
-    before = len(calls)
-    assert await frozen(records, "inv_" + "3" * 24, "pdf", render) == (body, sha)
-    assert len(calls) == before  # stored: not rendered again
+    assert await frozen(records, "inv_" + "3" * 24, "pdf", lambda: b"never") == (body, sha)  # stored: not rendered
     other = await frozen(records, "inv_" + "3" * 24, "html", lambda: b"<p>html</p>")
     assert other == (b"<p>html</p>", hashlib.sha256(b"<p>html</p>").hexdigest())  # a format is its own row
 
@@ -210,8 +215,10 @@ async def test_38_digit_numbers_render_exactly_on_frozen_invoices_and_credit_not
     note = _note(invoice, [{"invoice_line": 1, "line_key": line["line_key"], "description": "API calls",
                             "quantity": QTY_38, "amount": big}], big)  # fmt: skip
     quantity = "98,765,432,109,876,543,210,987,654,321.987654321 calls"
-    expected = {"invoice": [quantity, f"€{Decimal(line['amount']):,f}"],
-                "note": [quantity, "€1,234,567,890,123,456,789,012,345,678,901,234,567.89"]}
+    expected = {
+        "invoice": [quantity, f"€{Decimal(line['amount']):,f}"],
+        "note": [quantity, "€1,234,567,890,123,456,789,012,345,678,901,234,567.89"],
+    }
     for fmt in ("html", "pdf"):
         bodies = {"invoice": (await invoice_bytes(records, invoice, fmt))[0],
                   "note": (await credit_note_bytes(records, note, invoice, fmt))[0]}  # fmt: skip
@@ -292,7 +299,9 @@ def test_finalized_invoice_over_http_same_bytes_etag_and_304_after_every_edit(
             assert r.status_code == 200 and r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"', fmt
             tag = r.headers["etag"]
             not_modified = c.get(f"{url}.{fmt}", headers={"If-None-Match": f'"other", W/{tag}'})
-            assert not_modified.status_code == 304 and not_modified.content == b"" and not_modified.headers["etag"] == tag
+            assert (
+                not_modified.status_code == 304 and not_modified.content == b"" and not_modified.headers["etag"] == tag
+            )
             assert c.get(f"{url}.{fmt}", headers={"If-None-Match": '"other"'}).content == r.content
         assert "DRAFT" not in first["html"].text and "Globex Corporation" in first["html"].text
         assert c.patch("/v1/customers/cust_1", json=AFTER).status_code == 200
@@ -370,7 +379,10 @@ def test_credit_notes_over_http_list_read_and_frozen_documents(
         docs = {fmt: c.get(f"/v1/credit_notes/{notes[0]}.{fmt}") for fmt in ("html", "pdf")}
         for fmt, r in docs.items():
             assert r.status_code == 200 and r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"', fmt
-            assert c.get(f"/v1/credit_notes/{notes[0]}.{fmt}", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+            assert (
+                c.get(f"/v1/credit_notes/{notes[0]}.{fmt}", headers={"If-None-Match": r.headers["etag"]}).status_code
+                == 304
+            )
         assert docs["pdf"].headers["content-type"] == "application/pdf" and docs["pdf"].content[:5] == b"%PDF-"
         assert c.patch("/v1/customers/cust_1", json=AFTER).status_code == 200
         assert c.get(f"/v1/credit_notes/{notes[0]}.pdf").content == docs["pdf"].content
