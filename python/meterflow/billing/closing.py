@@ -232,7 +232,7 @@ class Closer:
         if not due.final:
             return "drafted"
         try:
-            await store.transition(existing["id"], "finalize")
+            await store.transition(existing["id"], "finalize", existing)
         except WrongStatus:
             return "skipped"
         return "finalized"

@@ -168,13 +168,15 @@ class Invoices:
             rows = (await conn.execute(q.order_by(invoices.c.id).limit(limit))).mappings().all()
         return [public(plain(r)) for r in rows]
 
-    async def transition(self, invoice_id: str, action: str) -> dict[str, Any] | None:
+    async def transition(self, invoice_id: str, action: str,
+                         current: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
         """Applies `action` (finalize, void, mark_paid); None when there is no such invoice; WrongStatus
-        when its status does not allow it. The webhook deliveries commit with the change."""
+        when its status does not allow it. The webhook deliveries commit with the change. `current`: the
+        invoice as the caller just read it (its snapshot is taken from it; the write still checks it)."""
         needs, makes, column, event = TRANSITIONS[action]
         frozen: dict[str, Any] | None = None
         if action == "finalize" and self._snapshot is not None:
-            current = await self.get(invoice_id)
+            current = current if current is not None else await self.get(invoice_id)
             if current is not None and current["status"] == "draft":
                 frozen = await self._snapshot(current)
         async with self._db.begin() as conn:
