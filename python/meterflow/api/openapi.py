@@ -442,7 +442,12 @@ def schemas(settings: Settings) -> dict[str, Any]:
             ],
             "description": "Money and quantities are decimal strings; each line is rounded to the currency's minor "
             "unit half up, the subtotal is their sum, a minimum tops it up.",
-            "properties": {"lines": {"type": "array", "items": OBJECT}, "period": OBJECT, "billing_period": OBJECT},
+            "properties": {
+                "lines": {"type": "array", "items": OBJECT}, "period": OBJECT, "billing_period": OBJECT,
+                "pending_late_lines": {"type": "array", "items": OBJECT, "description": "What finalized periods "
+                                       "newly owe, to be billed on this subscription's next invoice."},
+                "pending_late_usage": {"type": "string", "description": "The sum of `pending_late_lines`."},
+            },
         },
         "Usage": {
             "type": "object",
