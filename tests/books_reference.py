@@ -73,17 +73,20 @@ def zone_at(history: Sequence[tuple[int, str]], at: int) -> str:
 
 
 def periods(history: Sequence[tuple[int, str]], interval: str, lo: int, hi: int) -> list[tuple[int, int]]:
-    """The customer's billing periods that overlap [lo, hi), each (start, end) whole (not cut).
+    """The billing periods of a subscription that starts at `lo`, overlapping [lo, hi), each (start, end) whole.
 
-    The walk starts with the first zone's calendar period a year before anything happens. Each next period
-    begins where the previous one ended; when the zone in force at that boundary differs from the zone the
-    previous period ran in, the period runs to the end of the new zone's calendar period holding the instant
-    two days later (a whole period); otherwise it is the zone's next calendar period."""
+    README: "A subscription's first period is the calendar period holding its start, in the zone in force at
+    that instant" (the last zone set at or before it). Each next period begins where the previous one ended;
+    when the zone in force at that boundary differs from the zone the previous period ran in, the period runs
+    to the end of the new zone's calendar period holding the instant two days later (a whole period);
+    otherwise it is the zone's next calendar period."""
     if not history:
         raise ValueError("a customer has at least its first time zone")
-    first = min([lo, *(c for c, _ in history)]) - 400 * DAY_MS
     zone = history[0][1]
-    start, end = calendar_period(first, zone, interval)
+    for changed_at, tz in sorted(history, key=lambda h: h[0]):
+        if changed_at <= lo:
+            zone = tz
+    start, end = calendar_period(lo, zone, interval)
     out: list[tuple[int, int]] = []
     while start < hi:
         if end > lo:
