@@ -15,15 +15,14 @@ from meterflow import samples
 from meterflow.billing.catalog import PlanCatalog
 from meterflow.billing.closing import Closer, CloseReport
 from meterflow.billing.credit_notes import CreditNotes
-from meterflow.billing.invoices import Invoices
 from meterflow.billing.subscriptions import Subscriptions
 from meterflow.clock import ManualClock
 from meterflow.config import Settings
 from meterflow.customers import Customers, validate
 from meterflow.ingest.core import Limits, decode_batch
 from meterflow.metering.catalog import MeterCatalog
-from meterflow.records import Records, open_records
-from meterflow.runtime import open_invoices, started
+from meterflow.records import open_records
+from meterflow.runtime import ClosingRuntime, open_invoices, started
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.base import SCHEMA
 from meterflow.storage.embedded import EmbeddedStorage
@@ -38,19 +37,10 @@ def utc(*ymd: int) -> int:
     return int(dt.datetime(*ymd, tzinfo=dt.UTC).timestamp() * 1000)
 
 
-@dataclass
-class Books:
-    """What closing reads and writes, on a ManualClock."""
+@dataclass(frozen=True)
+class Books(ClosingRuntime):
+    """What closing reads and writes (the CLI's runtime), on a ManualClock, with the steps of a history."""
 
-    settings: Settings
-    storage: Storage
-    records: Records
-    meters: MeterCatalog
-    plans: PlanCatalog
-    subscriptions: Subscriptions
-    invoices: Invoices
-    credit_notes: CreditNotes
-    customers: Customers
     clock: ManualClock
 
     async def close(self, at: int) -> CloseReport:

@@ -44,9 +44,8 @@ from meterflow import samples
 from meterflow.billing.catalog import PlanCatalog
 from meterflow.billing.closing import Closer
 from meterflow.billing.credit_notes import CreditExceedsInvoice, CreditNotes
-from meterflow.billing.invoices import Invoices, WrongStatus
+from meterflow.billing.invoices import WrongStatus
 from meterflow.billing.rendered import credit_note_bytes, invoice_bytes
-from meterflow.billing.snapshot import take_snapshot
 from meterflow.billing.subscriptions import SubscriptionConflict, SubscriptionEnded, Subscriptions
 from meterflow.clock import ManualClock
 from meterflow.config import Settings
@@ -54,8 +53,8 @@ from meterflow.customers import Customers, validate
 from meterflow.ingest.core import Limits, decode_batch
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import parse_meter
-from meterflow.records import Records, open_records
-from meterflow.runtime import started
+from meterflow.records import open_records
+from meterflow.runtime import ClosingRuntime, open_invoices, started
 from meterflow.storage.base import SCHEMA
 from meterflow.storage.embedded import EmbeddedStorage
 
@@ -234,22 +233,6 @@ PICK = st.integers(0, 10_000)
 
 
 @dataclass
-class Deps:
-    """What a Closer needs (billing.closing.ClosingDeps)."""
-
-    settings: Settings
-    storage: EmbeddedStorage
-    records: Records
-    meters: MeterCatalog
-    plans: PlanCatalog
-    subscriptions: Subscriptions
-    invoices: Invoices
-    credit_notes: CreditNotes
-    customers: Customers
-    clock: ManualClock
-
-
-@dataclass
 class Sub:
     """The model of one subscription: what the reference prices at the end."""
 
@@ -362,14 +345,10 @@ class Books(RuleBasedStateMachine):
             await plans.create(await plans.parse(docs[0]))
         customers = Customers(records, clock=self.clock)
 
-        async def snapshot(invoice: dict[str, Any]) -> dict[str, Any]:
-            return await take_snapshot(customers, meters, self.settings, invoice)
-
-        self.deps = Deps(settings=self.settings, storage=self.storage, records=records, meters=meters, plans=plans,
-                         subscriptions=Subscriptions(records, plans, clock=self.clock),
-                         invoices=Invoices(records, None, 30, clock=self.clock, snapshot=snapshot),
-                         credit_notes=CreditNotes(records, clock=self.clock), customers=customers,
-                         clock=self.clock)  # fmt: skip
+        self.deps = ClosingRuntime(self.settings, self.storage, records, meters, plans,
+                                   Subscriptions(records, plans, clock=self.clock),
+                                   open_invoices(self.settings, records, None, customers, meters, self.clock),
+                                   CreditNotes(records, clock=self.clock), customers, self.clock)
         self.closer = Closer(self.deps)
 
     def _dispose(self) -> None:

@@ -142,7 +142,7 @@ async def get_invoice_pdf(request: Request) -> Response:
 async def _transition(request: Request, action: str) -> Response:
     iid = _id(request)
     try:
-        invoice = await _store(request).transition(iid, action)
+        invoice = await Closer(runtime_of(request)).transition(iid, action)
     except WrongStatus as e:
         message = f"The invoice is {e.current}; {action} is not possible from it."
         raise ApiError(409, "invalid_status", message) from None
@@ -154,15 +154,7 @@ async def _transition(request: Request, action: str) -> Response:
 @operation("Finalize a draft: freeze its lines and give it the year's next number",
            {200: "Finalized", 404: NOT_FOUND, 409: "The invoice is not a draft."}, result="Invoice")  # fmt: skip
 async def finalize_invoice(request: Request) -> Response:
-    iid = _id(request)
-    try:
-        invoice = await Closer(runtime_of(request)).finalize(iid)
-    except WrongStatus as e:
-        message = f"The invoice is {e.current}; finalize is not possible from it."
-        raise ApiError(409, "invalid_status", message) from None
-    if invoice is None:
-        raise ApiError(404, "invoice_not_found", f"There is no invoice {iid!r}.")
-    return json_response(invoice)
+    return await _transition(request, "finalize")
 
 
 @operation("Void a finalized invoice (it keeps its number)",

@@ -131,6 +131,7 @@ class Closer:
         # Events older than this are refused at ingest, so periods ending before it no longer change.
         self._window_ms = deps.settings.max_age_ms + deps.settings.max_future_ms
         self.failures = ClosingFailures(deps.records)
+        self._finalized: set[str] = set()  # invoices this closer finalized in the pass under way
         self._settle_every_ms = deps.settings.invoice_settle_interval_s * 1000
         self._settled_all_at: int | None = None  # when this closer last settled every customer
         self._plans: dict[tuple[str, int], Plan] = {}
@@ -235,12 +236,20 @@ class Closer:
             await store.transition(existing["id"], "finalize", existing)
         except WrongStatus:
             return "skipped"
+        self._finalized.add(existing["id"])
         return "finalized"
 
+    async def transition(self, invoice_id: str, action: str) -> dict[str, Any] | None:
+        """An invoice's lifecycle step as the API and the dashboard ask for it: `finalize` through `finalize`,
+        the others (void, mark_paid) as the store applies them."""
+        if action == "finalize":
+            return await self.finalize(invoice_id)
+        return await self._deps.invoices.transition(invoice_id, action)
+
     async def finalize(self, invoice_id: str) -> dict[str, Any] | None:
-        """Finalizes a draft now (`POST /v1/invoices/{id}/finalize`), priced again first as closing prices it
-        at the end of the grace, so the late lines it carries are those owed now. None: no such invoice;
-        WrongStatus when it is no longer a draft (or another closer is closing it right now)."""
+        """Finalizes a draft now, priced again first as closing prices it at the end of the grace, so the late
+        lines it carries are those owed now. None: no such invoice; WrongStatus when it is no longer a draft
+        (or another closer is closing it right now)."""
         inv = await self._deps.invoices.get(invoice_id)
         if inv is None:
             return None
@@ -484,7 +493,7 @@ class Closer:
         failed: dict[str, str] = {}
         due = await self.due(at, customer_id, failed)
         report = CloseReport(due=len(due))
-        customers: set[str] = set()
+        self._finalized = report.finalized_ids
         for i, d in enumerate(due, 1):
             try:
                 outcome = await self.close(d)
@@ -496,9 +505,6 @@ class Closer:
             else:
                 if outcome == "finalized":
                     report.closed += 1
-                    inv = await self._deps.invoices.of_period(d.subscription.id, d.period.start)
-                    if inv is not None:
-                        report.finalized_ids.add(inv["id"])
                 elif outcome == "drafted":
                     report.drafted += 1
                 else:
@@ -524,8 +530,9 @@ class Closer:
         now = self._deps.clock.now_ms()
         for sub_id, error in sorted(failed.items()):
             await self.failures.record(sub_id, None, error, now)
-        ok = await self._subscription_ids(customer_id)
-        await self.failures.clear(sorted(ok - set(failed)))
+        # What did not fail this pass closed: its failure, if one was on record, is over.
+        scope = None if customer_id is None else [s.id for s in await self._deps.subscriptions.of_customer(customer_id)]
+        await self.failures.clear_all_but(set(failed), scope)
         return report
 
     async def _customers(self, customer_id: str | None) -> set[str]:
@@ -538,12 +545,6 @@ class Closer:
             out |= {s.customer_id for s in subs}
             after = subs[-1].id
 
-    async def _subscription_ids(self, customer_id: str | None) -> set[str]:
-        failures = await self.failures.list("", 10_000)
-        wanted = {f["subscription_id"] for f in failures}
-        if customer_id is None:
-            return wanted
-        return {s.id for s in await self._deps.subscriptions.of_customer(customer_id)} & wanted
 
 
 def with_late_lines(document: dict[str, Any], late: list[dict[str, Any]], currency: str) -> dict[str, Any]:

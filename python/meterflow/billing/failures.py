@@ -31,13 +31,16 @@ class ClosingFailures:
                     subscription_id=subscription_id, period_start=period_start, error=error[:1000],
                     first_failed_at=at, last_failed_at=at, attempts=1))  # fmt: skip
 
-    async def clear(self, subscription_ids: list[str]) -> None:
-        if not subscription_ids:
-            return
+    async def clear_all_but(self, failed: set[str], among: list[str] | None = None) -> None:
+        """Clears the failures of every subscription (of `among`, when given) that is not in `failed`."""
+        c = closing_failures.c
+        q = sa.delete(closing_failures)
+        if failed:
+            q = q.where(c.subscription_id.not_in(sorted(failed)))
+        if among is not None:
+            q = q.where(c.subscription_id.in_(among))
         async with self._db.begin() as conn:
-            await conn.execute(
-                sa.delete(closing_failures).where(closing_failures.c.subscription_id.in_(subscription_ids))
-            )
+            await conn.execute(q)
 
     async def list(self, after: str = "", limit: int = 100) -> list[dict[str, Any]]:
         q = (sa.select(closing_failures).where(closing_failures.c.subscription_id > after)

@@ -11,6 +11,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from meterflow.api.invoices import INVOICE_ID_RE, _filename, invoice_document
 from meterflow.billing.catalog import StoredPlanBroken
+from meterflow.billing.closing import Closer
 from meterflow.billing.failures import ClosingFailures
 from meterflow.billing.invoices import STATUSES, WrongStatus
 from meterflow.billing.preview import billing_context, price_service_period
@@ -99,7 +100,7 @@ async def _transition(request: Request) -> Response:
     if action not in ACTIONS or not INVOICE_ID_RE.fullmatch(iid):
         return page(request, "refused.html", {"message": f"There is no invoice action {action[:40]!r}."}, 404)
     try:
-        done = await runtime_of(request).invoices.transition(iid, action)
+        done = await Closer(runtime_of(request)).transition(iid, action)
     except WrongStatus as e:
         return await _invoice_page(request, error=f"The invoice is {e.current}; it cannot be {ACTIONS[action]}.",
                                    status=409)  # fmt: skip
