@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from pathlib import Path
 
-from meterflow.dashboard.format import json_script, number, size
+from meterflow.dashboard.format import json_script, money, number, size
 from meterflow.dashboard.sessions import LIFETIME_S, Signer, load_secret
 from meterflow.metrics import HISTORY_MINUTES, Metrics
 
@@ -59,3 +59,11 @@ def test_numbers_are_written_for_people() -> None:
     assert number(Decimal("0.50")) == "0.5"
     assert size(1536) == "1.5 KiB" and size(12) == "12 B"
     assert json_script({"a": "</script><b>&"}) == '{"a":"\\u003c/script\\u003e\\u003cb\\u003e\\u0026"}'
+
+
+def test_numbers_and_money_of_38_significant_digits_are_written_exactly() -> None:
+    """The plan rules allow Decimal128(38, 9) quantities: outside the default 28-digit context."""
+    q = Decimal("12345678901234567890123456789.123456789")
+    assert number(q) == "12,345,678,901,234,567,890,123,456,789.123456789"
+    assert number(q, 2) == "12,345,678,901,234,567,890,123,456,789.12"
+    assert money(q, "EUR") == "€12,345,678,901,234,567,890,123,456,789.123456789"

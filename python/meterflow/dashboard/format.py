@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 import orjson
 from babel.numbers import UnknownCurrencyError, format_currency
 
 from meterflow.api.responses import decimal_text
+from meterflow.billing.documents import FORMAT_CONTEXT
 
 NONE = "\u2013"  # an en dash where there is no value
 
@@ -20,7 +21,8 @@ def number(value: int | float | Decimal | str | None, places: int | None = None)
     if isinstance(value, str):
         value = Decimal(value)
     if isinstance(value, Decimal):
-        text = decimal_text(value if places is None else round(value, places))
+        with localcontext(FORMAT_CONTEXT):  # every value the rules allow (38 digits), not the default 28
+            text = decimal_text(value if places is None else round(value, places))
         whole, _, frac = text.partition(".")
         sign = "-" if whole.startswith("-") else ""
         grouped = f"{int(whole.lstrip('-') or 0):,}"
@@ -61,7 +63,8 @@ def money(amount: str | Decimal | None, currency: str) -> str:
     if amount is None or amount == "":
         return NONE
     try:
-        return format_currency(Decimal(amount), currency, locale="en_US", decimal_quantization=False)
+        with localcontext(FORMAT_CONTEXT):
+            return format_currency(Decimal(amount), currency, locale="en_US", decimal_quantization=False)
     except UnknownCurrencyError:
         return f"{number(Decimal(amount))} {currency}"
 
