@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 
 from meterflow import config
@@ -47,6 +49,11 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[f"MF_{name.upper()}"] = str(value)
     if args.config:
         os.environ["MF_CONFIG"] = args.config
+    # Each worker keeps its metrics in files here and /metrics sums them (prometheus_client's
+    # multiprocess mode, chosen at its import: set before the workers exist). Fresh per server,
+    # as two servers may share a data directory; removed when the server stops.
+    metrics_dir = tempfile.mkdtemp(prefix="meterflow-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from granian import Granian
     from granian.constants import Interfaces
     from granian.http import HTTP1Settings
@@ -60,22 +67,25 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    Granian(
-        "meterflow.api.app:app_factory",
-        factory=True,
-        interface=Interfaces.ASGI,
-        address=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=LogLevels(settings.log_level),
-        # Idle connections hold a backpressure slot each: the cap is high. Once a
-        # connection has sent a byte, or between keep-alive requests, no complete
-        # header within the timeout closes it; one that never sends a byte is kept
-        # (the proxy's job, README). The kernel caps the backlog at somaxconn.
-        backlog=4096,
-        backpressure=cap,
-        http1_settings=HTTP1Settings(header_read_timeout=settings.http_header_timeout_s * 1000),
-    ).serve()
+    try:
+        Granian(
+            "meterflow.api.app:app_factory",
+            factory=True,
+            interface=Interfaces.ASGI,
+            address=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=LogLevels(settings.log_level),
+            # Idle connections hold a backpressure slot each: the cap is high. Once a
+            # connection has sent a byte, or between keep-alive requests, no complete
+            # header within the timeout closes it; one that never sends a byte is kept
+            # (the proxy's job, README). The kernel caps the backlog at somaxconn.
+            backlog=4096,
+            backpressure=cap,
+            http1_settings=HTTP1Settings(header_read_timeout=settings.http_header_timeout_s * 1000),
+        ).serve()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

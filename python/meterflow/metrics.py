@@ -1,13 +1,17 @@
-"""Counters, sums, gauges and latency histograms in Prometheus text format, per process, and the
-recent per-minute history the dashboard draws."""
+"""Counters, sums, gauges and latency histograms in Prometheus text format, summed over every worker
+(prometheus_client's multiprocess mode), and the recent per-minute history the dashboard draws (per process)."""
 
 from __future__ import annotations
 
-import bisect
 import math
+import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 HELP = {
     "meterflow_events_received_total": "Events received in accepted-for-processing requests.",
@@ -39,6 +43,11 @@ HELP = {
 }
 
 
+# Set by `meterflow serve` before Granian forks its workers (cli.py): each worker then keeps its values
+# in files there and a scrape sums every worker's. prometheus_client reads the variable once, at import,
+# so this module does too; without it (tests that build the app in-process) a Metrics reports its own.
+MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
 # Upper bounds in seconds, from 50 µs (a decode of a few events) to 5 s (an insert
 # behind a stalled store): roughly x2.5 per step, so quantiles stay within a step.
 BUCKETS: tuple[float, ...] = (
@@ -46,39 +55,32 @@ BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 
-class Histogram:
-    """Cumulative-on-render bucket counts with a sum, one per (name, stage)."""
-
-    __slots__ = ("counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)  # the last slot is +Inf
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
-        self.total += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-
 # The counters kept per minute as well (for the dashboard's chart), and how much history is kept.
 PER_MINUTE = ("meterflow_events_accepted_total", "meterflow_events_duplicate_total", "meterflow_events_failed_total")
 HISTORY_MINUTES = 360
 SAMPLES_KEPT = 1024  # latest observations per summary, for quantiles
 
+Labels = tuple[tuple[str, str], ...]
+
 
 class Metrics:
+    """One per process. In multiprocess mode the values live in this worker's files under MULTIPROC_DIR
+    (two instances in one process would write over each other); otherwise in a registry of its own."""
+
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
-        self._sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        self._histograms: dict[tuple[str, str], Histogram] = {}
+        self._registry = CollectorRegistry(auto_describe=False) if MULTIPROC_DIR is None else None
+        self._counters: dict[str, Counter] = {}
+        self._counter_children: dict[tuple[str, Labels], Counter] = {}
+        self._summaries: dict[str, Summary] = {}
+        self._histograms: dict[str, Histogram] = {}
+        self._histogram_children: dict[tuple[str, str], Histogram] = {}
+        self._process_gauges: dict[str, Gauge] = {}
         self._samples: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=SAMPLES_KEPT))
         # minute (epoch minutes) -> counts in PER_MINUTE order; at most HISTORY_MINUTES entries
         self._minutes: dict[int, list[int]] = {}
         self._clock = clock
+        # Set for each scrape from state every worker sees alike (records, stream, spool directory):
+        # rendered as they are, never summed.
         self.gauges: dict[str, float] = {}
 
     def stage(self, stage: str, seconds: float) -> None:
@@ -86,15 +88,23 @@ class Metrics:
         self.histogram("meterflow_stage_seconds", stage, seconds)
 
     def histogram(self, name: str, stage: str, seconds: float) -> None:
-        h = self._histograms.get((name, stage))
+        h = self._histogram_children.get((name, stage))
         if h is None:
-            h = self._histograms[(name, stage)] = Histogram()
+            family = self._histograms.get(name)
+            if family is None:
+                family = self._histograms[name] = Histogram(
+                    name, HELP.get(name, name), ["stage"], buckets=BUCKETS, registry=self._registry
+                )
+            h = self._histogram_children[(name, stage)] = family.labels(stage=stage)
         h.observe(seconds)
 
     def inc(self, name: str, n: float = 1, **labels: str) -> None:
         # Called several times per request: no sorting for the common single label.
         key = (name, tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items()))
-        self._counters[key] += n
+        c = self._counter_children.get(key)
+        if c is None:
+            c = self._counter_children[key] = self._counter(name, key[1])
+        c.inc(n)
         if n and name in PER_MINUTE:
             minute = int(self._clock() // 60)
             row = self._minutes.get(minute)
@@ -104,11 +114,36 @@ class Metrics:
                     del self._minutes[old]
             row[PER_MINUTE.index(name)] += int(n)
 
+    def _counter(self, name: str, labels: Labels) -> Counter:
+        if not name.endswith("_total"):
+            raise ValueError(f"counter {name} must end in _total")
+        family = self._counters.get(name)
+        if family is None:
+            family = self._counters[name] = Counter(
+                name, HELP.get(name, name), [k for k, _ in labels], registry=self._registry
+            )
+        return family.labels(**dict(labels)) if labels else family
+
     def observe(self, name: str, value: float) -> None:
-        s = self._sums[name]
-        s[0] += value
-        s[1] += 1
+        s = self._summaries.get(name)
+        if s is None:
+            s = self._summaries[name] = Summary(name, HELP.get(name, name), registry=self._registry)
+        s.observe(value)
         self._samples[name].append(value)
+
+    def process_gauge(self, name: str, value: float) -> None:
+        """This process's share of a gauge (rows in its flush queue): a scrape sums the live workers'."""
+        g = self._process_gauges.get(name)
+        if g is None:
+            g = self._process_gauges[name] = Gauge(
+                name, HELP.get(name, name), registry=self._registry, multiprocess_mode="livesum"
+            )
+        g.set(value)
+
+    def close(self) -> None:
+        """At a worker's exit: its process gauges stop counting (counters stay: what it counted happened)."""
+        if MULTIPROC_DIR is not None:
+            mark_process_dead(os.getpid(), MULTIPROC_DIR)  # type: ignore[no-untyped-call]  # untyped upstream
 
     def quantile(self, name: str, q: float) -> float | None:
         """The q-quantile (nearest rank) of the latest SAMPLES_KEPT observations, None without any."""
@@ -118,9 +153,13 @@ class Metrics:
         rank = math.ceil(round(q * len(values), 9))  # round: 0.99 * 100 is 99.00000000000001
         return values[min(len(values), max(1, rank)) - 1]
 
-    def counter(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-        """Every label set of one counter and its value."""
-        return {labels: v for (n, labels), v in self._counters.items() if n == name}
+    def counter(self, name: str) -> dict[Labels, float]:
+        """Every label set of one counter and its value in this process."""
+        family = self._counters.get(name)
+        if family is None:
+            return {}
+        return {tuple(sorted(s.labels.items())): s.value
+                for m in family.collect() for s in m.samples if s.name == name}  # fmt: skip
 
     def per_minute(self, minutes: int) -> list[tuple[int, list[int]]]:
         """The last `minutes` minutes (epoch ms of each minute's start, counts in PER_MINUTE order), oldest first."""
@@ -129,33 +168,79 @@ class Metrics:
         return [(m * 60_000, list(self._minutes.get(m, [0] * len(PER_MINUTE)))) for m in range(first, now + 1)]
 
     def render(self) -> str:
-        lines: list[str] = []
-        seen: set[str] = set()
+        """Text format 0.0.4: every worker's values summed in multiprocess mode, else this process's;
+        then the gauges set for this scrape."""
+        if MULTIPROC_DIR is not None:
+            registry = CollectorRegistry(auto_describe=False)
+            MultiProcessCollector(registry, MULTIPROC_DIR)  # type: ignore[no-untyped-call]  # untyped upstream
+        else:
+            assert self._registry is not None
+            registry = self._registry
+        return exposition(registry.collect(), self.gauges)
 
-        def head(name: str, kind: str) -> None:
-            if name not in seen:
-                seen.add(name)
-                lines.append(f"# HELP {name} {HELP.get(name, name)}")
-                lines.append(f"# TYPE {name} {kind}")
 
-        for (name, labels), v in sorted(self._counters.items()):
-            head(name, "counter")
-            lab = ",".join(f'{k}="{val}"' for k, val in labels)
-            lines.append(f"{name}{{{lab}}} {v:g}" if lab else f"{name} {v:g}")
-        for name, (total, count) in sorted(self._sums.items()):
-            head(name, "summary")
-            lines.append(f"{name}_sum {total:.6f}")
-            lines.append(f"{name}_count {count:g}")
-        for (name, stage), h in sorted(self._histograms.items()):
-            head(name, "histogram")
-            running = 0
-            for bound, n in zip((*BUCKETS, float("inf")), h.counts, strict=True):
-                running += n
-                le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                lines.append(f'{name}_bucket{{stage="{stage}",le="{le}"}} {running}')
-            lines.append(f'{name}_sum{{stage="{stage}"}} {h.total:.6f}')
-            lines.append(f'{name}_count{{stage="{stage}"}} {running}')
-        for name, v in sorted(self.gauges.items()):
-            head(name, "gauge")
-            lines.append(f"{name} {v:g}")
-        return "\n".join(lines) + "\n"
+def _num(v: float) -> str:
+    if math.isfinite(v):
+        return str(int(v)) if float(v).is_integer() else repr(float(v))
+    return "NaN" if math.isnan(v) else "+Inf" if v > 0 else "-Inf"
+
+
+def _labels(labels: Iterable[tuple[str, str]]) -> str:
+    def escape(v: str) -> str:
+        return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    inner = ",".join(f'{k}="{escape(v)}"' for k, v in labels)
+    return f"{{{inner}}}" if inner else ""
+
+
+def exposition(families: Iterable[Metric], gauges: Mapping[str, float]) -> str:
+    """Counters, summaries, histograms, then gauges, each sorted by name and labels, as MeterFlow has
+    always written them (`le="1"`, not prometheus_client's `le="1.0"`; sums to the microsecond)."""
+    by_kind: dict[str, list[Metric]] = defaultdict(list)
+    for f in families:
+        if f.samples:
+            by_kind[f.type].append(f)
+    lines: list[str] = []
+
+    def head(name: str, doc: str, kind: str) -> None:
+        lines.append(f"# HELP {name} {HELP.get(name, doc)}")
+        lines.append(f"# TYPE {name} {kind}")
+
+    for f in sorted(by_kind["counter"], key=lambda f: f.name):
+        name = f.name + "_total"
+        head(name, f.documentation, "counter")
+        counts = sorted((tuple(sorted(s.labels.items())), s.value) for s in f.samples if s.name == name)
+        lines.extend(f"{name}{_labels(labels)} {_num(v)}" for labels, v in counts)
+    for f in sorted(by_kind["summary"], key=lambda f: f.name):
+        head(f.name, f.documentation, "summary")
+        values = {s.name: s.value for s in f.samples if not s.labels}
+        lines.append(f"{f.name}_sum {values.get(f.name + '_sum', 0.0):.6f}")
+        lines.append(f"{f.name}_count {_num(values.get(f.name + '_count', 0.0))}")
+    for f in sorted(by_kind["histogram"], key=lambda f: f.name):
+        head(f.name, f.documentation, "histogram")
+        series: dict[Labels, dict[str, float]] = defaultdict(dict)
+        buckets: dict[Labels, list[tuple[float, float]]] = defaultdict(list)
+        for s in f.samples:
+            rest = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+            if s.name == f.name + "_bucket":
+                buckets[rest].append((float(s.labels["le"]), s.value))
+            else:
+                series[rest][s.name] = s.value
+        for labels in sorted(buckets):
+            for bound, n in sorted(buckets[labels]):
+                le = "+Inf" if bound == math.inf else f"{bound:g}"
+                lines.append(f"{f.name}_bucket{_labels((*labels, ('le', le)))} {_num(n)}")
+            lines.append(f"{f.name}_sum{_labels(labels)} {series[labels].get(f.name + '_sum', 0.0):.6f}")
+            lines.append(f"{f.name}_count{_labels(labels)} {_num(series[labels].get(f.name + '_count', 0.0))}")
+    levels: list[tuple[str, str, Labels, float]] = [
+        (f.name, f.documentation, tuple(sorted(s.labels.items())), s.value)
+        for f in by_kind["gauge"] for s in f.samples
+    ]  # fmt: skip
+    levels.extend((name, name, (), v) for name, v in gauges.items())
+    seen: set[str] = set()
+    for name, doc, labels, v in sorted(levels):
+        if name not in seen:
+            seen.add(name)
+            head(name, doc, "gauge")
+        lines.append(f"{name}{_labels(labels)} {_num(v)}")
+    return "\n".join(lines) + "\n"

@@ -170,6 +170,7 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
                     await asyncio.wait_for(spool.drain_once(), 10)
                 except Exception as e:
                     log.warning("archive left spooled at shutdown", extra={"error": str(e)[:300]})
+            metrics.close()  # this worker's flush queue no longer counts in /metrics
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,9 @@ async def ready(request: Request) -> Response:
 @operation("Prometheus metrics", {200: "Text format 0.0.4"}, media_type="text/plain")
 async def metrics(request: Request) -> Response:
     rt = runtime_of(request)
-    rt.metrics.gauges["meterflow_flush_queue_rows"] = rt.ingest.flusher.queued_rows
+    # Summed over live workers, each as of the last scrape it answered (the flusher does not report it yet);
+    # the gauges below are state every worker sees alike, read now.
+    rt.metrics.process_gauge("meterflow_flush_queue_rows", rt.ingest.flusher.queued_rows)
     if rt.spool is not None:
         objects, size = rt.spool.depth()
         rt.metrics.gauges["meterflow_archive_spool_objects"] = objects
