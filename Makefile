@@ -62,7 +62,7 @@ test-python: build services garage
 test: services garage build test-rust test-python
 
 test-long: build
-	MF_BOOKS_EXAMPLES=2000 $(PY) -m pytest tests/test_books_stateful.py
+	MF_BOOKS_EXAMPLES=2000 $(PY) -m pytest tests/billing/test_books_stateful.py
 
 # Benchmarks: every run is saved by pytest-benchmark under .benchmarks/<machine>/NNNN_*.json
 # (machine info included). `make bench-baseline` keeps one run as the baseline;
@@ -109,4 +109,4 @@ clean:
 LOADTEST_SECONDS ?= 8
 loadtest: build services garage
 	$(PY) -m pip install -q py-spy
-	$(PY) loadtest/run.py --seconds $(LOADTEST_SECONDS) --profile
+	$(PY) -m loadtest.run --seconds $(LOADTEST_SECONDS) --profile

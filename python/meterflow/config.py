@@ -12,14 +12,9 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from babel import Locale, UnknownLocaleError
 
-from meterflow.billing.plans import Plan, PlanError, parse_plan
-from meterflow.metering.meters import DEFAULT_METERS, Meter, MeterError, parse_meter
+from meterflow.kernel.rust import Limits
 
-DAY_MS = 86_400_000
-
-
-def _default_meters() -> tuple[Meter, ...]:
-    return tuple(parse_meter(m, "config") for m in DEFAULT_METERS)
+CORE_LIMITS = Limits()
 
 
 class ConfigError(Exception):
@@ -65,9 +60,10 @@ class Settings:
     http_max_connections: int = 16_384
     http_header_timeout_s: int = 5
     http_body_timeout_s: int = 10
-    max_events: int = 1000
-    max_future_ms: int = 5 * 60 * 1000
-    max_age_ms: int = 30 * DAY_MS
+    # An event batch's limits: the Rust core's own defaults (1000 events, 5 minutes ahead, 30 days old).
+    max_events: int = CORE_LIMITS.max_events
+    max_future_ms: int = CORE_LIMITS.max_future_ms
+    max_age_ms: int = CORE_LIMITS.max_age_ms
     retry_after_s: int = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
@@ -116,10 +112,14 @@ class Settings:
     webhook_retry_for_s: int = 86_400
     webhook_timeout_ms: int = 10_000
     webhook_poll_ms: int = 1_000
-    # Meters defined as code (TOML `[[meters]]`); the seed's catalog by default.
-    meters: tuple[Meter, ...] = dataclasses.field(default_factory=_default_meters)
-    # Plans defined as code (TOML `[[plans]]`), priced against the config's meters; read-only through the API.
-    plans: tuple[Plan, ...] = ()
+    # Meters defined as code (TOML `[[meters]]`), as written: `metering.meters.configured_meters` parses
+    # them (the seed's catalog when None).
+    meters: tuple[dict[str, Any], ...] | None = None
+    # Plans defined as code (TOML `[[plans]]`), as written: `billing.plans.configured_plans` parses them
+    # against the config's meters; read-only through the API.
+    plans: tuple[dict[str, Any], ...] = ()
+    # The TOML file the settings were read from (`MF_CONFIG`), named in the errors of its tables.
+    config: str = ""
 
     def __post_init__(self) -> None:
         positive = (
@@ -199,7 +199,8 @@ class Settings:
         d["admin_key"] = "***" if self.admin_key else ""
         d["database_url"] = _without_password(self.database_url)
         d["s3_secret_key"] = "***" if self.s3_secret_key else ""
-        d["meters"] = [m.code for m in self.meters]
+        d["meters"] = None if self.meters is None else [m.get("code") for m in self.meters]
+        d["plans"] = [p.get("code") for p in self.plans]
         return d
 
 
@@ -229,35 +230,17 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
     return raw
 
 
-def _meters(path: str, raw: Any) -> tuple[Meter, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"{path}: `meters` must be an array of tables ([[meters]]).")
-    out: list[Meter] = []
-    for i, doc in enumerate(raw):
-        try:
-            m = parse_meter(doc, "config")
-        except MeterError as e:
-            raise ConfigError(f"{path}: meters[{i}].{e.field}: {e.message}") from None
-        if any(o.code == m.code for o in out):
-            raise ConfigError(f"{path}: meters[{i}].code: {m.code!r} is defined twice.")
-        out.append(m)
-    return tuple(out)
+def _tables(path: str, name: str, raw: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(f"{path}: `{name}` must be an array of tables ([[{name}]]).")
+    return tuple(raw)
 
 
-def _plans(path: str, raw: Any, meters: tuple[Meter, ...]) -> tuple[Plan, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"{path}: `plans` must be an array of tables ([[plans]]).")
-    by_code = {m.code: m for m in meters}
-    out: list[Plan] = []
-    for i, doc in enumerate(raw):
-        try:
-            p = parse_plan(doc, by_code)
-        except PlanError as e:
-            raise ConfigError(f"{path}: plans[{i}].{e.field}: {e.message}") from None
-        if any(o.code == p.code for o in out):
-            raise ConfigError(f"{path}: plans[{i}].code: {p.code!r} is defined twice.")
-        out.append(p)
-    return tuple(out)
+def defined_once(source: str, name: str, codes: list[str]) -> None:
+    """Raises ConfigError naming the second definition of a code in `[[name]]`."""
+    for i, code in enumerate(codes):
+        if code in codes[:i]:
+            raise ConfigError(f"{source}: {name}[{i}].code: {code!r} is defined twice.")
 
 
 def load(
@@ -279,10 +262,10 @@ def load(
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}.") from None
         section = doc.get("meterflow", doc)
-        if "meters" in doc:
-            values["meters"] = _meters(path, doc["meters"])
-        if "plans" in doc:
-            values["plans"] = _plans(path, doc["plans"], values.get("meters") or _default_meters())
+        values["config"] = path
+        for name in ("meters", "plans"):
+            if name in doc:
+                values[name] = _tables(path, name, doc[name])
         for key, raw in section.items():
             if key in ("meters", "plans") or isinstance(raw, dict):
                 continue

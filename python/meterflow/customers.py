@@ -9,15 +9,14 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from meterflow.clock import SYSTEM, Clock
-from meterflow.errors import FieldError
-from meterflow.metering.calendar import time_zone
-from meterflow.records import IfMatch, Records, locked_row, plain
+from meterflow.kernel.calendar import time_zone
+from meterflow.kernel.clock import SYSTEM, Clock
+from meterflow.kernel.errors import FieldError
+from meterflow.kernel.money import MINOR_UNITS
+from meterflow.records import IfMatch, Records, live_row, locked_row, plain, read_row
 from meterflow.records.tables import customer_timezones, customers
 
-ID_RE = re.compile(r"[A-Za-z0-9_-]{1,255}")
 EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-CURRENCY_RE = re.compile(r"[A-Z]{3}")
 FIELDS = ("name", "email", "currency", "timezone", "metadata")
 # PostgreSQL's text cannot hold U+0000: refused in every text field on both engines alike.
 NUL = "\x00"
@@ -64,7 +63,7 @@ def validate(doc: Any, partial: bool = False) -> dict[str, Any]:
                 raise CustomerError(f, "`name` is longer than 500 characters.")
             if f == "email" and (len(v) > 320 or not EMAIL_RE.fullmatch(v)):
                 raise CustomerError(f, f"`email` {v!r} is not an email address.")
-            if f == "currency" and not CURRENCY_RE.fullmatch(v):
+            if f == "currency" and v not in MINOR_UNITS:
                 raise CustomerError(f, f"`currency` {v!r} must be an ISO 4217 code such as EUR or USD.")
             if f == "timezone" and time_zone(v) is None:
                 raise CustomerError(f, f"`timezone` {v[:100]!r} is not an IANA time zone name such as Europe/Paris.")
@@ -116,11 +115,9 @@ class Customers:
         self, customer_id: str, fields: dict[str, Any], if_match: IfMatch | None = None
     ) -> dict[str, Any] | None:
         async with self._db.begin() as conn:
-            old = await locked_row(conn, customers, customers.c.id == customer_id)
-            if old is None or old["deleted_at"] is not None:
+            old = await live_row(conn, customers, customers.c.id == customer_id, if_match)
+            if old is None:
                 return None
-            if if_match is not None:
-                if_match.check(old["version"])
             values = {**fields, "updated_at": self._clock.now_ms(), "version": old["version"] + 1}
             await conn.execute(sa.update(customers).where(customers.c.id == customer_id).values(values))
             if "timezone" in fields:
@@ -138,11 +135,9 @@ class Customers:
     async def delete(self, customer_id: str, if_match: IfMatch | None = None) -> bool:
         """Soft delete: the row stays (invoices keep their customer), reads no longer see it."""
         async with self._db.begin() as conn:
-            old = await locked_row(conn, customers, customers.c.id == customer_id)
-            if old is None or old["deleted_at"] is not None:
+            old = await live_row(conn, customers, customers.c.id == customer_id, if_match)
+            if old is None:
                 return False
-            if if_match is not None:
-                if_match.check(old["version"])
             values = {"deleted_at": self._clock.now_ms(), "version": old["version"] + 1}
             await conn.execute(sa.update(customers).where(customers.c.id == customer_id).values(values))
         return True
@@ -159,12 +154,7 @@ class Customers:
         return [_public(plain(r)) for r in rows]
 
     async def _row(self, customer_id: str, include_deleted: bool = False) -> dict[str, Any] | None:
-        q = sa.select(customers).where(customers.c.id == customer_id)
-        if not include_deleted:
-            q = q.where(customers.c.deleted_at.is_(None))
-        async with self._db.connect() as conn:
-            row = (await conn.execute(q)).mappings().first()
-        return plain(row) if row is not None else None
+        return await read_row(self._db, customers, customers.c.id == customer_id, include_deleted)
 
 
 async def _record_timezone(conn: AsyncConnection, customer_id: str, zone: str, at: int) -> None:

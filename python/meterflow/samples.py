@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
 import orjson
 
+from meterflow.kernel.clock import now_ms
+
 ENDPOINTS = ("/v1/orders", "/v1/users", "/v1/search", "/v1/invoices", "/v1/files")
 REGIONS = ("eu-west-1", "us-east-1", "ap-south-1")
 
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def seed_event(timestamp: int | None = None) -> dict[str, Any]:

@@ -6,9 +6,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.api.openapi import PAGE, operation
-from meterflow.api.responses import json_response, page_params
 from meterflow.billing.failures import ClosingFailures
-from meterflow.runtime import runtime_of
+from meterflow.web.pagination import page_params, page_response
+from meterflow.web.state import runtime_of
 
 
 @operation("List closing failures, in subscription id order (retried every pass until they close)",
@@ -16,6 +16,4 @@ from meterflow.runtime import runtime_of
 async def list_closing_failures(request: Request) -> Response:
     limit, cursor = page_params(request)
     rows = await ClosingFailures(runtime_of(request).records).list(cursor, limit + 1)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return json_response({"data": rows, "next_cursor": rows[-1]["subscription_id"] if more and rows else None})
+    return page_response(rows, limit, lambda r: str(r["subscription_id"]))

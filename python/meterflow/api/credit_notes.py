@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.errors import ApiError
-from meterflow.api.invoices import DOCUMENT_ANSWERS, INVOICE_ID_RE, document_response, with_snapshot
+from meterflow.api.invoices import DOCUMENT_ANSWERS
 from meterflow.api.openapi import PAGE, Param, operation
-from meterflow.api.responses import json_response, page_params
 from meterflow.billing.rendered import Format, credit_note_bytes
-from meterflow.customers import ID_RE
-from meterflow.runtime import runtime_of
+from meterflow.kernel.ids import CREDIT_NOTE_ID_RE, INVOICE_ID_RE, INVOICE_ID_RULE
+from meterflow.web.errors import or_not_found
+from meterflow.web.pagination import id_filter, page_params, page_response
+from meterflow.web.responses import json_response
+from meterflow.web.state import runtime_of
+from meterflow.web.views import document_response, with_snapshot
 
-CREDIT_NOTE_ID_RE = re.compile(r"cn_[0-9a-f]{24}")
 NOT_FOUND = "There is no such credit note."
 
 
 async def _note(request: Request) -> dict[str, Any]:
     nid = str(request.path_params["credit_note_id"])
     note = await runtime_of(request).credit_notes.get(nid) if CREDIT_NOTE_ID_RE.fullmatch(nid) else None
-    if note is None:
-        raise ApiError(404, "credit_note_not_found", f"There is no credit note {nid[:100]!r}.")
+    note = or_not_found(note, "credit_note_not_found", f"There is no credit note {nid[:100]!r}.")
     return note
 
 
@@ -33,17 +32,11 @@ async def _note(request: Request) -> dict[str, Any]:
                                   Param("customer_id", "Only this customer's credit notes.")))  # fmt: skip
 async def list_credit_notes(request: Request) -> Response:
     limit, cursor = page_params(request)
-    q = request.query_params
-    invoice_id, customer_id = q.get("invoice_id", ""), q.get("customer_id", "")
-    if invoice_id and not INVOICE_ID_RE.fullmatch(invoice_id):
-        raise ApiError(400, "invalid_parameter", "`invoice_id` must be an invoice id: inv_ and 24 of 0-9, a-f.")
-    if customer_id and not ID_RE.fullmatch(customer_id):
-        raise ApiError(400, "invalid_parameter", "`customer_id` must be 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
+    invoice_id = id_filter(request, "invoice_id", INVOICE_ID_RE, f"an invoice id: {INVOICE_ID_RULE}")
+    customer_id = id_filter(request, "customer_id")
     rows = await runtime_of(request).credit_notes.list(cursor, limit + 1, invoice_id=invoice_id,
                                                        customer_id=customer_id)  # fmt: skip
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return json_response({"data": rows, "next_cursor": rows[-1]["id"] if more and rows else None})
+    return page_response(rows, limit)
 
 
 @operation("Get a credit note", {200: "The credit note", 404: NOT_FOUND}, result="CreditNote")

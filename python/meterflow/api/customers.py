@@ -5,13 +5,15 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, STALE, Param, operation
-from meterflow.api.responses import json_body, json_response, page_params
-from meterflow.customers import ID_RE, NUL, NUL_MESSAGE, CustomerError, Customers, validate
+from meterflow.customers import NUL, NUL_MESSAGE, CustomerError, Customers, validate
+from meterflow.kernel.ids import ID_RE, ID_RULE
 from meterflow.records import IfMatch
 from meterflow.records.versions import etag
-from meterflow.runtime import runtime_of
+from meterflow.web.errors import ApiError, or_not_found
+from meterflow.web.pagination import page_params, page_response
+from meterflow.web.responses import json_body, json_response
+from meterflow.web.state import runtime_of
 
 FILTER_MAX = 500  # the longest name a customer may have
 
@@ -31,7 +33,7 @@ def _answer(customer: dict[str, object], status: int = 200) -> Response:
 def _id(request: Request) -> str:
     cid = str(request.path_params["customer_id"])
     if not ID_RE.fullmatch(cid):
-        raise ApiError(400, "invalid_customer_id", "A customer id is 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
+        raise ApiError("invalid_customer_id", f"A customer id is {ID_RULE}.")
     return cid
 
 
@@ -39,7 +41,7 @@ def _fields(doc: object, partial: bool) -> dict[str, object]:
     try:
         return validate(doc, partial)
     except CustomerError as e:
-        raise ApiError(400, "invalid_customer", e.message) from None
+        raise ApiError("invalid_customer", e.message) from None
 
 
 @operation("Create or replace a customer", {200: "Replaced", 201: "Created", **STALE}, body="Customer",
@@ -48,7 +50,7 @@ async def put_customer(request: Request) -> Response:
     cid = _id(request)
     doc = await json_body(request)
     if isinstance(doc, dict) and doc.get("id", cid) != cid:
-        raise ApiError(400, "invalid_customer", f"`id` is {doc.get('id')!r} but the URL names {cid!r}.")
+        raise ApiError("invalid_customer", f"`id` is {doc.get('id')!r} but the URL names {cid!r}.")
     customer, created = await _store(request).put(cid, _fields(doc, partial=False), _if_match(request))
     return _answer(customer, 201 if created else 200)
 
@@ -57,9 +59,9 @@ async def put_customer(request: Request) -> Response:
            body="Customer", result="Customer")  # fmt: skip
 async def patch_customer(request: Request) -> Response:
     cid = _id(request)
-    customer = await _store(request).patch(cid, _fields(await json_body(request), partial=True), _if_match(request))
-    if customer is None:
-        raise ApiError(404, "customer_not_found", f"There is no customer {cid!r}.")
+    fields = _fields(await json_body(request), partial=True)
+    customer = or_not_found(await _store(request).patch(cid, fields, _if_match(request)), "customer_not_found",
+                            f"There is no customer {cid!r}.")  # fmt: skip
     return _answer(customer)
 
 
@@ -67,9 +69,7 @@ async def patch_customer(request: Request) -> Response:
                                404: "There is no such customer."}, result="Customer")  # fmt: skip
 async def get_customer(request: Request) -> Response:
     cid = _id(request)
-    customer = await _store(request).get(cid)
-    if customer is None:
-        raise ApiError(404, "customer_not_found", f"There is no customer {cid!r}.")
+    customer = or_not_found(await _store(request).get(cid), "customer_not_found", f"There is no customer {cid!r}.")
     return _answer(customer)
 
 
@@ -78,7 +78,7 @@ async def get_customer(request: Request) -> Response:
 async def delete_customer(request: Request) -> Response:
     cid = _id(request)
     if not await _store(request).delete(cid, _if_match(request)):
-        raise ApiError(404, "customer_not_found", f"There is no customer {cid!r}.")
+        raise ApiError("customer_not_found", f"There is no customer {cid!r}.")
     return Response(status_code=204)
 
 
@@ -90,10 +90,8 @@ async def list_customers(request: Request) -> Response:
     q = request.query_params
     for name in ("name", "email"):
         if len(q.get(name, "")) > FILTER_MAX:
-            raise ApiError(400, "invalid_parameter", f"`{name}` is longer than {FILTER_MAX} characters, the limit.")
+            raise ApiError("invalid_parameter", f"`{name}` is longer than {FILTER_MAX} characters, the limit.")
         if NUL in q.get(name, ""):
-            raise ApiError(400, "invalid_parameter", NUL_MESSAGE.format(name))
+            raise ApiError("invalid_parameter", NUL_MESSAGE.format(name))
     rows = await _store(request).list(cursor, limit + 1, q.get("name", ""), q.get("email", ""))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return json_response({"data": rows, "next_cursor": rows[-1]["id"] if more and rows else None})
+    return page_response(rows, limit)

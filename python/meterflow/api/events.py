@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.auth import check_rate
-from meterflow.api.errors import ApiError
 from meterflow.api.openapi import Param, operation
-from meterflow.api.responses import check_json, json_response, read_body
 from meterflow.auth.keys import Principal
 from meterflow.ingest.dedup import DedupUnavailable
 from meterflow.ingest.service import DecodeError, Unavailable
 from meterflow.ingest.stream import Lag
-from meterflow.metering.events import EVENTS_PAGE_MAX, EventsError, OtherCustomer, list_events, parse_query
+from meterflow.kernel.errors import FieldError, status_of
+from meterflow.kernel.params import EPOCH_MS_MAX, EPOCH_MS_MIN, epoch_ms, integer
+from meterflow.metering.events import (
+    EVENTS_PAGE_MAX,
+    Cursor,
+    EventsError,
+    EventsQuery,
+    OtherCustomer,
+    check_subject,
+    events_query,
+    list_events,
+)
 from meterflow.metering.usage import query_limits
-from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
-from meterflow.runtime import runtime_of
-from meterflow.storage.base import QueryLimitExceeded
+from meterflow.web.errors import ApiError, answering, too_expensive
+from meterflow.web.guard import check_rate
+from meterflow.web.responses import check_json, json_response, read_body
+from meterflow.web.state import runtime_of
 
-_DECODE_STATUS = {"too_many_events": 413}
 _BACKEND_DOWN = {"storage_unavailable": "Storage", "dedup_unavailable": "The dedup store"}
 log = logging.getLogger("meterflow.api")
 
@@ -49,15 +59,15 @@ async def post_events(request: Request) -> Response:
         result = await service.accept(batch)
     except DecodeError as e:
         code, message = e.args
-        service.metrics.inc("meterflow_requests_total", status=str(_DECODE_STATUS.get(code, 400)))
-        raise ApiError(_DECODE_STATUS.get(code, 400), code, message) from None
+        service.metrics.inc("meterflow_requests_total", status=str(status_of(code)))
+        raise ApiError(code, message) from None
     except Unavailable as e:
         service.metrics.inc("meterflow_requests_total", status="503")
         message = e.message
         if e.code in _BACKEND_DOWN:  # the backend's own text (hosts, SQL) goes to the log only
             log.warning("ingest refused: backend unavailable", extra={"error": e.message[:500]})
             message = f"{_BACKEND_DOWN[e.code]} is unavailable; retry after {settings.retry_after_s} s."
-        raise ApiError(503, e.code, message, {"Retry-After": str(settings.retry_after_s)}) from None
+        raise ApiError(e.code, message, {"Retry-After": str(settings.retry_after_s)}) from None
     # Async mode: accepted means durably queued, not yet stored.
     status = 202 if service.stream is not None else 200
     service.metrics.inc("meterflow_requests_total", status=str(status))
@@ -76,12 +86,28 @@ async def events_lag(request: Request) -> Response:
         lag = await stream.lag()
     except DedupUnavailable as e:
         log.warning("lag unavailable", extra={"error": str(e)[:500]})
-        raise ApiError(503, "dedup_unavailable", f"Redis is unavailable; retry after {rt.settings.retry_after_s} s.",
+        raise ApiError("dedup_unavailable", f"Redis is unavailable; retry after {rt.settings.retry_after_s} s.",
                        {"Retry-After": str(rt.settings.retry_after_s)}) from None  # fmt: skip
     return json_response({"mode": "async", **lag.as_json()})
 
 
 EPOCH = {"type": "integer", "minimum": EPOCH_MS_MIN, "maximum": EPOCH_MS_MAX}
+
+
+def parse_query(params: Mapping[str, str], bound_customer: str | None = None) -> EventsQuery:
+    """The events query from URL parameters (EventsError names the parameter); a key bound to a customer sees
+    that customer only. Errors come in the parameters' order: who and what, the period and page, the cursor."""
+    customer = params.get("customer_id") or None
+    event_type = params.get("event_type") or None
+    check_subject(customer, event_type, bound_customer)
+    try:
+        start = epoch_ms(params, "start") if params.get("start") else EPOCH_MS_MIN
+        end = epoch_ms(params, "end") if params.get("end") else EPOCH_MS_MAX
+        limit = integer(params, "limit", 1, EVENTS_PAGE_MAX, default=100)
+    except FieldError as e:
+        raise EventsError(e.field, e.message) from None
+    query = events_query(customer, event_type, start, end, limit, bound_customer=bound_customer)
+    return replace(query, cursor=Cursor.decode(params["cursor"])) if params.get("cursor") else query
 
 
 @operation("The stored events, newest first, a page at a time", {
@@ -99,20 +125,12 @@ EPOCH = {"type": "integer", "minimum": EPOCH_MS_MIN, "maximum": EPOCH_MS_MAX}
 async def get_events(request: Request) -> Response:
     rt = runtime_of(request)
     principal: Principal = request.state.principal
-    try:
+    s = rt.settings
+    limits = f"{s.usage_max_execution_s} s, {s.usage_max_result_rows} rows"
+    with too_expensive("events", limits, "ask for a shorter period or a smaller `limit`"),\
+            answering({OtherCustomer: "other_customer", EventsError: "invalid_parameter"}):  # fmt: skip
         query = parse_query(request.query_params, principal.customer_id)
         page = await list_events(rt.storage, query, query_limits(rt.settings))
-    except OtherCustomer as e:
-        raise ApiError(403, "other_customer", e.message) from None
-    except EventsError as e:
-        raise ApiError(400, "invalid_parameter", e.message) from None
-    except QueryLimitExceeded:
-        s = rt.settings
-        raise ApiError(
-            422, "events_query_too_expensive",
-            f"The events query went over a limit ({s.usage_max_execution_s} s, {s.usage_max_result_rows} rows); "
-            "ask for a shorter period or a smaller `limit`.",
-        ) from None  # fmt: skip
     data = [
         {"transaction_id": e.transaction_id, "customer_id": e.customer_id, "event_type": e.event_type,
          "timestamp": e.timestamp_ms, "properties": orjson.Fragment(e.properties)}  # stored JSON, exact numbers

@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from meterflow.api.openapi import operation
-from meterflow.api.responses import json_response
 from meterflow.billing.failures import ClosingFailures
 from meterflow.metrics import HELP
-from meterflow.runtime import Probe, runtime_of
+from meterflow.web.responses import json_response
+from meterflow.web.state import runtime_of
 
 log = logging.getLogger("meterflow.api")
 
@@ -25,22 +25,12 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok", "pid": os.getpid()})
 
 
-async def _check(probe: Probe) -> dict[str, str]:
-    try:
-        await asyncio.wait_for(probe.backend.ping(), 2)
-    except Exception as e:  # any failure to answer is "down"
-        # /ready needs no key: the service's own text (hosts, versions) goes to the log only.
-        log.warning("readiness check failed", extra={"check": probe.label, "error": (str(e) or type(e).__name__)[:500]})
-        return {"status": "down"}
-    return {"status": "ok"}
-
-
 @operation("Readiness: each backing service checked", {200: "Every backing service answers",
            503: "A backing service is down or the archive spool is full; `checks` says which."})  # fmt: skip
 async def ready(request: Request) -> Response:
     rt = runtime_of(request)
     probes = rt.probes()
-    results = await asyncio.gather(*(_check(p) for p in probes))
+    results = await asyncio.gather(*(p.check() for p in probes))
     checks = {p.label: r for p, r in zip(probes, results, strict=True) if p.family != "archive"}
     ok = all(r["status"] == "ok" for p, r in zip(probes, results, strict=True) if p.essential)
     body: dict[str, Any] = {"status": "ready" if ok else "unavailable", "checks": checks,

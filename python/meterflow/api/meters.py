@@ -5,15 +5,16 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, STALE, operation
-from meterflow.api.responses import json_body, json_response, page_params
+from meterflow.kernel.params import EPOCH_MS_MAX, EPOCH_MS_MIN
 from meterflow.metering.catalog import MeterCatalog, MeterConflict, MeterInUse, MeterVersion
 from meterflow.metering.meters import Meter, MeterError, parse_meter
-from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
 from meterflow.records import IfMatch
 from meterflow.records.versions import etag
-from meterflow.runtime import runtime_of
+from meterflow.web.errors import ApiError, answering, or_not_found
+from meterflow.web.pagination import page_params, page_response
+from meterflow.web.responses import json_body, json_response
+from meterflow.web.state import runtime_of
 
 
 def _catalog(request: Request) -> MeterCatalog:
@@ -33,13 +34,13 @@ def _parse(doc: object, code: str | None = None) -> tuple[Meter, int | None]:
         doc = dict(doc)
         v = doc.pop("effective_at")
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not EPOCH_MS_MIN <= v <= EPOCH_MS_MAX):
-            raise ApiError(400, "invalid_meter", f"effective_at: `effective_at` must be epoch milliseconds from "
+            raise ApiError("invalid_meter", f"effective_at: `effective_at` must be epoch milliseconds from "
                            f"{EPOCH_MS_MIN} to {EPOCH_MS_MAX}, got {str(v)[:40]!r}.")  # fmt: skip
         effective_at = v
     try:
         return parse_meter(doc, "api", code), effective_at
     except MeterError as e:
-        raise ApiError(400, "invalid_meter", f"{e.field}: {e.message}") from None
+        raise ApiError("invalid_meter", f"{e.field}: {e.message}") from None
 
 
 def _version_json(v: MeterVersion) -> dict[str, object]:
@@ -52,10 +53,7 @@ def _version_json(v: MeterVersion) -> dict[str, object]:
 async def list_meters(request: Request) -> Response:
     limit, cursor = page_params(request)
     meters = await _catalog(request).list(cursor, limit + 1)
-    more = len(meters) > limit
-    meters = meters[:limit]
-    data = [{**m.as_json(), "version": v} for m, v in meters]
-    return json_response({"data": data, "next_cursor": meters[-1][0].code if more and meters else None})
+    return page_response(meters, limit, lambda mv: mv[0].code, lambda mv: {**mv[0].as_json(), "version": mv[1]})
 
 
 @operation("Create a meter, in force from `effective_at` (default now)",
@@ -65,16 +63,14 @@ async def create_meter(request: Request) -> Response:
     try:
         version = await _catalog(request).create(meter, effective_at)
     except MeterConflict as e:
-        raise ApiError(409, "meter_exists", str(e)) from None
+        raise ApiError("meter_exists", str(e)) from None
     return _answer(meter, version, 201)
 
 
 @operation("Get a meter", {200: "The meter", 404: "There is no such meter."}, result="Meter")
 async def get_meter(request: Request) -> Response:
     code = request.path_params["code"]
-    found = await _catalog(request).get_versioned(code)
-    if found is None:
-        raise ApiError(404, "meter_not_found", f"There is no meter {code!r}.")
+    found = or_not_found(await _catalog(request).get_versioned(code), "meter_not_found", f"There is no meter {code!r}.")
     return _answer(*found)
 
 
@@ -89,7 +85,7 @@ async def put_meter(request: Request) -> Response:
     try:
         created, version = await _catalog(request).replace(meter, if_match, effective_at)
     except MeterConflict as e:
-        raise ApiError(409, "meter_read_only", str(e)) from None
+        raise ApiError("meter_read_only", str(e)) from None
     return _answer(meter, version, 201 if created else 200)
 
 
@@ -98,14 +94,10 @@ async def put_meter(request: Request) -> Response:
          "still receive late usage bills with a plan version that prices it (`meter_in_use`).", **STALE})  # fmt: skip
 async def delete_meter(request: Request) -> Response:
     code = request.path_params["code"]
-    try:
+    with answering({MeterConflict: "meter_read_only", MeterInUse: "meter_in_use"}):
         deleted = await _catalog(request).delete(code, IfMatch.parse(request.headers.get("if-match")))
-    except MeterConflict as e:
-        raise ApiError(409, "meter_read_only", str(e)) from None
-    except MeterInUse as e:
-        raise ApiError(409, "meter_in_use", str(e)) from None
     if not deleted:
-        raise ApiError(404, "meter_not_found", f"There is no meter {code!r}.")
+        raise ApiError("meter_not_found", f"There is no meter {code!r}.")
     return Response(status_code=204)
 
 
@@ -114,7 +106,5 @@ async def delete_meter(request: Request) -> Response:
             404: "There is no such meter."})  # fmt: skip
 async def list_meter_versions(request: Request) -> Response:
     code = request.path_params["code"]
-    found = await _catalog(request).versions(code)
-    if found is None:
-        raise ApiError(404, "meter_not_found", f"There is no meter {code!r}.")
+    found = or_not_found(await _catalog(request).versions(code), "meter_not_found", f"There is no meter {code!r}.")
     return json_response({"data": [_version_json(v) for v in found]})

@@ -11,20 +11,28 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from meterflow import __version__
-from meterflow.api.responses import ADMIN_BODY_MAX, PAGE_MAX, json_response
+from meterflow.auth.keys import SCOPES
+from meterflow.billing.credit_notes import REASONS
+from meterflow.billing.invoices import STATUSES as INVOICE_STATUSES
+from meterflow.billing.invoices import Kind
+from meterflow.billing.plans import INTERVALS
+from meterflow.billing.subscriptions import STATUSES as SUBSCRIPTION_STATUSES
 from meterflow.billing.webhooks import EVENTS
 from meterflow.config import Settings
-from meterflow.ingest.core import Limits
+from meterflow.kernel.ids import ID_RE
+from meterflow.kernel.params import EPOCH_MS_MAX, EPOCH_MS_MIN
+from meterflow.kernel.rust import Limits
 from meterflow.metering.meters import AGGREGATIONS
-from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
-from meterflow.runtime import runtime_of
+from meterflow.web.pagination import PAGE_MAX
+from meterflow.web.responses import ADMIN_BODY_MAX, json_response
+from meterflow.web.state import runtime_of
 
 E = TypeVar("E", bound=Callable[..., Any])
 ATTR = "openapi_operation"
@@ -182,7 +190,7 @@ def spec(routes: Iterable[BaseRoute], settings: Settings) -> dict[str, Any]:
 
 # The event contract's limits as the core is built with them (ingest/service.py leaves these at the core's own).
 CORE = Limits()
-ID = {"type": "string", "minLength": 1, "maxLength": CORE.max_id_len, "pattern": "^[A-Za-z0-9_-]+$"}
+ID = {"type": "string", "minLength": 1, "maxLength": CORE.max_id_len, "pattern": f"^{ID_RE.pattern}$"}
 OBJECT = {"type": "object"}
 
 
@@ -290,7 +298,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "type": "object",
             "required": ["scope"],
             "properties": {
-                "scope": {"enum": ["ingest", "read", "admin"]},
+                "scope": {"enum": list(SCOPES)},
                 "name": {"type": "string"},
                 "customer_id": {**ID, "description": "Binds an ingest key to one customer."},
                 "rate_limits": {
@@ -330,14 +338,14 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "properties": {
                 "id": {"type": "string"},
                 "number": {"type": ["string", "null"]},
-                "status": {"enum": ["draft", "finalized", "paid", "void"]},
+                "status": {"enum": list(INVOICE_STATUSES)},
                 "customer_id": {"type": "string"},
                 "currency": {"type": "string"},
                 "lines": {"type": "array", "items": OBJECT},
                 "subtotal": {"type": "string"},
                 "minimum_adjustment": {"type": "string"},
                 "total": {"type": "string"},
-                "kind": {"enum": ["period", "late"], "description": "late: late lines only, of ended subscriptions"},
+                "kind": {"enum": list(get_args(Kind)), "description": "late: late lines only, of ended subscriptions"},
                 "amount_credited": {"type": "string", "description": "The sum of the invoice's credit notes."},
                 "amount_due": {"type": "string", "description": "total - amount_credited"},
                 "issued_at": {"type": ["integer", "null"]},
@@ -364,7 +372,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 "invoice_number": {"type": "string"},
                 "customer_id": {"type": "string"},
                 "subscription_id": {"type": "string"},
-                "reason": {"enum": ["retroactive_change", "late_correction", "manual"]},
+                "reason": {"enum": list(REASONS)},
                 "currency": {"type": "string"},
                 "total": {"type": "string"},
                 "memo": {"type": "string"},
@@ -388,7 +396,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 "name": {"type": "string"},
                 "description": {"type": "string"},
                 "currency": {"type": "string", "description": "ISO 4217"},
-                "interval": {"enum": ["month", "year"]},
+                "interval": {"enum": list(INTERVALS)},
                 "minimum": {"type": "string"},
                 "charges": {"type": "array", "items": OBJECT},
             },
@@ -402,7 +410,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 "plan_version": {"type": "integer"},
                 "start": {"type": "integer"},
                 "end": {"type": ["integer", "null"]},
-                "status": {"enum": ["scheduled", "active", "ended"]},
+                "status": {"enum": list(SUBSCRIPTION_STATUSES)},
             },
         },
         "SubscriptionRequest": {

@@ -5,14 +5,15 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, operation
-from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.billing.catalog import PlanCatalog, PlanConflict, StoredPlan
 from meterflow.billing.plans import Plan, PlanError
 from meterflow.records import IfMatch
 from meterflow.records.versions import etag
-from meterflow.runtime import runtime_of
+from meterflow.web.errors import ApiError, answering, or_not_found
+from meterflow.web.pagination import page_params, page_response
+from meterflow.web.responses import json_body, json_response
+from meterflow.web.state import runtime_of
 
 
 def _catalog(request: Request) -> PlanCatalog:
@@ -29,7 +30,7 @@ async def _parse(request: Request, code: str | None = None) -> Plan:
     try:
         return await _catalog(request).parse(doc, code)
     except PlanError as e:
-        raise ApiError(400, "invalid_plan", f"{e.field}: {e.message}") from None
+        raise ApiError("invalid_plan", f"{e.field}: {e.message}") from None
 
 
 @operation("List plans, in code order", {200: "A page of plans", 400: "`limit` or `cursor` is invalid."},
@@ -37,10 +38,7 @@ async def _parse(request: Request, code: str | None = None) -> Plan:
 async def list_plans(request: Request) -> Response:
     limit, cursor = page_params(request)
     found = await _catalog(request).list(cursor, limit + 1)
-    more = len(found) > limit
-    found = found[:limit]
-    return json_response({"data": [p.as_json() for p in found],
-                          "next_cursor": found[-1].plan.code if more and found else None})  # fmt: skip
+    return page_response(found, limit, lambda p: p.plan.code, lambda p: p.as_json())
 
 
 @operation("Create a plan", {201: "Created", 409: "A plan with this code exists (or is defined in the config)."},
@@ -50,7 +48,7 @@ async def create_plan(request: Request) -> Response:
     try:
         stored = await _catalog(request).create(plan)
     except PlanConflict as e:
-        raise ApiError(409, "plan_exists", str(e)) from None
+        raise ApiError("plan_exists", str(e)) from None
     return _answer(stored, 201)
 
 
@@ -58,9 +56,7 @@ async def create_plan(request: Request) -> Response:
            result="Plan")  # fmt: skip
 async def get_plan(request: Request) -> Response:
     code = request.path_params["code"]
-    found = await _catalog(request).get(code)
-    if found is None:
-        raise ApiError(404, "plan_not_found", f"There is no plan {code!r}.")
+    found = or_not_found(await _catalog(request).get(code), "plan_not_found", f"There is no plan {code!r}.")
     return _answer(found)
 
 
@@ -73,7 +69,7 @@ async def put_plan(request: Request) -> Response:
     try:
         created, stored = await _catalog(request).replace(plan, IfMatch.parse(request.headers.get("if-match")))
     except PlanConflict as e:
-        raise ApiError(409, "plan_read_only", str(e)) from None
+        raise ApiError("plan_read_only", str(e)) from None
     return _answer(stored, 201 if created else 200)
 
 
@@ -82,10 +78,8 @@ async def put_plan(request: Request) -> Response:
             409: "The plan is defined in the config file."})  # fmt: skip
 async def delete_plan(request: Request) -> Response:
     code = request.path_params["code"]
-    try:
+    with answering({PlanConflict: "plan_read_only"}):
         archived = await _catalog(request).archive(code, IfMatch.parse(request.headers.get("if-match")))
-    except PlanConflict as e:
-        raise ApiError(409, "plan_read_only", str(e)) from None
     if not archived:
-        raise ApiError(404, "plan_not_found", f"There is no live plan {code!r}.")
+        raise ApiError("plan_not_found", f"There is no live plan {code!r}.")
     return Response(status_code=204)

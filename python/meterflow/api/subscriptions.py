@@ -2,47 +2,45 @@
 
 from __future__ import annotations
 
-import time
 from decimal import Decimal, localcontext
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, Param, operation
-from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.billing.catalog import StoredPlanBroken
 from meterflow.billing.closing import Closer
-from meterflow.billing.money import EXACT, money_text
 from meterflow.billing.preview import billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.subscriptions import Subscription, SubscriptionConflict, SubscriptionError, Subscriptions
-from meterflow.customers import ID_RE
+from meterflow.kernel.clock import now_ms
+from meterflow.kernel.ids import ID_RE, ID_RULE
+from meterflow.kernel.money import EXACT, money_text
+from meterflow.kernel.params import EPOCH_MS_MAX, EPOCH_MS_MIN
 from meterflow.metering.usage import UsageOutOfRange
-from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
-from meterflow.runtime import runtime_of
 from meterflow.storage.base import QueryLimitExceeded
+from meterflow.web.errors import ApiError, or_not_found
+from meterflow.web.pagination import page_params, page_response
+from meterflow.web.responses import json_body, json_response
+from meterflow.web.state import runtime_of
 
 
 def _store(request: Request) -> Subscriptions:
     return runtime_of(request).subscriptions
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
 
 def _answer(sub: Subscription, status: int = 200) -> Response:
-    return json_response(sub.as_json(_now_ms()), status)
+    return json_response(sub.as_json(now_ms()), status)
 
 
 def _object(doc: Any, fields: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(doc, dict):
-        raise ApiError(400, "invalid_subscription", "The body must be a JSON object.")
+        raise ApiError("invalid_subscription", "The body must be a JSON object.")
     unknown = sorted(set(doc) - set(fields))
     if unknown:
-        raise ApiError(400, "invalid_subscription", f"`{unknown[0]}` is not a field here; the fields are "
+        raise ApiError("invalid_subscription", f"`{unknown[0]}` is not a field here; the fields are "
                        f"{', '.join(fields)}.")  # fmt: skip
     return doc
 
@@ -52,15 +50,15 @@ def _instant(doc: dict[str, Any], name: str, default: int | None = None) -> int:
     if v is None and default is not None:
         return default
     if isinstance(v, bool) or not isinstance(v, int) or not EPOCH_MS_MIN <= v <= EPOCH_MS_MAX:
-        raise ApiError(400, "invalid_subscription", f"`{name}` must be epoch milliseconds from {EPOCH_MS_MIN} to "
+        raise ApiError("invalid_subscription", f"`{name}` must be epoch milliseconds from {EPOCH_MS_MIN} to "
                        f"{EPOCH_MS_MAX}, got {str(v)[:40]!r}.")  # fmt: skip
     return v
 
 
 def _fail(e: SubscriptionError | SubscriptionConflict) -> ApiError:
     if isinstance(e, SubscriptionConflict):
-        return ApiError(409, e.code, str(e))
-    return ApiError(400, "invalid_subscription", e.message)
+        return ApiError(e.code, str(e))
+    return ApiError("invalid_subscription", e.message)
 
 
 def _sub_id(request: Request) -> str:
@@ -75,13 +73,13 @@ async def create_subscription(request: Request) -> Response:
     doc = _object(await json_body(request), ("customer_id", "plan", "start"))
     customer = doc.get("customer_id")
     if not isinstance(customer, str) or not ID_RE.fullmatch(customer):
-        raise ApiError(400, "invalid_subscription", "`customer_id` is required: 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
+        raise ApiError("invalid_subscription", f"`customer_id` is required: {ID_RULE}.")
     try:
-        sub = await _store(request).create(customer, doc.get("plan"), _instant(doc, "start", _now_ms()))  # type: ignore[arg-type]
+        sub = await _store(request).create(customer, doc.get("plan"), _instant(doc, "start", now_ms()))  # type: ignore[arg-type]
     except (SubscriptionError, SubscriptionConflict) as e:
         raise _fail(e) from None
     except StoredPlanBroken as e:
-        raise ApiError(409, "plan_not_priceable", str(e)) from None
+        raise ApiError("plan_not_priceable", str(e)) from None
     return _answer(sub, 201)
 
 
@@ -91,22 +89,17 @@ async def list_subscriptions(request: Request) -> Response:
     limit, cursor = page_params(request)
     customer = request.query_params.get("customer_id")
     if customer is not None and not ID_RE.fullmatch(customer):
-        raise ApiError(400, "invalid_parameter", "`customer_id` must be 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
+        raise ApiError("invalid_parameter", f"`customer_id` must be {ID_RULE}.")
     rows = await _store(request).page(customer, cursor, limit + 1)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    now = _now_ms()
-    return json_response(
-        {"data": [s.as_json(now) for s in rows], "next_cursor": rows[-1].id if more and rows else None}
-    )
+    now = now_ms()
+    return page_response(rows, limit, lambda s: s.id, lambda s: s.as_json(now))
 
 
 @operation("Get a subscription", {200: "The subscription", 404: "There is no such subscription."},
            result="Subscription")  # fmt: skip
 async def get_subscription(request: Request) -> Response:
-    sub = await _store(request).get(_sub_id(request))
-    if sub is None:
-        raise ApiError(404, "subscription_not_found", f"There is no subscription {_sub_id(request)!r}.")
+    sid = _sub_id(request)
+    sub = or_not_found(await _store(request).get(sid), "subscription_not_found", f"There is no subscription {sid!r}.")
     return _answer(sub)
 
 
@@ -116,11 +109,11 @@ async def get_subscription(request: Request) -> Response:
 async def cancel_subscription(request: Request) -> Response:
     doc = _object(await json_body(request), ("at",))
     try:
-        sub = await _store(request).cancel(_sub_id(request), _instant(doc, "at", _now_ms()))
+        sub = await _store(request).cancel(_sub_id(request), _instant(doc, "at", now_ms()))
     except (SubscriptionError, SubscriptionConflict) as e:
         raise _fail(e) from None
     if sub is None:
-        raise ApiError(404, "subscription_not_found", f"There is no subscription {_sub_id(request)!r}.")
+        raise ApiError("subscription_not_found", f"There is no subscription {_sub_id(request)!r}.")
     return _answer(sub)
 
 
@@ -131,12 +124,12 @@ async def cancel_subscription(request: Request) -> Response:
 async def change_subscription(request: Request) -> Response:
     doc = _object(await json_body(request), ("plan", "at"))
     try:
-        done = await _store(request).change(_sub_id(request), doc.get("plan"), _instant(doc, "at", _now_ms()))  # type: ignore[arg-type]
+        done = await _store(request).change(_sub_id(request), doc.get("plan"), _instant(doc, "at", now_ms()))  # type: ignore[arg-type]
     except (SubscriptionError, SubscriptionConflict) as e:
         raise _fail(e) from None
     if done is None:
-        raise ApiError(404, "subscription_not_found", f"There is no subscription {_sub_id(request)!r}.")
-    now = _now_ms()
+        raise ApiError("subscription_not_found", f"There is no subscription {_sub_id(request)!r}.")
+    now = now_ms()
     return json_response({"ended": done[0].as_json(now), "subscription": done[1].as_json(now)})
 
 
@@ -152,20 +145,20 @@ async def upcoming_invoice(request: Request) -> Response:
     rt = runtime_of(request)
     cid = str(request.path_params["customer_id"])
     if not ID_RE.fullmatch(cid):
-        raise ApiError(400, "invalid_customer_id", "A customer id is 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
-    now = _now_ms()
+        raise ApiError("invalid_customer_id", f"A customer id is {ID_RULE}.")
+    now = now_ms()
     active = [s for s in await rt.subscriptions.of_customer(cid) if s.active_at(now)]
     wanted = request.query_params.get("subscription_id")
     if wanted is not None:
         active = [s for s in active if s.id == wanted]
         if not active:
-            raise ApiError(400, "invalid_parameter", f"`subscription_id` {wanted[:60]!r} is not an active "
+            raise ApiError("invalid_parameter", f"`subscription_id` {wanted[:60]!r} is not an active "
                            f"subscription of customer {cid!r}.")  # fmt: skip
     if not active:
-        raise ApiError(404, "no_active_subscription", f"Customer {cid!r} has no active subscription.")
+        raise ApiError("no_active_subscription", f"Customer {cid!r} has no active subscription.")
     if len(active) > 1:
         ids = ", ".join(s.id for s in active)
-        raise ApiError(400, "invalid_parameter", f"Customer {cid!r} has {len(active)} active subscriptions ({ids}); "
+        raise ApiError("invalid_parameter", f"Customer {cid!r} has {len(active)} active subscriptions ({ids}); "
                        "name one in `subscription_id`.")  # fmt: skip
     sub = active[0]
     try:
@@ -174,12 +167,12 @@ async def upcoming_invoice(request: Request) -> Response:
         # What finalized periods newly owe, to be billed on this subscription's next invoice.
         pending = await Closer(rt).late_lines(sub, priced.currency, now)
     except UsageOutOfRange as e:
-        raise ApiError(422, "usage_out_of_range", e.message) from None
+        raise ApiError("usage_out_of_range", e.message) from None
     except QueryLimitExceeded:
-        raise ApiError(422, "usage_query_too_expensive", "A usage query of this period went over its limits "
+        raise ApiError("usage_query_too_expensive", "A usage query of this period went over its limits "
                        "(MF_USAGE_MAX_*).") from None  # fmt: skip
     except StoredPlanBroken as e:
-        raise ApiError(422, "plan_not_priceable", str(e)) from None
+        raise ApiError("plan_not_priceable", str(e)) from None
     with localcontext(EXACT):
         late = sum((Decimal(ln["amount"]) for ln in pending), Decimal(0))
     return json_response({"customer_id": cid, "subscription_id": sub.id, "plan_version": sub.plan_version,

@@ -3,52 +3,51 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.errors import ApiError
 from meterflow.api.openapi import Param, operation
-from meterflow.api.responses import json_response
+from meterflow.config import Settings
+from meterflow.kernel.errors import FieldError
+from meterflow.kernel.params import EPOCH_MS_MAX, EPOCH_MS_MIN, epoch_ms
+from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.usage import (
-    GROUP_SEPARATOR,
-    Usage,
     UsageError,
     UsageOutOfRange,
-    parse_request,
+    UsageQuery,
+    UsageRequest,
     query_limits,
     run_usage,
+    usage_meter,
+    usage_request,
 )
 from meterflow.metering.windows import WINDOWS
-from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN
-from meterflow.runtime import runtime_of
-from meterflow.storage.base import QueryLimitExceeded
+from meterflow.web.errors import answering, too_expensive
+from meterflow.web.responses import json_response
+from meterflow.web.state import runtime_of
+from meterflow.web.views import usage_json
 
 FILTER_RE = re.compile(r"filter\[(.+)\]")
 
 
-def usage_json(u: Usage) -> dict[str, Any]:
-    """The JSON shape of a usage answer: values as exact numbers, breakdown keys joined by `|`."""
-    r = u.request
-    out: dict[str, Any] = {
-        "customer_id": r.customer_id,
-        "meter": r.meter.code,
-        "period": {"start": r.start, "end": r.end},
-        "value": u.value,
-        "unit": r.meter.unit,
-        "aggregation": r.meter.aggregation,
-    }
-    if r.filters:
-        out["filters"] = {p: list(v) for p, v in r.filters}
-    if u.breakdown is not None:
-        out["group_by"] = list(r.group_by)
-        out["breakdown"] = {GROUP_SEPARATOR.join(k): v for k, v in u.breakdown.items()}
-    if u.series is not None:
-        out["window"] = r.window
-        out["tz"] = r.tz.key
-        out["series"] = [{"start": w.start, "end": w.end, "value": w.value} for w in u.series]
-    return out
+async def parse_request(
+    params: Mapping[str, str], filters: Mapping[str, Sequence[str]], catalog: MeterCatalog, settings: Settings
+) -> UsageRequest:
+    """The usage request of URL parameters (`filters`: the `filter[<property>]` values by property), checked as
+    `metering.usage.usage_request` checks it; UsageError names the parameter, the first wrong one in its order."""
+    customer = params.get("customer_id") or ""
+    code = params.get("meter") or params.get("metric") or ""
+    try:
+        start, end = epoch_ms(params, "start"), epoch_ms(params, "end")
+    except FieldError as e:
+        await usage_meter(customer, code, catalog)  # a wrong customer or meter is named before the period
+        raise UsageError(e.field, e.message) from None
+    group_by = tuple(g for g in (params.get("group_by") or "").split(",") if g)
+    query = UsageQuery(customer, code, start, end, group_by, params.get("window") or None, params.get("tz") or "UTC",
+                       tuple((prop, tuple(values)) for prop, values in filters.items()))  # fmt: skip
+    return await usage_request(query, catalog, settings)
 
 
 EPOCH = {"type": "integer", "minimum": EPOCH_MS_MIN, "maximum": EPOCH_MS_MAX}
@@ -74,18 +73,10 @@ async def get_usage(request: Request) -> Response:
     for key, value in params.multi_items():
         if m := FILTER_RE.fullmatch(key):
             filters.setdefault(m.group(1), []).append(value)
-    try:
+    s = rt.settings
+    limits = f"{s.usage_max_execution_s} s, {s.usage_max_result_rows} rows, {s.usage_max_query_bytes} bytes of SQL"
+    with too_expensive("usage", limits, "ask for a shorter period, fewer windows or groups"),\
+            answering({UsageError: "invalid_parameter", UsageOutOfRange: "usage_out_of_range"}):  # fmt: skip
         req = await parse_request(params, filters, rt.meters, rt.settings)
         result = await run_usage(rt.storage, req, query_limits(rt.settings))
-    except UsageError as e:
-        raise ApiError(400, "invalid_parameter", e.message) from None
-    except UsageOutOfRange as e:
-        raise ApiError(422, "usage_out_of_range", e.message) from None
-    except QueryLimitExceeded:
-        s = rt.settings
-        raise ApiError(
-            422, "usage_query_too_expensive",
-            f"The usage query went over a limit ({s.usage_max_execution_s} s, {s.usage_max_result_rows} rows, "
-            f"{s.usage_max_query_bytes} bytes of SQL); ask for a shorter period, fewer windows or groups.",
-        ) from None  # fmt: skip
     return json_response(usage_json(result))

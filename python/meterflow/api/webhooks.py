@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
-
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.errors import ApiError
 from meterflow.api.openapi import PAGE, operation
-from meterflow.api.responses import json_body, json_response, page_params
 from meterflow.billing.webhooks import WebhookError, Webhooks, validate
-from meterflow.runtime import runtime_of
-
-WEBHOOK_ID_RE = re.compile(r"wh_[0-9a-f]{24}")
+from meterflow.kernel.ids import WEBHOOK_ID_RE
+from meterflow.web.errors import ApiError
+from meterflow.web.pagination import page_params, page_response
+from meterflow.web.responses import json_body, json_response
+from meterflow.web.state import runtime_of
 
 
 def _store(request: Request) -> Webhooks:
@@ -23,7 +21,7 @@ def _store(request: Request) -> Webhooks:
 def _id(request: Request) -> str:
     wid = str(request.path_params["webhook_id"])
     if not WEBHOOK_ID_RE.fullmatch(wid):
-        raise ApiError(404, "webhook_not_found", f"There is no webhook {wid[:100]!r}.")
+        raise ApiError("webhook_not_found", f"There is no webhook {wid[:100]!r}.")
     return wid
 
 
@@ -33,7 +31,7 @@ async def create_webhook(request: Request) -> Response:
     try:
         url, events, description = validate(await json_body(request))
     except WebhookError as e:
-        raise ApiError(400, "invalid_webhook", e.message) from None
+        raise ApiError("invalid_webhook", e.message) from None
     return json_response(await _store(request).register(url, events, description), 201)
 
 
@@ -42,9 +40,7 @@ async def create_webhook(request: Request) -> Response:
 async def list_webhooks(request: Request) -> Response:
     limit, cursor = page_params(request)
     rows = await _store(request).list(cursor, limit + 1)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return json_response({"data": rows, "next_cursor": rows[-1]["id"] if more and rows else None})
+    return page_response(rows, limit)
 
 
 @operation("Delete a webhook receiver (its pending deliveries are dropped; the log stays)",
@@ -52,7 +48,7 @@ async def list_webhooks(request: Request) -> Response:
 async def delete_webhook(request: Request) -> Response:
     wid = _id(request)
     if not await _store(request).delete(wid):
-        raise ApiError(404, "webhook_not_found", f"There is no webhook {wid!r}.")
+        raise ApiError("webhook_not_found", f"There is no webhook {wid!r}.")
     return Response(status_code=204)
 
 
@@ -64,8 +60,6 @@ async def list_deliveries(request: Request) -> Response:
     limit, cursor = page_params(request)
     store = _store(request)
     if not await store.exists(wid):
-        raise ApiError(404, "webhook_not_found", f"There is no webhook {wid!r}.")
+        raise ApiError("webhook_not_found", f"There is no webhook {wid!r}.")
     rows = await store.deliveries(wid, cursor, limit + 1)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return json_response({"data": rows, "next_cursor": rows[-1]["id"] if more and rows else None})
+    return page_response(rows, limit)

@@ -6,6 +6,9 @@ acknowledged event is on disk or in the archive; the spool survives restarts
 and is bounded (a full spool refuses ingestion with 503, it never drops).
 `format` names and encodes objects, `stores` holds them, `spool` carries
 them there, `replay` reads them back into storage.
+
+Owns: the archive's objects, the spool and the stores. Does not own: the flush
+ids and the Rust decoder it uses (`kernel`), nor storage (`storage`).
 """
 
 from meterflow.archive.format import PREFIX, ArchiveError, key_hour_ms, object_key

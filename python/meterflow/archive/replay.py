@@ -18,7 +18,8 @@ from typing import TextIO
 
 from meterflow.archive.format import PREFIX, decompress, is_object_key, key_hour_ms
 from meterflow.archive.stores import Store
-from meterflow.ingest.core import STORED_LIMITS, decode_batch
+from meterflow.kernel.clock import now_ms
+from meterflow.kernel.rust import STORED_LIMITS, decode_batch
 from meterflow.storage import Storage
 
 HOUR_MS = 3_600_000
@@ -50,7 +51,7 @@ async def replay(
         for j in range(0, len(lines), 1000):
             chunk = lines[j : j + 1000]
             body = b'{"events":[' + b",".join(chunk) + b"]}"
-            batch = decode_batch(body, time.time_ns() // 1_000_000, STORED_LIMITS)
+            batch = decode_batch(body, now_ms(), STORED_LIMITS)
             if batch.failed:
                 raise ValueError(f"{key}: archived events fail validation: {batch.failed[:3]}")
             if not dry_run and storage is not None and len(batch):
@@ -64,19 +65,3 @@ async def replay(
     count = report.events if dry_run else report.inserted
     out.write(f"\nreplay: {report.objects} objects, {report.events} events; {verb} {count}.\n")
     return report
-
-
-def parse_time(text: str) -> int:
-    """Epoch milliseconds, or an ISO 8601 date/time (UTC unless it says otherwise)."""
-    if text.lstrip("-").isdigit():
-        return int(text)
-    from datetime import UTC, datetime
-
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is neither epoch milliseconds nor an ISO 8601 time") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
-

@@ -14,7 +14,7 @@ import orjson
 from meterflow.archive.format import compress, decompress, object_key, suffix_of
 from meterflow.archive.stores import Store, atomic_write
 from meterflow.config import Settings
-from meterflow.ingest.dedup import flush_created_ms
+from meterflow.kernel.flush_ids import flush_created_ms
 from meterflow.metrics import Metrics
 
 log = logging.getLogger("meterflow.archive")

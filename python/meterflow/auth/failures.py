@@ -19,8 +19,9 @@ import math
 import time
 from collections import OrderedDict
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from meterflow.redis import open_fail_fast
 
 WINDOW_S = 60
 MAX_ADDRESSES = 100_000  # distinct addresses remembered per worker; the oldest go first
@@ -53,7 +54,7 @@ class AuthFailures:
         self.per_minute = per_minute
         self._counts = _Bounded()
         self._blocked = _Bounded()  # address -> window it is blocked in (value 1)
-        self._redis = aioredis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) if redis_url else None
+        self._redis = open_fail_fast(redis_url) if redis_url else None
         self.name = "redis" if redis_url else "memory"
 
     async def start(self) -> None:

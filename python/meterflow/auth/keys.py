@@ -14,7 +14,8 @@ from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 
-from meterflow.customers import ID_RE
+from meterflow.kernel.clock import now_ms
+from meterflow.kernel.ids import ID_RE, ID_RULE
 from meterflow.records import IfMatch, Records, RecordsUnavailable, StaleVersion, plain
 from meterflow.records.tables import api_keys
 
@@ -103,9 +104,9 @@ class KeyStore:
         if customer_id is not None and scope != "ingest":
             raise KeyError_("`customer_id` binds an ingest key to one customer; only `ingest` keys take it.")
         if customer_id is not None and not ID_RE.fullmatch(customer_id):
-            raise KeyError_("`customer_id` must be 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
+            raise KeyError_(f"`customer_id` must be {ID_RULE}.")
         key_id, full, hashed = new_key()
-        now = int(time.time() * 1000)
+        now = now_ms()
         row = {"id": key_id, "name": name, "scope": scope, "customer_id": customer_id,
                "rate_limits": rate_limits or {}, "hash": hashed, "created_at": now,
                "last_used_at": None, "revoked_at": None, "version": 1}  # fmt: skip
@@ -135,7 +136,7 @@ class KeyStore:
         if if_match is not None and not if_match.any:
             q = q.where(api_keys.c.version.in_(sorted(if_match.versions)))
         async with self._db.begin() as conn:
-            done = await conn.execute(q.values(revoked_at=int(time.time() * 1000), version=api_keys.c.version + 1))
+            done = await conn.execute(q.values(revoked_at=now_ms(), version=api_keys.c.version + 1))
             if not done.rowcount and if_match is not None:
                 active = await conn.execute(
                     sa.select(api_keys.c.id).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
@@ -213,7 +214,7 @@ class KeyStore:
         try:
             async with self._db.begin() as conn:
                 await conn.execute(
-                    sa.update(api_keys).where(api_keys.c.id == doc["id"]).values(last_used_at=int(time.time() * 1000))
+                    sa.update(api_keys).where(api_keys.c.id == doc["id"]).values(last_used_at=now_ms())
                 )
         except RecordsUnavailable:
             pass  # a statistic: it does not stop a request that is otherwise served

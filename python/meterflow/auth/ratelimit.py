@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from meterflow.config import Settings
+from meterflow.redis import open_pool
 
 
 @dataclass(frozen=True)
@@ -120,13 +120,8 @@ class RedisRateLimiter:
     name = "redis"
 
     def __init__(self, url: str) -> None:
-        # A bounded pool that waits for a free connection: redis-py's default pool
-        # refuses past 100 connections, which at a few hundred concurrent requests
-        # would fail most checks open ("Too many connections").
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=REDIS_CONNECTIONS, timeout=2, socket_timeout=2, socket_connect_timeout=2
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        # A bounded pool that waits for a free connection (see open_pool).
+        self._redis = open_pool(url, REDIS_CONNECTIONS)
         self._script = self._redis.register_script(_GCRA)
 
     async def start(self) -> None:

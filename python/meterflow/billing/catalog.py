@@ -10,7 +10,6 @@ subscription names any plan the same way: (code, plan_version).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterflow.billing.plans import Plan, PlanError, parse_plan
+from meterflow.kernel.clock import now_ms
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.meters import CODE_RE, Meter
 from meterflow.records import IfMatch, Records, StaleVersion
@@ -78,7 +78,7 @@ class PlanCatalog:
                             break
                         n = 1 if latest is None else latest[0] + 1
                         await conn.execute(sa.insert(plan_versions).values(
-                            code=code, plan_version=n, definition=plan.as_json(), created_at=_now_ms()))  # fmt: skip
+                            code=code, plan_version=n, definition=plan.as_json(), created_at=now_ms()))  # fmt: skip
                         self._config_versions[code] = n
                         break
                 except IntegrityError:
@@ -126,7 +126,7 @@ class PlanCatalog:
     async def create(self, plan: Plan) -> StoredPlan:
         if plan.code in self._config:
             raise PlanConflict(f"Plan {plan.code!r} is defined in the configuration file.")
-        now = _now_ms()
+        now = now_ms()
         try:
             async with self._db.begin() as conn:
                 await conn.execute(sa.insert(plans).values(code=plan.code, plan_version=1, created_at=now,
@@ -154,7 +154,7 @@ class PlanCatalog:
                     return True, await self.create(plan)
                 except PlanConflict:
                     continue
-            now, pv, version = _now_ms(), int(row["plan_version"]), int(row["version"])
+            now, pv, version = now_ms(), int(row["plan_version"]), int(row["version"])
             async with self._db.begin() as conn:
                 used = await conn.execute(sa.select(subscriptions.c.id).where(
                     subscriptions.c.plan_code == plan.code, subscriptions.c.plan_version == pv).limit(1))  # fmt: skip
@@ -187,7 +187,7 @@ class PlanCatalog:
             q = q.where(plans.c.version.in_(sorted(if_match.versions)))
         async with self._db.begin() as conn:
             done = await conn.execute(
-                q.values(archived_at=_now_ms(), updated_at=_now_ms(), version=plans.c.version + 1)
+                q.values(archived_at=now_ms(), updated_at=now_ms(), version=plans.c.version + 1)
             )
         if not done.rowcount and if_match is not None:
             found = await self.get(code)
@@ -226,5 +226,3 @@ async def _latest_version(conn: AsyncConnection, code: str) -> tuple[int, Mappin
 _RETRIES = 10
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)

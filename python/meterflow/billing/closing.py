@@ -36,17 +36,19 @@ from typing import Any, Literal, Protocol
 import sqlalchemy as sa
 
 from meterflow.billing.catalog import StoredPlanBroken
-from meterflow.billing.credit_notes import CreditLine, CreditNotes, Reason, credited_by_slot, slot_key
+from meterflow.billing.credit_notes import CreditNotes, Reason, credited_by_slot, slot_key
 from meterflow.billing.failures import ClosingFailures
 from meterflow.billing.invoices import Invoices, WrongStatus
-from meterflow.billing.money import EXACT, decimal_text, money_text
+from meterflow.billing.lines import CreditLine, InvoiceLine, LateFor, billed_lines, encode_line, legacy_key
+from meterflow.billing.lines import legacy_keys as legacy_keys  # stated in `lines`, named here as before
 from meterflow.billing.periods import SETTLE_IN_MS, Period, cut, zone_at
-from meterflow.billing.plans import FlatCharge, Plan
+from meterflow.billing.plans import Plan
 from meterflow.billing.preview import BillingContext, PricingDeps, billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.settlement import BilledLine, Debit, OwedLine, Settlement, owed_lines, settle
 from meterflow.billing.subscriptions import Subscription
-from meterflow.clock import Clock
+from meterflow.kernel.clock import Clock
+from meterflow.kernel.money import EXACT, money_text
 from meterflow.metering.usage import UsageOutOfRange
 from meterflow.records import Records, RecordsUnavailable, plain
 from meterflow.records.tables import invoices
@@ -268,18 +270,23 @@ class Closer:
         priced = await price_service_period(self._deps, due.context, due.period)
         # The plan version is frozen with the lines: a later version of the plan does not change this invoice.
         document = {**priced_period_json(priced), "plan_version": due.subscription.plan_version}
-        late = await self.late_lines(due.subscription, priced.currency, self._deps.clock.now_ms())
-        return priced.currency, with_late_lines(document, late, priced.currency)
+        late = await self.pending_late(due.subscription, priced.currency, self._deps.clock.now_ms())
+        return priced.currency, with_late_lines(document, priced.total, late, priced.currency)
 
     async def late_lines(self, receiver: Subscription, currency: str, at: int,
                          skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:  # fmt: skip
+        """`pending_late` as the API shows it (the stored shape of the lines)."""
+        return [encode_line(ln, currency) for ln in await self.pending_late(receiver, currency, at, skip)]
+
+    async def pending_late(self, receiver: Subscription, currency: str, at: int,
+                           skip: frozenset[str] = frozenset()) -> list[InvoiceLine]:  # fmt: skip
         """The late lines an invoice of `receiver` carries: what its own finalized periods newly owe, and
         what ended subscriptions of the customer in the same currency newly owe when `receiver` is the
         one that takes them (see `_receiver`)."""
         if not await self._has_finalized(receiver.customer_id):
             return []  # nothing billed yet: nothing can be owed late (one cheap query for a new customer)
         books = await self._books(receiver.customer_id, at)
-        out: list[dict[str, Any]] = []
+        out: list[InvoiceLine] = []
         for ctx in books.contexts.values():
             sub = ctx.subscription
             if ctx.plan.currency != currency:
@@ -287,7 +294,7 @@ class Closer:
             if sub.id != receiver.id and self._receiver(books, sub, at) != receiver.id:
                 continue
             for period, s in (await self._settlements(books, ctx, at, skip))[0]:
-                out += [_late_line(ctx, period, d, currency) for d in s.debits]
+                out += [_late_line(ctx, period, d) for d in s.debits]
         return out
 
     async def _has_finalized(self, customer_id: str) -> bool:
@@ -339,7 +346,7 @@ class Closer:
             if not await self._has_finalized(customer_id):
                 return
             books = await self._books(customer_id, at)
-            orphans: dict[str, list[dict[str, Any]]] = defaultdict(list)  # currency -> late lines of nobody's
+            orphans: dict[str, list[InvoiceLine]] = defaultdict(list)  # currency -> late lines of nobody's
             for ctx in sorted(books.contexts.values(), key=lambda c: c.subscription.id):
                 sub = ctx.subscription
                 credits: dict[str, list[CreditLine]] = defaultdict(list)
@@ -347,7 +354,7 @@ class Closer:
                 takes = self._receiver(books, sub, at)
                 settled, complete = await self._settlements(books, ctx, at, skip)
                 for period, s in settled:
-                    late_for = {"subscription_id": sub.id, "start": period.start, "end": period.end}
+                    late_for = LateFor(sub.id, period.start, period.end)
                     own_invoice = books.period_invoices.get((sub.id, period.start), {}).get("id")
                     for c in s.credits:
                         own = c.billed.invoice_id == own_invoice  # else a late line on a later invoice
@@ -357,8 +364,7 @@ class Closer:
                         retro[c.billed.invoice_id] = retro.get(c.billed.invoice_id, False) or (
                             sub.settle_from is not None and period.end > sub.settle_from)
                     if takes is None and s.debits:
-                        orphans[ctx.plan.currency] += [_late_line(ctx, period, d, ctx.plan.currency)
-                                                       for d in s.debits]  # fmt: skip
+                        orphans[ctx.plan.currency] += [_late_line(ctx, period, d) for d in s.debits]
                 for invoice_id, lines in credits.items():
                     reason: Reason = "retroactive_change" if retro[invoice_id] else "late_correction"
                     if await self._deps.credit_notes.create(invoice_id, reason, lines) is not None:
@@ -366,18 +372,19 @@ class Closer:
                 if sub.settle_from is not None and complete:  # else a later pass settles what was left out
                     await self._deps.subscriptions.mark_settled(sub.id, sub.settle_from)
             for currency, late in sorted(orphans.items()):
-                first = late[0]["late_for"]["subscription_id"]
-                await self._late_invoice(customer_id, first, currency, late, at)
+                first = late[0].late_for
+                assert first is not None  # every line `_late_line` makes has its period
+                await self._late_invoice(customer_id, first.subscription_id, currency, late, at)
                 report.late_invoices += 1
 
-    async def _late_invoice(self, customer_id: str, sub_id: str, currency: str, lines: list[dict[str, Any]],
+    async def _late_invoice(self, customer_id: str, sub_id: str, currency: str, lines: list[InvoiceLine],
                             at: int) -> None:  # fmt: skip
         """An invoice of late lines only, made and finalized now (its period is the instant it is made)."""
         zero = money_text(ZERO, currency)
         doc: dict[str, Any] = {"plan": None, "currency": currency, "period": {"start": at, "end": at},
                "billing_period": {"start": at, "end": at}, "lines": [], "subtotal": zero, "minimum": zero,
                "minimum_adjustment": zero, "total": zero, "plan_version": None}  # fmt: skip
-        doc = with_late_lines(doc, lines, currency)
+        doc = with_late_lines(doc, ZERO, lines, currency)
         await self._deps.invoices.discard_drafts(customer_id, kind="late")  # one a failed pass left behind
         inv, created = await self._deps.invoices.create_draft_document(customer_id, sub_id, Period(at, at), currency,
                                                                        doc, kind="late")  # fmt: skip
@@ -406,7 +413,7 @@ class Closer:
                 continue
             owed: list[OwedLine] = []
             if cut(period, sub.start, sub.end) is not None:
-                owed = owed_lines(priced_period_json(await price_service_period(self._deps, ctx, period)))
+                owed = owed_lines(await price_service_period(self._deps, ctx, period))
             s = settle(owed, books.billed.get((sub.id, start), []))
             if not s.empty:
                 out.append((period, s))
@@ -451,20 +458,15 @@ class Closer:
             void = inv["status"] == "void"  # billed, but nothing can be credited on it: no room
             settled_off = credited_by_slot(n for n in notes_of[inv["id"]] if n["reason"] != "manual")
             keys = await self._line_keys(inv)
-            doc = inv["document"]
-            lines: list[tuple[int | None, dict[str, Any], str]] = [
-                (i, ln, keys[i]) for i, ln in enumerate(doc["lines"])]
-            if Decimal(doc.get("minimum_adjustment") or 0):
-                lines.append((None, {"amount": doc["minimum_adjustment"], "quantity": "1"}, "minimum"))
-            for slot, ln, key in lines:
-                late = ln.get("late_for")
-                owner = ((late["subscription_id"], int(late["start"])) if late
+            for slot, ln in billed_lines(inv["document"]):
+                late = ln.late_for
+                owner = ((late.subscription_id, late.start) if late is not None
                          else (inv["subscription_id"], int(inv["period_start"])))  # fmt: skip
                 k = slot_key(slot)
-                amount = Decimal(ln["amount"])
+                key = k if slot is None else keys[slot]
                 books.billed[owner].append(BilledLine(
-                    inv["id"], slot, key, Decimal(ln["quantity"]), amount, settled_off[k],
-                    amount if void else all_off[k], order))  # fmt: skip
+                    inv["id"], slot, key, ln.quantity, ln.amount, settled_off[k],
+                    ln.amount if void else all_off[k], order))  # fmt: skip
         return books
 
     async def _line_keys(self, inv: dict[str, Any]) -> list[str]:
@@ -473,7 +475,7 @@ class Closer:
         if all("line_key" in ln for ln in lines):
             return [str(ln["line_key"]) for ln in lines]
         plan = await self._plan(inv)
-        return legacy_keys(plan, lines) if plan is not None else [_legacy(ln) for ln in lines]
+        return legacy_keys(plan, lines) if plan is not None else [legacy_key(ln) for ln in lines]
 
     async def _plan(self, inv: dict[str, Any]) -> Plan | None:
         sub = await self._deps.subscriptions.get(inv["subscription_id"])
@@ -547,64 +549,24 @@ class Closer:
 
 
 
-def with_late_lines(document: dict[str, Any], late: list[dict[str, Any]], currency: str) -> dict[str, Any]:
-    """The document with `late` appended and its total raised by their amounts (100-digit context)."""
+def with_late_lines(document: dict[str, Any], total: Decimal, late: list[InvoiceLine],
+                    currency: str) -> dict[str, Any]:  # fmt: skip
+    """The document (whose total is `total`) with `late` appended and its total raised by their amounts."""
     if not late:
         return document
     with localcontext(EXACT):
-        extra = sum((Decimal(ln["amount"]) for ln in late), ZERO)
-        total = Decimal(document["total"]) + extra
-    return {**document, "lines": document["lines"] + late, "late_usage": money_text(extra, currency),
-            "total": money_text(total, currency)}
+        extra = sum((ln.amount for ln in late), ZERO)
+        total += extra
+    return {**document, "lines": document["lines"] + [encode_line(ln, currency) for ln in late],
+            "late_usage": money_text(extra, currency), "total": money_text(total, currency)}
 
 
-def _late_line(ctx: BillingContext, period: Period, d: Debit, currency: str) -> dict[str, Any]:
-    o = d.line
+def _late_line(ctx: BillingContext, period: Period, d: Debit) -> InvoiceLine:
+    o: OwedLine = d.line
     what = o.description or (o.meter or o.charge)
-    line: dict[str, Any] = {"line_key": o.key, "charge": o.charge, "meter": o.meter,
-                            "description": f"Late usage for {period_label(ctx, period)}: {what}",
-                            "quantity": decimal_text(d.quantity), "amount": money_text(d.amount, currency), "tiers": [],
-                            "late_for": {"subscription_id": ctx.subscription.id, "start": period.start,
-                                         "end": period.end}}  # fmt: skip
-    if o.dimension:
-        line["dimension"] = o.dimension
-    return line
-
-
-def _legacy(ln: dict[str, Any]) -> str:
-    dim = ln.get("dimension") or {}
-    return f"legacy:{ln.get('meter')}|{ln.get('charge')}|{sorted(dim.items())}"
-
-
-def legacy_keys(plan: Plan, lines: list[dict[str, Any]]) -> list[str]:
-    """Line keys for lines stored before keys existed: the period's own lines follow the plan's charges in
-    order (a dimensional charge's lines one after another); a late line takes the first charge that
-    prices its meter the same way."""
-    keys: list[str] = []
-    own = [ln for ln in lines if "late_for" not in ln]
-    at = 0
-    for i, c in enumerate(plan.charges):
-        if at >= len(own):
-            break
-        if isinstance(c, FlatCharge) or c.price_by is None:
-            keys.append(str(i))
-            at += 1
-            continue
-        while at < len(own) and own[at].get("meter") == c.meter and c.price_by in (own[at].get("dimension") or {}):
-            keys.append(f"{i}:{c.price_by}={own[at]['dimension'][c.price_by]}")
-            at += 1
-    keys += [_legacy(ln) for ln in own[len(keys):]]
-    for ln in lines[len(own):]:
-        dim = ln.get("dimension") or {}
-        match = next((i for i, c in enumerate(plan.charges) if not isinstance(c, FlatCharge) and c.meter ==
-                      ln.get("meter") and (c.price_by in dim if c.price_by else not dim)), None)  # fmt: skip
-        if match is None:
-            keys.append(_legacy(ln))
-        else:
-            c = plan.charges[match]
-            keys.append(f"{match}:{c.price_by}={dim[c.price_by]}" if dim and not isinstance(c, FlatCharge)
-                        and c.price_by else str(match))  # fmt: skip
-    return keys
+    return InvoiceLine(o.key, o.charge, o.meter, f"Late usage for {period_label(ctx, period)}: {what}", d.quantity,
+                       d.amount, dimension=o.dimension,
+                       late_for=LateFor(ctx.subscription.id, period.start, period.end))  # fmt: skip
 
 
 async def close_periodically(deps: ClosingDeps, interval_s: int) -> None:

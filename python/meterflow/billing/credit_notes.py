@@ -16,7 +16,7 @@ import builtins
 import secrets
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import replace
 from decimal import Decimal, localcontext
 from typing import Any, Literal
 
@@ -24,10 +24,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterflow.billing.invoices import WrongStatus
-from meterflow.billing.money import EXACT, decimal_text, minor_unit, money_text, round_money
+from meterflow.billing.lines import MINIMUM_KEY, CreditLine, billed_lines, decode_credit_line, encode_credit_line
+from meterflow.billing.listing import row_by_id, rows_after
 from meterflow.billing.numbering import next_number
 from meterflow.billing.webhooks import enqueue
-from meterflow.clock import SYSTEM, Clock
+from meterflow.kernel.clock import SYSTEM, Clock
+from meterflow.kernel.money import EXACT, decimal_text, minor_unit, money_text, round_money
 from meterflow.records import Records, plain
 from meterflow.records.tables import credit_note_numbers, credit_notes, invoices
 
@@ -45,35 +47,12 @@ class CreditAmountInvalid(ValueError):
     """A manual credit's amount has more decimal places than the invoice's currency (HTTP 400)."""
 
 
-@dataclass(frozen=True)
-class CreditLine:
-    """One line of a credit note: `amount` (positive) off the invoice line `slot`."""
-
-    slot: int | None  # the invoice line's position; None: the invoice's own minimum adjustment
-    line_key: str
-    description: str
-    quantity: Decimal
-    amount: Decimal
-    late_for: dict[str, Any] | None = None  # {subscription_id, start, end} of the period the line belongs to
-
-
 def number_text(year: int, n: int) -> str:
     return f"CN-{year}-{n:06d}"
 
 
 def slot_key(slot: int | None) -> str:
-    return "minimum" if slot is None else str(slot)
-
-
-def invoice_slots(invoice: dict[str, Any]) -> list[tuple[int | None, dict[str, Any], Decimal]]:
-    """What an invoice billed, line by line: (slot, line, amount), the minimum adjustment last (slot None)."""
-    out: list[tuple[int | None, dict[str, Any], Decimal]] = [
-        (i, ln, Decimal(ln["amount"])) for i, ln in enumerate(invoice["document"]["lines"])
-    ]
-    adjustment = Decimal(invoice["document"].get("minimum_adjustment") or 0)
-    if adjustment:
-        out.append((None, {"line_key": "minimum", "description": "Minimum adjustment", "quantity": "1"}, adjustment))
-    return out
+    return MINIMUM_KEY if slot is None else str(slot)
 
 
 def credited_by_slot(notes: Iterable[dict[str, Any]]) -> dict[str, Decimal]:
@@ -81,8 +60,8 @@ def credited_by_slot(notes: Iterable[dict[str, Any]]) -> dict[str, Decimal]:
     out: dict[str, Decimal] = defaultdict(Decimal)
     with localcontext(EXACT):
         for n in notes:
-            for ln in n["document"]["lines"]:
-                out[slot_key(ln["invoice_line"])] += Decimal(ln["amount"])
+            for ln in map(decode_credit_line, n["document"]["lines"]):
+                out[slot_key(ln.slot)] += ln.amount
     return out
 
 
@@ -119,7 +98,7 @@ class CreditNotes:
                                           f"{inv['currency']}, which has {places}.")  # fmt: skip
             taken = credited_by_slot(await self._notes_of(conn, invoice_id))
             with localcontext(EXACT):
-                rooms = [(slot, ln, a - taken[slot_key(slot)]) for slot, ln, a in invoice_slots(inv)]
+                rooms = [(slot, ln, ln.amount - taken[slot_key(slot)]) for slot, ln in billed_lines(inv["document"])]
                 left = sum((r for _, _, r in rooms), ZERO)
                 want = left if amount is None else amount
                 cur = inv["currency"]
@@ -132,28 +111,19 @@ class CreditNotes:
                 for slot, ln, room in reversed(rooms):
                     take = min(room, want)
                     if take > 0:
-                        lines.append(CreditLine(slot, ln.get("line_key") or "", ln.get("description") or "",
-                                                ZERO, take, ln.get("late_for")))  # fmt: skip
+                        lines.append(CreditLine(slot, ln.line_key or "", ln.description, ZERO, take, ln.late_for))
                         want -= take
             return await self._create(conn, inv, "manual", lines, memo)
 
     async def get(self, note_id: str) -> dict[str, Any] | None:
-        async with self._db.connect() as conn:
-            row = (await conn.execute(sa.select(credit_notes).where(credit_notes.c.id == note_id))).mappings().first()
-        return public(plain(row)) if row is not None else None
+        row = await row_by_id(self._db, credit_notes, note_id)
+        return public(row) if row is not None else None
 
     async def list(self, after: str, limit: int, invoice_id: str = "", customer_id: str = "",
                    subscription_id: str = "") -> list[dict[str, Any]]:  # fmt: skip
-        q = sa.select(credit_notes).where(credit_notes.c.id > after)
-        if invoice_id:
-            q = q.where(credit_notes.c.invoice_id == invoice_id)
-        if customer_id:
-            q = q.where(credit_notes.c.customer_id == customer_id)
-        if subscription_id:
-            q = q.where(credit_notes.c.subscription_id == subscription_id)
-        async with self._db.connect() as conn:
-            rows = (await conn.execute(q.order_by(credit_notes.c.id).limit(limit))).mappings().all()
-        return [public(plain(r)) for r in rows]
+        rows = await rows_after(self._db, credit_notes, after, limit, invoice_id=invoice_id, customer_id=customer_id,
+                                subscription_id=subscription_id)  # fmt: skip
+        return [public(r) for r in rows]
 
     async def of_customer(self, customer_id: str) -> builtins.list[dict[str, Any]]:
         """Every credit note of a customer, as stored (`document` holds the lines)."""
@@ -187,7 +157,7 @@ class CreditNotes:
     async def _create(self, conn: AsyncConnection, inv: dict[str, Any], reason: Reason,
                       lines: builtins.list[CreditLine], memo: str) -> dict[str, Any] | None:  # fmt: skip
         cur = inv["currency"]
-        billed = {slot_key(slot): a for slot, _, a in invoice_slots(inv)}
+        billed = {slot_key(slot): ln.amount for slot, ln in billed_lines(inv["document"])}
         taken = credited_by_slot(await self._notes_of(conn, inv["id"]))
         kept: builtins.list[dict[str, Any]] = []
         with localcontext(EXACT):
@@ -199,12 +169,7 @@ class CreditNotes:
                     continue
                 taken[k] += take
                 total += take
-                doc: dict[str, Any] = {"invoice_line": ln.slot, "line_key": ln.line_key,
-                                       "description": ln.description, "quantity": decimal_text(ln.quantity),
-                                       "amount": money_text(take, cur)}  # fmt: skip
-                if ln.late_for is not None:
-                    doc["late_for"] = ln.late_for
-                kept.append(doc)
+                kept.append(encode_credit_line(replace(ln, amount=take), cur))
             if not kept:
                 return None
             credited = Decimal(inv["amount_credited"] or 0) + total

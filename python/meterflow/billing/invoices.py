@@ -21,13 +21,14 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from meterflow.archive import Store
-from meterflow.billing.money import EXACT, money_text
+from meterflow.billing.listing import row_by_id, rows_after
 from meterflow.billing.numbering import next_number
 from meterflow.billing.periods import Period
 from meterflow.billing.rating import PricedPeriod
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.webhooks import enqueue
-from meterflow.clock import SYSTEM, Clock
+from meterflow.kernel.clock import SYSTEM, Clock
+from meterflow.kernel.money import EXACT, money_text
 from meterflow.records import Records, plain
 from meterflow.records.tables import invoice_numbers, invoices
 
@@ -151,22 +152,14 @@ class Invoices:
         return public(plain(row)) if row is not None else None
 
     async def get(self, invoice_id: str) -> dict[str, Any] | None:
-        async with self._db.connect() as conn:
-            row = (await conn.execute(sa.select(invoices).where(invoices.c.id == invoice_id))).mappings().first()
-        return public(plain(row)) if row is not None else None
+        row = await row_by_id(self._db, invoices, invoice_id)
+        return public(row) if row is not None else None
 
     async def list(self, after: str, limit: int, customer_id: str = "", status: str = "",
                    subscription_id: str = "") -> list[dict[str, Any]]:  # fmt: skip
-        q = sa.select(invoices).where(invoices.c.id > after)
-        if subscription_id:
-            q = q.where(invoices.c.subscription_id == subscription_id)
-        if customer_id:
-            q = q.where(invoices.c.customer_id == customer_id)
-        if status:
-            q = q.where(invoices.c.status == status)
-        async with self._db.connect() as conn:
-            rows = (await conn.execute(q.order_by(invoices.c.id).limit(limit))).mappings().all()
-        return [public(plain(r)) for r in rows]
+        rows = await rows_after(self._db, invoices, after, limit, subscription_id=subscription_id,
+                                customer_id=customer_id, status=status)  # fmt: skip
+        return [public(r) for r in rows]
 
     async def transition(self, invoice_id: str, action: str,
                          current: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip

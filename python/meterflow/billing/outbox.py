@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import aiohttp
 import sqlalchemy as sa
 
-from meterflow.billing.webhooks import now_ms, sign
+from meterflow.billing.webhooks import sign
+from meterflow.kernel.clock import now_ms
 from meterflow.records import Records
 from meterflow.records.tables import webhook_attempts, webhook_deliveries, webhooks
 

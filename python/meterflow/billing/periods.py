@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from meterflow.billing.plans import Interval
-from meterflow.metering.calendar import month_start_ms, next_month_start_ms, next_year_start_ms, year_start_ms
+from meterflow.kernel.calendar import month_start_ms, next_month_start_ms, next_year_start_ms, year_start_ms
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-from meterflow.billing.money import MoneyError, decimal_text, minor_unit, money_text, parse_decimal
+from meterflow.config import ConfigError, Settings, defined_once
+from meterflow.kernel.money import MoneyError, decimal_text, minor_unit, money_text, parse_decimal
 from meterflow.metering.meters import CODE_RE, Aggregation, Meter
 
 ChargeType = Literal["flat", "unit", "graduated", "volume", "package"]
@@ -345,3 +346,18 @@ def _plan(doc: Any, meters: Mapping[str, Meter]) -> Plan:
         minimum=minimum,
         charges=charges,
     )
+
+
+def configured_plans(settings: Settings, meters: tuple[Meter, ...]) -> tuple[Plan, ...]:
+    """The plans of the config's `[[plans]]` tables, priced against the config's meters; a ConfigError
+    names the file, the table and the field."""
+    source = settings.config or "config"
+    by_code = {m.code: m for m in meters}
+    out: list[Plan] = []
+    for i, doc in enumerate(settings.plans):
+        try:
+            out.append(parse_plan(doc, by_code))
+        except PlanError as e:
+            raise ConfigError(f"{source}: plans[{i}].{e.field}: {e.message}") from None
+    defined_once(source, "plans", [p.code for p in out])
+    return tuple(out)

@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 
-from meterflow.billing.money import EXACT, round_money, round_ratio
 from meterflow.billing.periods import ServicePeriod
 from meterflow.billing.plans import (
     QUANTITY_DIGITS,
@@ -40,6 +39,7 @@ from meterflow.billing.plans import (
     Tier,
     UsageCharge,
 )
+from meterflow.kernel.money import EXACT, round_money, round_ratio
 
 ONE = Decimal(1)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from meterflow.billing.documents import Document, build_credit_note, build_frozen, render_html, render_pdf
+from meterflow.kernel.clock import now_ms
 from meterflow.records import Records
 from meterflow.records.tables import rendered_documents
 
@@ -43,7 +43,7 @@ async def frozen(records: Records, owner_id: str, fmt: str, render: Callable[[],
         return stored
     body = await asyncio.to_thread(render)
     sha = hashlib.sha256(body).hexdigest()
-    row = {"owner_id": owner_id, "format": fmt, "sha256": sha, "body": body, "created_at": int(time.time() * 1000)}
+    row = {"owner_id": owner_id, "format": fmt, "sha256": sha, "body": body, "created_at": now_ms()}
     try:
         async with records.begin() as conn:
             await conn.execute(sa.insert(rendered_documents).values(row))

@@ -16,9 +16,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
-from typing import Any
 
-from meterflow.billing.money import EXACT
+from meterflow.billing.lines import MINIMUM_KEY
+from meterflow.billing.rating import PricedPeriod
+from meterflow.kernel.money import EXACT
 
 ZERO = Decimal(0)
 
@@ -33,7 +34,7 @@ class OwedLine:
     description: str
     quantity: Decimal
     amount: Decimal
-    dimension: dict[str, str] | None = None
+    dimension: tuple[str, str] | None = None  # (price_by property, value)
 
 
 @dataclass(frozen=True)
@@ -114,13 +115,10 @@ def settle(owed: Sequence[OwedLine], billed: Sequence[BilledLine]) -> Settlement
     return Settlement(tuple(debits), tuple(credits))
 
 
-def owed_lines(priced: dict[str, Any]) -> list[OwedLine]:
-    """The owed lines of a priced period's JSON (`render.priced_period_json` with line keys), the
-    minimum adjustment as the key `minimum`."""
-    out = [OwedLine(ln["line_key"], ln["charge"], ln.get("meter"), ln.get("description") or "",
-                    Decimal(ln["quantity"]), Decimal(ln["amount"]), ln.get("dimension"))
-           for ln in priced["lines"]]  # fmt: skip
-    adjustment = Decimal(priced.get("minimum_adjustment") or 0)
-    if adjustment:
-        out.append(OwedLine("minimum", "minimum", None, "Minimum adjustment", Decimal(1), adjustment))
+def owed_lines(priced: PricedPeriod) -> list[OwedLine]:
+    """The owed lines of a priced period (with line keys), the minimum adjustment as the key `minimum`."""
+    out = [OwedLine(ln.key, ln.charge, ln.meter, ln.description, ln.quantity, ln.amount, ln.dimension)
+           for ln in priced.lines]  # fmt: skip
+    if priced.minimum_adjustment:
+        out.append(OwedLine(MINIMUM_KEY, "minimum", None, "Minimum adjustment", Decimal(1), priced.minimum_adjustment))
     return out

@@ -20,19 +20,21 @@ import asyncio
 import secrets
 import zlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterflow.billing.catalog import PlanCatalog
-from meterflow.clock import SYSTEM, Clock
 from meterflow.customers import timezone_history
-from meterflow.errors import FieldError
+from meterflow.kernel.clock import SYSTEM, Clock
+from meterflow.kernel.errors import FieldError
 from meterflow.records import Records
 from meterflow.records.tables import customers, subscriptions
 
 EndReason = Literal["canceled", "changed"]
+Status = Literal["scheduled", "active", "ended"]
+STATUSES: tuple[Status, ...] = get_args(Status)
 ID_PREFIX = "sub_"
 
 

@@ -8,7 +8,6 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
-import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,7 +16,8 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from meterflow.errors import FieldError
+from meterflow.kernel.clock import now_ms
+from meterflow.kernel.errors import FieldError
 from meterflow.records import Records, plain
 from meterflow.records.tables import webhook_attempts, webhook_deliveries, webhooks
 
@@ -28,9 +28,6 @@ URL_MAX = 2000
 class WebhookError(FieldError):
     """A webhook registration is invalid."""
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def new_secret() -> str:

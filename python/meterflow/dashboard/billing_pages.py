@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from meterflow.api.invoices import INVOICE_ID_RE, _filename, invoice_document
 from meterflow.billing.catalog import StoredPlanBroken
 from meterflow.billing.closing import Closer
 from meterflow.billing.failures import ClosingFailures
@@ -17,12 +15,16 @@ from meterflow.billing.invoices import STATUSES, WrongStatus
 from meterflow.billing.preview import billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.subscriptions import Subscription
-from meterflow.customers import ID_RE
 from meterflow.dashboard.guard import signed_in
 from meterflow.dashboard.render import page
+from meterflow.kernel.clock import now_ms
+from meterflow.kernel.ids import ID_RE, ID_RULE, INVOICE_ID_RE
 from meterflow.metering.usage import UsageOutOfRange
-from meterflow.runtime import Runtime, runtime_of
+from meterflow.runtime import Runtime
 from meterflow.storage.base import QueryLimitExceeded
+from meterflow.web.pagination import page_of
+from meterflow.web.state import runtime_of
+from meterflow.web.views import document_headers, invoice_document
 
 PAGE = 25
 ACTIONS = {"finalize": "finalized", "void": "voided", "mark_paid": "marked paid"}
@@ -51,7 +53,7 @@ async def _upcoming(rt: Runtime, sub: Subscription, now: int) -> dict[str, Any]:
 async def billing_of(request: Request, customer_id: str) -> dict[str, Any]:
     """A customer's subscriptions, the upcoming invoice of each active one, and the latest invoices."""
     rt = runtime_of(request)
-    now = int(time.time() * 1000)
+    now = now_ms()
     subs = await rt.subscriptions.of_customer(customer_id)
     upcoming = await asyncio.gather(*(_upcoming(rt, s, now) for s in subs if s.active_at(now)))
     past = await rt.invoices.list("", PAGE, customer_id, "")
@@ -64,17 +66,16 @@ async def invoices(request: Request) -> Response:
     customer_id, status, cursor = q.get("customer_id", ""), q.get("status", ""), q.get("cursor", "")
     error = ""
     if customer_id and not ID_RE.fullmatch(customer_id):
-        error, customer_id = "A customer id is 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.", ""
+        error, customer_id = f"A customer id is {ID_RULE}.", ""
     if status not in ("", *STATUSES):
         error, status = f"The status is one of {', '.join(STATUSES)}.", ""
     if not INVOICE_ID_RE.fullmatch(cursor):
         cursor = ""
     rows = await runtime_of(request).invoices.list(cursor, PAGE + 1, customer_id, status)
-    more = len(rows) > PAGE
-    rows = rows[:PAGE]
+    shown = page_of(rows, PAGE)
     failures = await ClosingFailures(runtime_of(request).records).list("", PAGE)
-    ctx = {"rows": rows, "customer_id": customer_id, "status": status, "statuses": STATUSES, "cursor": cursor,
-           "next_cursor": rows[-1]["id"] if more and rows else None, "error": error, "failures": failures}  # fmt: skip
+    ctx = {"rows": shown.rows, "customer_id": customer_id, "status": status, "statuses": STATUSES, "cursor": cursor,
+           "next_cursor": shown.next_cursor, "error": error, "failures": failures}  # fmt: skip
     template = "invoices_table.html" if request.headers.get("hx-request") else "invoices.html"
     return page(request, template, ctx)
 
@@ -119,12 +120,12 @@ FRAMED = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inli
 @signed_in
 async def invoice_html(request: Request) -> Response:
     invoice, body, _ = await invoice_document(request, "html")
-    return HTMLResponse(body, headers={**FRAMED, **_filename(invoice, "html"), "Cache-Control": "no-store"})
+    return HTMLResponse(body, headers={**FRAMED, **document_headers(invoice, "html"), "Cache-Control": "no-store"})
 
 
 @signed_in
 async def invoice_pdf(request: Request) -> Response:
     invoice, pdf, _ = await invoice_document(request, "pdf")
     return Response(
-        pdf, media_type="application/pdf", headers={**_filename(invoice, "pdf"), "Cache-Control": "no-store"}
+        pdf, media_type="application/pdf", headers={**document_headers(invoice, "pdf"), "Cache-Control": "no-store"}
     )

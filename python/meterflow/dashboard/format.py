@@ -8,8 +8,8 @@ from decimal import Decimal, localcontext
 import orjson
 from babel.numbers import UnknownCurrencyError, format_currency
 
-from meterflow.api.responses import decimal_text
 from meterflow.billing.documents import FORMAT_CONTEXT
+from meterflow.kernel.money import decimal_text
 
 NONE = "\u2013"  # an en dash where there is no value
 

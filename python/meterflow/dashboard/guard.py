@@ -10,14 +10,14 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from meterflow.api.auth import check_rate
-from meterflow.api.errors import ApiError
-from meterflow.api.responses import read_body
 from meterflow.auth.keys import Principal
 from meterflow.config import data_dir
 from meterflow.dashboard.render import page as render
 from meterflow.dashboard.sessions import COOKIE, LIFETIME_S, Session, Signer, load_secret
-from meterflow.runtime import runtime_of
+from meterflow.web.errors import ApiError
+from meterflow.web.guard import check_rate
+from meterflow.web.responses import read_body
+from meterflow.web.state import runtime_of
 
 Page = Callable[[Request], Awaitable[Response]]
 SIGNIN = "/dashboard/signin"

@@ -5,27 +5,28 @@ from __future__ import annotations
 import asyncio
 import hmac
 import secrets
-import time
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from meterflow.api.auth import client_address
-from meterflow.api.health import _check
-from meterflow.api.usage import usage_json
 from meterflow.auth.keys import SCOPES, KeyError_
-from meterflow.customers import ID_RE
 from meterflow.dashboard.billing_pages import billing_of
 from meterflow.dashboard.guard import form_of, principal_of, secure, set_session, signed_in, signer_of, to_signin
 from meterflow.dashboard.render import page
 from meterflow.ingest.dedup import DedupUnavailable
-from meterflow.metering.events import EventsError, list_events, parse_query
+from meterflow.kernel.clock import now_ms
+from meterflow.kernel.ids import ID_RE
+from meterflow.metering.events import Cursor, EventsError, events_query, list_events
 from meterflow.metering.meters import Meter
-from meterflow.metering.usage import UsageError, UsageOutOfRange, parse_request, query_limits, run_usage
+from meterflow.metering.usage import UsageError, UsageOutOfRange, UsageQuery, query_limits, run_usage, usage_request
 from meterflow.metrics import PER_MINUTE
-from meterflow.runtime import runtime_of
 from meterflow.storage.base import QueryLimitExceeded
+from meterflow.web.guard import client_address
+from meterflow.web.pagination import page_of
+from meterflow.web.state import runtime_of
+from meterflow.web.views import usage_json
 
 SIGNIN_COOKIE = "mf_signin"  # the sign-in form's own CSRF token, before any session exists
 PAGE = 25
@@ -94,7 +95,7 @@ async def _overview_context(request: Request) -> dict[str, Any]:
     totals = {name.removeprefix("meterflow_events_").removesuffix("_total"): int(sum(m.counter(name).values()))
               for name in ("meterflow_events_received_total", *PER_MINUTE)}  # fmt: skip
     probes = rt.probes()
-    checks = await asyncio.gather(*(_check(p) for p in probes))
+    checks = await asyncio.gather(*(p.check() for p in probes))
     spool = None
     if rt.spool is not None:
         objects, size = rt.spool.depth()
@@ -133,34 +134,33 @@ async def customers(request: Request) -> Response:
     if not ID_RE.fullmatch(cursor or "x"):
         cursor = ""
     rows = await runtime_of(request).customers.list(cursor, PAGE + 1, q, "")
-    more = len(rows) > PAGE
-    rows = rows[:PAGE]
-    ctx = {"rows": rows, "q": q, "cursor": cursor, "next_cursor": rows[-1]["id"] if more and rows else None}
+    shown = page_of(rows, PAGE)
+    ctx = {"rows": shown.rows, "q": q, "cursor": cursor, "next_cursor": shown.next_cursor}
     template = "customers_table.html" if request.headers.get("hx-request") else "customers.html"
     return page(request, template, ctx)
 
 
-def _usage_params(request: Request) -> dict[str, str]:
+def _usage_params(request: Request) -> tuple[dict[str, str], UsageQuery]:
+    """The chart's choices as the form shows them, and the usage question they ask (of no meter yet)."""
     q = request.query_params
     window = q.get("window", "DAY").upper()
     window = window if window in WINDOW_PERIOD else "DAY"
     period = q.get("period") or WINDOW_PERIOD[window]
     period = period if period in PERIODS else WINDOW_PERIOD[window]
     tz = q.get("tz", "UTC")[:64] or "UTC"
-    end = (int(time.time() * 1000) // HOUR_MS + 1) * HOUR_MS  # the end of the current hour
-    return {"window": window, "period": period, "tz": tz, "group_by": q.get("group_by", "")[:255],
-            "start": str(end - PERIODS[period]), "end": str(end)}  # fmt: skip
+    end = (now_ms() // HOUR_MS + 1) * HOUR_MS  # the end of the current hour
+    group_by = q.get("group_by", "")[:255]
+    params = {"window": window, "period": period, "tz": tz, "group_by": group_by}
+    return params, UsageQuery("", "", end - PERIODS[period], end, (group_by,) if group_by else (), window, tz)
 
 
-async def _usage_of(request: Request, customer_id: str, meter: Meter, params: dict[str, str]) -> dict[str, Any]:
-    """One meter's usage for the chart: the answer GET /v1/usage gives for the same parameters, or an error."""
+async def _usage_of(request: Request, customer_id: str, meter: Meter, asked: UsageQuery) -> dict[str, Any]:
+    """One meter's usage for the chart: the answer GET /v1/usage gives for the same question, or an error."""
     rt = runtime_of(request)
-    asked = {"customer_id": customer_id, "meter": meter.code, "start": params["start"], "end": params["end"],
-             "window": params["window"], "tz": params["tz"]}  # fmt: skip
-    if params["group_by"] in meter.group_by:
-        asked["group_by"] = params["group_by"]
+    group_by = tuple(g for g in asked.group_by if g in meter.group_by)
     try:
-        req = await parse_request(asked, {}, rt.meters, rt.settings)
+        req = await usage_request(replace(asked, customer_id=customer_id, meter=meter.code, group_by=group_by),
+                                  rt.meters, rt.settings)  # fmt: skip
         usage = usage_json(await run_usage(rt.storage, req, query_limits(rt.settings)))
         return {"meter": meter, "usage": usage, "error": ""}
     except (UsageError, UsageOutOfRange) as e:
@@ -172,9 +172,9 @@ async def _usage_of(request: Request, customer_id: str, meter: Meter, params: di
 
 async def _usage_context(request: Request, customer_id: str) -> dict[str, Any]:
     rt = runtime_of(request)
-    params = _usage_params(request)
+    params, asked = _usage_params(request)
     meters = [m for m, _ in await rt.meters.list("", METERS_SHOWN)]
-    charts = await asyncio.gather(*(_usage_of(request, customer_id, m, params) for m in meters))
+    charts = await asyncio.gather(*(_usage_of(request, customer_id, m, asked) for m in meters))
     group_props = sorted({g for m in meters for g in m.group_by})
     return {"params": params, "charts": charts, "group_props": group_props, "periods": list(PERIODS),
             "zones": ZONES, "customer_id": customer_id}  # fmt: skip
@@ -257,10 +257,11 @@ async def events(request: Request) -> Response:
     q = request.query_params
     ctx: dict[str, Any] = {"customer_id": q.get("customer_id", ""), "event_type": q.get("event_type", ""),
                            "page": None, "error": ""}  # fmt: skip
-    params = {k: v for k, v in q.items() if k in ("customer_id", "event_type", "cursor") and v}
-    params["limit"] = str(PAGE)
     try:
-        query = parse_query(params, principal_of(request).customer_id)
+        query = events_query(q.get("customer_id") or None, q.get("event_type") or None, limit=PAGE,
+                             bound_customer=principal_of(request).customer_id)  # fmt: skip
+        if cursor := q.get("cursor"):
+            query = replace(query, cursor=Cursor.decode(cursor))
         ctx["page"] = await list_events(rt.storage, query, query_limits(rt.settings))
     except EventsError as e:
         ctx["error"] = e.message

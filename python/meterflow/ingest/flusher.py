@@ -1,4 +1,6 @@
-"""Group commit: rows of concurrent requests go to storage in one insert per flush."""
+"""Group commit: rows of concurrent requests gather into one flush, one insert per flush.
+
+The flusher groups only: when a flush goes is decided here; storing and committing it is `ingest.commit`'s."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from dataclasses import dataclass, field
 from meterflow.archive import Spool
 from meterflow.config import Settings
 from meterflow.ingest import commit
-from meterflow.ingest.core import Batch
-from meterflow.ingest.dedup import Dedup, new_flush_id
+from meterflow.ingest.dedup import Dedup
+from meterflow.kernel.flush_ids import new_flush_id
+from meterflow.kernel.rust import Batch
 from meterflow.metrics import Metrics
 from meterflow.storage import Storage, StorageError
 
@@ -64,10 +67,9 @@ class Flusher:
         self._max_rows = settings.flush_max_rows
         self._max_wait = settings.flush_max_wait_ms / 1000
         self._queue_max = settings.flush_queue_max_rows
-        self._storage = storage
         self._dedup = dedup
         self._metrics = metrics
-        self._sem = asyncio.Semaphore(settings.flush_concurrency)
+        self._sink = commit.Sink(storage, spool, metrics, asyncio.Semaphore(settings.flush_concurrency))
         self._current: Flush | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self.queued_rows = 0
@@ -151,16 +153,14 @@ class Flusher:
         task.add_done_callback(self._writes.discard)
 
     async def _write(self, f: Flush) -> None:
-        rows = b"".join(f.rows)
+        rows, archive = b"".join(f.rows), b"".join(f.archive)
         f.rows.clear()
+        f.archive.clear()
         try:
-            async with self._sem:
-                await commit.store(self._storage, self.spool, self._metrics, f.id, rows, b"".join(f.archive), f.count)
-                f.archive.clear()
-        except StorageError as e:
+            await commit.flush(self._sink, f.id, rows, archive, f.count, commit.Reserved(self._dedup, f, self._metrics))
+        except StorageError as e:  # its reservations are released
             self._metrics.inc("meterflow_flush_failures_total")
             log.warning("flush failed", extra={"flush_id": f.id, "rows": f.count, "error": str(e)})
-            await commit.release(self._dedup, f.id, f.reserved_keys())
             self.queued_rows -= f.count
             f.done.set_exception(e)
             return
@@ -169,10 +169,6 @@ class Flusher:
             f.done.set_exception(StorageError(f"insert interrupted: {e!r}"))
             raise
         self.queued_rows -= f.count
-        if f.tainted:
-            log.warning("commit record skipped: a request failed while reserving", extra={"flush_id": f.id})
-        else:
-            await commit.commit(self._dedup, f.id, self._metrics)
         f.done.set_result(None)
         # This write is over: the flush gathered meanwhile goes now (its requests
         # still reserving add their rows first), or as soon as it is idle.

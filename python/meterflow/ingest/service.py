@@ -13,10 +13,12 @@ import orjson
 
 from meterflow.archive import Spool, SpoolFull
 from meterflow.config import Settings
-from meterflow.ingest.core import STORED_LIMITS, Batch, DecodeError, Limits, conflict_fields, decode_batch
-from meterflow.ingest.dedup import Dedup, DedupUnavailable, RedisDedup, Reservation, new_flush_id
+from meterflow.ingest.dedup import Dedup, DedupUnavailable, RedisDedup, Reservation
 from meterflow.ingest.flusher import Flusher, Overloaded
 from meterflow.ingest.stream import STREAM, EventStream
+from meterflow.kernel.clock import now_ms
+from meterflow.kernel.flush_ids import new_flush_id
+from meterflow.kernel.rust import STORED_LIMITS, Batch, DecodeError, Limits, conflict_fields, decode_batch
 from meterflow.metrics import Metrics
 from meterflow.storage import Storage, StorageError
 
@@ -117,7 +119,7 @@ class IngestService:
         within the dedup window, a bounded run of hours at a time."""
         if self.dedup.name != "memory":
             return
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         since = now - self.settings.dedup_window_s * 1000
         # `ts` as well as `timestamp_ms`: partitions are pruned by `ts`.
         where = f"timestamp_ms >= {since} AND ts >= toDateTime({max(since, 0) // 1000})"
@@ -143,7 +145,7 @@ class IngestService:
     async def decode(self, body: bytes, customer_id: str | None = None) -> Batch:
         """Decodes and validates a body (raises DecodeError for the envelope);
         `customer_id` binds the batch to one customer."""
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         t0 = time.perf_counter()
         if len(body) > LARGE_BODY:
             # The core releases the GIL: a large body decodes off the event loop.

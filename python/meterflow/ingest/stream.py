@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from meterflow.ingest.dedup import DedupUnavailable
+from meterflow.kernel.clock import now_ms
+from meterflow.redis import Redis
 
 STREAM = "meterflow:events"
 GROUP = "meterflow:workers"
@@ -49,7 +50,7 @@ class Lag:
 class EventStream:
     """What the API needs of the stream: its length (backpressure, cached briefly) and its lag."""
 
-    def __init__(self, redis: aioredis.Redis, max_entries: int) -> None:
+    def __init__(self, redis: Redis, max_entries: int) -> None:
         self.redis = redis
         self.max_entries = max_entries
         self._length = 0
@@ -79,7 +80,7 @@ class EventStream:
         self._length_at = time.monotonic()
 
     async def lag(self) -> Lag:
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         try:
             async with self.redis.pipeline(transaction=False) as p:
                 p.xlen(STREAM)
@@ -106,7 +107,7 @@ class EventStream:
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
-async def dead_letters(redis: aioredis.Redis, count: int = 1000) -> list[dict[str, Any]]:
+async def dead_letters(redis: Redis, count: int = 1000) -> list[dict[str, Any]]:
     """The dead-letter stream's entries, oldest first, without their events."""
     out = []
     for entry_id, fields in cast(Entries, await redis.xrange(DEAD, "-", "+", count=count)):
@@ -121,7 +122,7 @@ async def dead_letters(redis: aioredis.Redis, count: int = 1000) -> list[dict[st
     return out
 
 
-async def retry_dead_letters(redis: aioredis.Redis, ids: list[str] | None = None) -> int:
+async def retry_dead_letters(redis: Redis, ids: list[str] | None = None) -> int:
     """Puts dead letters (all, or those named) back on the stream; returns how many."""
     moved = 0
     for entry_id, fields in cast(Entries, await redis.xrange(DEAD, "-", "+")):

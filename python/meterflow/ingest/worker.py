@@ -2,8 +2,8 @@
 
 Each round takes up to ENTRIES_PER_ROUND entries (claimed ones of dead workers
 first), keeps of each entry the events whose dedup key its flush still holds,
-and group-commits them: one insert, one archive object, then the commit
-records, the queued markers' deletion, XACK and XDEL in one transaction. A
+and group-commits them through `ingest.commit`: one insert, one archive object,
+then the commit records, the queued markers' deletion, XACK and XDEL in one transaction. A
 worker killed anywhere before that transaction leaves its entries pending;
 another claims them after `MF_WORKER_CLAIM_IDLE_MS` and stores them again
 (stored rows collapse per transaction, and the commit records are the same).
@@ -21,24 +21,24 @@ from dataclasses import dataclass
 from typing import cast
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from meterflow.archive import Spool
 from meterflow.config import Settings
 from meterflow.ingest import commit
-from meterflow.ingest.core import Batch, DecodeError, Limits, decode_batch
-from meterflow.ingest.dedup import FLUSH_PREFIX, KEY_PREFIX, QUEUED_PREFIX, new_flush_id
+from meterflow.ingest.dedup import KEY_PREFIX
 from meterflow.ingest.stream import ATTEMPTS, DEAD, GROUP, STREAM, WORKERS
+from meterflow.kernel.clock import now_ms
+from meterflow.kernel.flush_ids import new_flush_id
+from meterflow.kernel.rust import STORED_LIMITS, Batch, DecodeError, decode_batch
 from meterflow.metrics import Metrics
+from meterflow.redis import Redis
 from meterflow.storage import Storage, StorageError
 
 log = logging.getLogger("meterflow.worker")
 
 ENTRIES_PER_ROUND = 200
 BLOCK_MS = 200
-# Stored events: any timestamp, any size of entry.
-ENTRY_LIMITS = Limits(max_events=1_000_000, max_future_ms=100 * 365 * 86_400_000, max_age_ms=100 * 365 * 86_400_000)
 
 
 @dataclass
@@ -59,7 +59,7 @@ def parse_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
         return e
     body = b'{"events":[' + b",".join(ln for ln in e.lines.split(b"\n") if ln) + b"]}"
     try:
-        e.batch = decode_batch(body, time.time_ns() // 1_000_000, ENTRY_LIMITS)
+        e.batch = decode_batch(body, now_ms(), STORED_LIMITS)
     except DecodeError as err:
         e.error = f"the entry's events do not decode: {err.args[-1]}"
     return e
@@ -67,7 +67,7 @@ def parse_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
 
 class Worker:
     def __init__(
-        self, settings: Settings, redis: aioredis.Redis, storage: Storage, spool: Spool | None, metrics: Metrics
+        self, settings: Settings, redis: Redis, storage: Storage, spool: Spool | None, metrics: Metrics
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -76,6 +76,7 @@ class Worker:
         self.metrics = metrics
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.window = settings.dedup_window_s
+        self._sink = commit.Sink(storage, spool, metrics)
         self.rows_total = 0
         self.entries_total = 0
         self._retry: list[Entry] = []
@@ -136,24 +137,24 @@ class Worker:
         good = [e for e in entries if not e.error]
         await self._keep(good)
         try:
-            await self._store(good)
+            await self._store_and_commit(good)
         except StorageError as e:
             try:
                 await self.storage.ping()
             except Exception:
                 self._retry = entries
                 raise _StorageDown(str(e)) from e
-            # Storage answers: find the entries it refuses, one by one.
+            # Storage answers: find the entries it refuses, one by one (each stored one commits).
             stored = []
             for entry in good:
                 try:
-                    await self._store([entry])
+                    await self._store_and_commit([entry])
                     stored.append(entry)
                 except StorageError as e1:
                     entry.error = str(e1)[:500]
             good = stored
+        self._count(good)
         failed = [e for e in entries if e.error]
-        await self._commit(good)
         if failed:
             await self._fail(failed)
 
@@ -178,29 +179,18 @@ class Worker:
             at += n
             e.keep, e.kept = bytes(keep), keep.count(1)
 
-    async def _store(self, entries: list[Entry]) -> None:
-        parts = [e for e in entries if e.kept]
-        if not parts:
+    async def _store_and_commit(self, entries: list[Entry]) -> None:
+        """Stores the events kept of `entries` under one archive object (named like a flush), then commits them."""
+        if not entries:
             return
+        parts = [e for e in entries if e.kept]
         rows = b"".join(e.batch.storage_rows(e.keep) for e in parts if e.batch is not None)
         archive = b"".join(e.batch.archive_lines(e.keep) for e in parts if e.batch is not None)
         count = sum(e.kept for e in parts)
-        # One archive object per group commit, named like a flush.
-        await commit.store(self.storage, self.spool, self.metrics, new_flush_id(), rows, archive, count)
+        queued = commit.Queued(self.redis, self.window, [(e.id, e.flush_id) for e in entries])
+        await commit.flush(self._sink, new_flush_id(), rows, archive, count, queued)
 
-    async def _commit(self, entries: list[Entry]) -> None:
-        """Commit records, queued markers gone, acknowledged and deleted: one transaction."""
-        if not entries:
-            return
-        ids = [e.id for e in entries]
-        async with self.redis.pipeline(transaction=True) as p:
-            for e in entries:
-                p.set(FLUSH_PREFIX + e.flush_id, b"committed", ex=self.window)
-                p.delete(QUEUED_PREFIX + e.flush_id)
-            p.xack(STREAM, GROUP, *ids)
-            p.xdel(STREAM, *ids)
-            p.hdel(ATTEMPTS, *ids)
-            await p.execute()
+    def _count(self, entries: list[Entry]) -> None:
         rows = sum(e.kept for e in entries)
         self.rows_total += rows
         self.entries_total += len(entries)
@@ -232,7 +222,7 @@ class Worker:
         rate = (self.rows_total - self._stats_rows) / (now - self._stats_at)
         self._stats_at, self._stats_rows = now, self.rows_total
         stats = {"rows_per_s": round(rate, 1), "rows_total": self.rows_total, "entries_total": self.entries_total,
-                 "seen_ms": time.time_ns() // 1_000_000}  # fmt: skip
+                 "seen_ms": now_ms()}  # fmt: skip
         await self.redis.hset(WORKERS, self.name, orjson.dumps(stats))
 
 

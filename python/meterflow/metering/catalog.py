@@ -17,9 +17,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from meterflow.clock import SYSTEM, Clock
+from meterflow.kernel.clock import SYSTEM, Clock
 from meterflow.metering.meters import CODE_RE, Meter, parse_meter
-from meterflow.records import IfMatch, Records, locked_row, plain
+from meterflow.records import IfMatch, Records, live_row, locked_row, read_row
 from meterflow.records.tables import meter_versions, meters, plan_versions, subscriptions
 
 # How long after its end a subscription may still receive usage: the ingest age limit plus
@@ -163,11 +163,9 @@ class MeterCatalog:
             return False
         now = self._clock.now_ms()
         async with self._db.begin() as conn:
-            old = await locked_row(conn, meters, meters.c.code == code)
-            if old is None or old["deleted_at"] is not None:
+            old = await live_row(conn, meters, meters.c.code == code, if_match)
+            if old is None:
                 return False
-            if if_match is not None:
-                if_match.check(int(old["version"]))
             user = await _subscription_pricing(conn, code, now - self._late_window_ms)
             if user is not None:
                 raise MeterInUse(code, user)
@@ -198,12 +196,7 @@ class MeterCatalog:
         return version
 
     async def _row(self, code: str, include_deleted: bool = False) -> dict[str, Any] | None:
-        q = sa.select(meters).where(meters.c.code == code)
-        if not include_deleted:
-            q = q.where(meters.c.deleted_at.is_(None))
-        async with self._db.connect() as conn:
-            row = (await conn.execute(q)).mappings().first()
-        return plain(row) if row is not None else None
+        return await read_row(self._db, meters, meters.c.code == code, include_deleted)
 
     def _writable(self, code: str) -> None:
         if code in self._config:

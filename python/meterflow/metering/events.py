@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
 
-from meterflow.customers import ID_RE
-from meterflow.errors import FieldError
-from meterflow.params import EPOCH_MS_MAX, EPOCH_MS_MIN, epoch_ms, integer
+from meterflow.kernel.errors import FieldError
+from meterflow.kernel.ids import ID_RE, ID_RULE
+from meterflow.kernel.params import EPOCH_MS_MAX, EPOCH_MS_MIN
 from meterflow.storage.base import QueryLimits, Storage, quote
 
 EVENTS_PAGE_MAX = 500
@@ -60,28 +59,28 @@ class EventsQuery:
     cursor: Cursor | None = None
 
 
-def parse_query(params: Mapping[str, str], bound_customer: str | None = None) -> EventsQuery:
-    """The query from URL parameters; a key bound to a customer sees that customer only."""
-    customer = params.get("customer_id") or None
-    if customer is not None and not ID_RE.fullmatch(customer):
-        raise EventsError("customer_id", "`customer_id` must be 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
-    if bound_customer is not None:
-        if customer is not None and customer != bound_customer:
-            raise OtherCustomer("customer_id", f"This key sees the events of customer {bound_customer!r} only.")
-        customer = bound_customer
-    event_type = params.get("event_type") or None
-    if event_type is not None and len(event_type) > EVENT_TYPE_MAX:
-        raise EventsError("event_type", f"`event_type` is longer than {EVENT_TYPE_MAX} characters, the limit.")
-    try:
-        start = epoch_ms(params, "start") if params.get("start") else EPOCH_MS_MIN
-        end = epoch_ms(params, "end") if params.get("end") else EPOCH_MS_MAX
-        limit = integer(params, "limit", 1, EVENTS_PAGE_MAX, default=100)
-    except FieldError as e:
-        raise EventsError(e.field, e.message) from None
+def events_query(customer_id: str | None = None, event_type: str | None = None, start: int = EPOCH_MS_MIN,
+                 end: int = EPOCH_MS_MAX, limit: int = 100, cursor: Cursor | None = None,
+                 bound_customer: str | None = None) -> EventsQuery:  # fmt: skip
+    """The query, its values checked (EventsError names the field); a key bound to a customer sees that customer
+    only. The API reads these values from URL parameters (`api.events.parse_query`), the dashboard from its form."""
+    check_subject(customer_id, event_type, bound_customer)
+    if not 1 <= limit <= EVENTS_PAGE_MAX:
+        raise EventsError("limit", f"`limit` must be an integer from 1 to {EVENTS_PAGE_MAX}, got {limit!r}.")
     if end <= start:
         raise EventsError("end", f"`end` ({end}) must be after `start` ({start}); the period is [start, end).")
-    cursor = Cursor.decode(params["cursor"]) if params.get("cursor") else None
-    return EventsQuery(customer, event_type, start, end, limit, cursor)
+    return EventsQuery(bound_customer if bound_customer is not None else customer_id, event_type, start, end, limit,
+                       cursor)  # fmt: skip
+
+
+def check_subject(customer_id: str | None, event_type: str | None, bound_customer: str | None = None) -> None:
+    """Whose events of which type: the customer id's rule, the bound key's customer, the event type's length."""
+    if customer_id is not None and not ID_RE.fullmatch(customer_id):
+        raise EventsError("customer_id", f"`customer_id` must be {ID_RULE}.")
+    if bound_customer is not None and customer_id is not None and customer_id != bound_customer:
+        raise OtherCustomer("customer_id", f"This key sees the events of customer {bound_customer!r} only.")
+    if event_type is not None and len(event_type) > EVENT_TYPE_MAX:
+        raise EventsError("event_type", f"`event_type` is longer than {EVENT_TYPE_MAX} characters, the limit.")
 
 
 def _sql(q: EventsQuery) -> str:

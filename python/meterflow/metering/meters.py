@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from meterflow.errors import FieldError
+from meterflow.config import ConfigError, Settings, defined_once
+from meterflow.kernel.errors import FieldError
 
 AGGREGATIONS = ("COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST", "TIME_WEIGHTED_SUM")
 Aggregation = Literal["COUNT", "SUM", "MAX", "MIN", "AVG", "UNIQUE_COUNT", "LATEST", "TIME_WEIGHTED_SUM"]
@@ -138,3 +139,17 @@ DEFAULT_METERS: tuple[dict[str, Any], ...] = (
     {"code": "compute_time", "name": "Compute time", "event_type": "compute", "aggregation": "SUM",
      "property": "cpu_ms", "unit": "ms", "group_by": ["region", "instance_type"]},
 )  # fmt: skip
+
+
+def configured_meters(settings: Settings) -> tuple[Meter, ...]:
+    """The meters of the config's `[[meters]]` tables (the seed's catalog when it has none), each
+    checked; a ConfigError names the file, the table and the field."""
+    source = settings.config or "config"
+    out: list[Meter] = []
+    for i, doc in enumerate(DEFAULT_METERS if settings.meters is None else settings.meters):
+        try:
+            out.append(parse_meter(doc, "config"))
+        except MeterError as e:
+            raise ConfigError(f"{source}: meters[{i}].{e.field}: {e.message}") from None
+    defined_once(source, "meters", [m.code for m in out])
+    return tuple(out)

@@ -22,14 +22,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from meterflow.config import Settings
-from meterflow.customers import ID_RE
-from meterflow.errors import FieldError
-from meterflow.metering.calendar import time_zone
+from meterflow.kernel.calendar import time_zone
+from meterflow.kernel.errors import FieldError
+from meterflow.kernel.ids import ID_RE, ID_RULE
 from meterflow.metering.catalog import MeterCatalog
 from meterflow.metering.gauge import Point, integrate, value_hours
 from meterflow.metering.meters import NUMERIC, Meter
 from meterflow.metering.windows import WINDOWS, Window, bucket_sql, count_spans, hour_shift_ms, spans
-from meterflow.params import epoch_ms
 from meterflow.storage.base import QueryLimits, Storage, quote
 
 GROUP_SEPARATOR = "|"
@@ -69,26 +68,39 @@ class UsageRequest:
     filters: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-def _epoch_param(params: Mapping[str, str], name: str) -> int:
-    try:
-        return epoch_ms(params, name)
-    except FieldError as e:
-        raise UsageError(e.field, e.message) from None
+@dataclass(frozen=True)
+class UsageQuery:
+    """A usage question as asked, in typed values: the meter by its code, the time zone by its name, the window
+    in any case. `usage_request` checks it against the meter catalog and the limits; the API reads it from
+    URL parameters (`api.usage.parse_request`), the dashboard builds it from its own choices."""
+
+    customer_id: str
+    meter: str
+    start: int
+    end: int
+    group_by: tuple[str, ...] = ()
+    window: str | None = None  # MINUTE, HOUR, DAY or MONTH
+    tz: str = "UTC"
+    filters: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (group-by property, the values it may have)
 
 
-async def parse_request(
-    params: Mapping[str, str], filters: Mapping[str, Sequence[str]], catalog: MeterCatalog, settings: Settings
-) -> UsageRequest:
-    customer = params.get("customer_id") or ""
-    if not ID_RE.fullmatch(customer):
-        raise UsageError("customer_id", "`customer_id` is required: 1 to 255 of A-Z, a-z, 0-9, '_' or '-'.")
-    code = params.get("meter") or params.get("metric")
+async def usage_meter(customer_id: str, code: str, catalog: MeterCatalog) -> Meter:
+    """The meter asked for, after the customer id's rule (UsageError names the field)."""
+    if not ID_RE.fullmatch(customer_id):
+        raise UsageError("customer_id", f"`customer_id` is required: {ID_RULE}.")
     if not code:
         raise UsageError("meter", "`meter` (or its alias `metric`) is required.")
     meter = await catalog.get(code)
     if meter is None:
         raise UsageError("meter", f"There is no meter {code!r}; GET /v1/meters lists them.")
-    start, end = _epoch_param(params, "start"), _epoch_param(params, "end")
+    return meter
+
+
+async def usage_request(q: UsageQuery, catalog: MeterCatalog, settings: Settings) -> UsageRequest:
+    """The request to run for `q`, every value checked in this order (UsageError names the field): customer,
+    meter, period, group_by, window, tz, the number of windows, filters."""
+    code, start, end = q.meter, q.start, q.end
+    meter = await usage_meter(q.customer_id, code, catalog)
     if end <= start:
         raise UsageError("end", f"`end` ({end}) must be after `start` ({start}); the period is [start, end).")
     max_ms = settings.usage_max_period_days * DAY_MS
@@ -96,7 +108,7 @@ async def parse_request(
         raise UsageError(
             "end", f"The period from `start` to `end` is longer than {settings.usage_max_period_days} days, the limit."
         )
-    group_by = tuple(g for g in (params.get("group_by") or "").split(",") if g)
+    group_by = q.group_by
     if len(set(group_by)) != len(group_by) or len(group_by) > len(meter.group_by):
         raise UsageError(
             "group_by", f"`group_by` may name each of meter {code!r}'s {len(meter.group_by)} group-by properties once."
@@ -105,24 +117,22 @@ async def parse_request(
         if g not in meter.group_by:
             allowed = ", ".join(meter.group_by) or "none"
             raise UsageError("group_by", f"`group_by` {g!r} is not a group-by property of meter {code!r} ({allowed}).")
-    window_raw = (params.get("window") or "").upper() or None
-    if window_raw is not None and window_raw not in WINDOWS:
-        raise UsageError("window", f"`window` must be one of {', '.join(WINDOWS)}, got {params.get('window')!r}.")
-    tz_name = params.get("tz") or "UTC"
-    tz = time_zone(tz_name)
+    window = q.window.upper() if q.window else None
+    if window is not None and window not in WINDOWS:
+        raise UsageError("window", f"`window` must be one of {', '.join(WINDOWS)}, got {q.window!r}.")
+    tz = time_zone(q.tz)
     if tz is None:
-        raise UsageError("tz", f"`tz` {tz_name[:100]!r} is not an IANA time zone name such as Europe/Paris.")
-    if window_raw is not None and count_spans(window_raw, start, end) > settings.usage_max_windows:  # type: ignore[arg-type]
+        raise UsageError("tz", f"`tz` {q.tz[:100]!r} is not an IANA time zone name such as Europe/Paris.")
+    if window is not None and count_spans(window, start, end) > settings.usage_max_windows:  # type: ignore[arg-type]
         raise UsageError(
-            "window", f"`window={window_raw}` over this period gives more than {settings.usage_max_windows} windows."
+            "window", f"`window={window}` over this period gives more than {settings.usage_max_windows} windows."
         )
-    given = sum(len(v) for v in filters.values())
+    given = sum(len(v) for _, v in q.filters)
     if given > settings.usage_max_filter_values:
         raise UsageError(
             "filter", f"`filter[...]` gives {given} values; the limit is {settings.usage_max_filter_values} in all."
         )
-    extra = []
-    for prop, values in filters.items():
+    for prop, values in q.filters:
         if prop not in meter.group_by:
             raise UsageError(
                 f"filter[{prop}]", f"`filter[{prop}]`: {prop!r} is not a group-by property of meter {code!r}."
@@ -130,8 +140,7 @@ async def parse_request(
         if len(set(values)) != len(values):
             repeated = next(v for v in values if values.count(v) > 1)
             raise UsageError(f"filter[{prop}]", f"`filter[{prop}]` gives {repeated[:100]!r} more than once.")
-        extra.append((prop, tuple(values)))
-    return UsageRequest(customer, meter, start, end, group_by, window_raw, tz, tuple(extra))  # type: ignore[arg-type]
+    return UsageRequest(q.customer_id, meter, start, end, group_by, window, tz, q.filters)  # type: ignore[arg-type]
 
 
 def _prop_text(p: str, keys: str = "str_keys", values: str = "str_values") -> str:

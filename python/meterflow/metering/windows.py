@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from meterflow.metering.calendar import day_after, local_datetime, local_midnight_ms, month_after
+from meterflow.kernel.calendar import day_after, local_datetime, local_midnight_ms, month_after
 from meterflow.storage.base import quote
 
 Window = Literal["MINUTE", "HOUR", "DAY", "MONTH"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from meterflow.config import Settings, private_dir
 from meterflow.records import migrate
+from meterflow.records.versions import IfMatch
 
 log = logging.getLogger("meterflow.records")
 
@@ -112,20 +113,21 @@ class Records:
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         """A transaction; an unreachable database raises RecordsUnavailable."""
-        try:
+        with self._unreachable():
             async with self.engine.begin() as conn:
                 yield conn
-        except Exception as e:
-            if _is_down(e):
-                raise RecordsUnavailable(f"the records database ({self.name}) does not answer: {_short(e)}") from e
-            raise
 
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads (each statement sees committed data)."""
-        try:
+        """A connection for reads (each statement sees committed data); RecordsUnavailable likewise."""
+        with self._unreachable():
             async with self.engine.connect() as conn:
                 yield conn
+
+    @contextlib.contextmanager
+    def _unreachable(self) -> Iterator[None]:
+        try:
+            yield
         except Exception as e:
             if _is_down(e):
                 raise RecordsUnavailable(f"the records database ({self.name}) does not answer: {_short(e)}") from e
@@ -159,3 +161,26 @@ def _short(e: BaseException) -> str:
 
 def open_records(settings: Settings) -> Records:
     return Records(settings)
+
+
+async def live_row(conn: AsyncConnection, table: sa.Table, key: sa.ColumnElement[bool],
+                   if_match: IfMatch | None = None) -> dict[str, Any] | None:  # fmt: skip
+    """The live row `key` selects, locked for a change (`locked_row`) and checked against `if_match`
+    (StaleVersion); None when there is none or it is soft-deleted (`deleted_at` set)."""
+    old = await locked_row(conn, table, key)
+    if old is None or old["deleted_at"] is not None:
+        return None
+    if if_match is not None:
+        if_match.check(int(old["version"]))
+    return old
+
+
+async def read_row(records: Records, table: sa.Table, key: sa.ColumnElement[bool],
+                   include_deleted: bool = False) -> dict[str, Any] | None:  # fmt: skip
+    """The row `key` selects, unlocked; a soft-deleted one only with `include_deleted`."""
+    q = sa.select(table).where(key)
+    if not include_deleted:
+        q = q.where(table.c.deleted_at.is_(None))
+    async with records.connect() as conn:
+        row = (await conn.execute(q)).mappings().first()
+    return plain(row) if row is not None else None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from meterflow.kernel.clock import now_ms
 from meterflow.records.database import Records
 from meterflow.records.tables import api_keys, customer_timezones, customers, legacy_imports, meter_versions, meters
 from meterflow.storage import Storage
@@ -38,7 +38,7 @@ async def import_documents(storage: Storage, records: Records) -> dict[str, int]
     try:
         async with records.begin() as conn:
             # The marker first: a second worker starting at once waits on it, then finds it taken.
-            await conn.execute(sa.insert(legacy_imports).values(source=SOURCE, imported_at=int(time.time() * 1000),
+            await conn.execute(sa.insert(legacy_imports).values(source=SOURCE, imported_at=now_ms(),
                                                                 **counts))  # fmt: skip
             for table, key in ((customers, "id"), (api_keys, "id"), (meters, "code")):
                 existing = set((await conn.execute(sa.select(table.c[key]))).scalars())
@@ -74,7 +74,7 @@ async def _imported(records: Records) -> bool:
 
 
 def _customer(d: dict[str, Any], deleted: bool) -> dict[str, Any]:
-    now = int(time.time() * 1000)
+    now = now_ms()
     return {
         "id": d["id"], "name": d.get("name"), "email": d.get("email"), "currency": d.get("currency"),
         "timezone": d.get("timezone") or "UTC", "metadata": d.get("metadata") or {},
@@ -87,7 +87,7 @@ async def _keys(storage: Storage) -> list[dict[str, Any]]:
     used = {str(d.get("id")): d.get("last_used_at") for d, _ in await docs.latest(storage, "api_key_used")}
     out = []
     for d, deleted in await docs.latest(storage, "api_key"):
-        revoked = d.get("revoked_at") or (int(time.time() * 1000) if deleted else None)
+        revoked = d.get("revoked_at") or (now_ms() if deleted else None)
         out.append({
             "id": d["id"], "name": d.get("name") or "", "scope": d["scope"], "customer_id": d.get("customer_id"),
             "rate_limits": d.get("rate_limits") or {}, "hash": d["hash"], "created_at": d.get("created_at") or 0,
@@ -97,7 +97,7 @@ async def _keys(storage: Storage) -> list[dict[str, Any]]:
 
 
 def _meter(d: dict[str, Any], deleted: bool) -> dict[str, Any]:
-    now = int(time.time() * 1000)
+    now = now_ms()
     definition = {k: v for k, v in d.items() if k not in ("source", "deleted")}
     return {"code": d["code"], "definition": definition, "created_at": now, "updated_at": now,
             "deleted_at": now if deleted else None, "version": 1}  # fmt: skip

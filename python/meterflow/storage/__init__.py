@@ -1,4 +1,7 @@
-"""Storage: the system of record, ClickHouse over HTTP or chdb embedded."""
+"""Storage: the events' system of record, ClickHouse over HTTP or chdb embedded, behind one protocol (`base`).
+
+Owns: the events table, inserts and the queries' execution within their limits. Does not own: what a
+query asks (`metering` builds it), the records database (`records`), nor dedup (`ingest`)."""
 
 from __future__ import annotations
 

@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.errors import ApiError
 from meterflow.auth.keys import Principal, Scope
 from meterflow.auth.ratelimit import RateLimiter, RateLimitUnavailable, Verdict
 from meterflow.config import Settings
-from meterflow.runtime import runtime_of
+from meterflow.web.errors import ApiError
+from meterflow.web.state import runtime_of
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("meterflow.auth")
@@ -35,18 +35,16 @@ def client_address(request: Request, header: str) -> str:
 
 def too_many_failures(retry_after: int, limit: int) -> ApiError:
     return ApiError(
-        429, "too_many_auth_failures",
+        "too_many_auth_failures",
         f"This address sent more than {limit} unknown or revoked API keys this minute; retry after {retry_after} s.",
         {"Retry-After": str(retry_after)},
-    )  # fmt: skip
+    )
 
 
 def rate_limited(verdict: Verdict, what: str) -> ApiError:
-    return ApiError(
-        429, "rate_limited",
-        f"This API key is over its limit of {what}; retry after {verdict.headers()['Retry-After']} s.",
-        verdict.headers(),
-    )  # fmt: skip
+    headers = verdict.headers()
+    wait = headers["Retry-After"]
+    return ApiError("rate_limited", f"This API key is over its limit of {what}; retry after {wait} s.", headers)
 
 
 async def check_rate(limiter: RateLimiter, settings: Settings, p: Principal, kind: str, cost: int) -> Verdict:
@@ -72,7 +70,7 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
         rt = runtime_of(request)
         raw = presented_key(request)
         if not raw:
-            raise ApiError(401, "missing_api_key", "Send an API key as `Authorization: Bearer <key>` or `X-API-Key`.")
+            raise ApiError("missing_api_key")
         failures = rt.auth_failures
         address = client_address(request, rt.settings.client_address_header)
         if (wait := failures.retry_after(address)) is not None:
@@ -82,11 +80,9 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
         if principal is None:
             if (wait := await failures.failed(address)) is not None:
                 raise too_many_failures(wait, failures.per_minute)
-            raise ApiError(401, "invalid_api_key", "The API key is unknown or revoked.")
+            raise ApiError("invalid_api_key")
         if not principal.allows(scope):
-            raise ApiError(
-                403, "insufficient_scope", f"This key has scope `{principal.scope}`; this route needs `{scope}`."
-            )
+            raise ApiError("insufficient_scope", f"This key has scope `{principal.scope}`; this route needs `{scope}`.")
         verdict = await check_rate(rt.limiter, rt.settings, principal, "requests", 1)
         request.state.principal = principal
         response = await endpoint(request)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from meterflow.errors import FieldError
+from meterflow.kernel.errors import FieldError
 
 # ASCII digits only: `int()` also takes '١٢' and `str.isdigit()` passes '²', which int() refuses.
 _INTEGER = re.compile(r"-?[0-9]{1,19}")

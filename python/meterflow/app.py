@@ -18,8 +18,6 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from meterflow import config
-from meterflow.api import errors
-from meterflow.api.auth import requires
 from meterflow.api.closing import list_closing_failures
 from meterflow.api.credit_notes import get_credit_note, get_credit_note_html, get_credit_note_pdf, list_credit_notes
 from meterflow.api.customers import delete_customer, get_customer, list_customers, patch_customer, put_customer
@@ -55,6 +53,8 @@ from meterflow.logs import setup_logging
 from meterflow.records import RecordsUnavailable, StaleVersion
 from meterflow.runtime import running
 from meterflow.storage import StorageError
+from meterflow.web import errors
+from meterflow.web.guard import requires
 
 log = logging.getLogger("meterflow.app")
 INGEST_PATH = "/v1/events"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from decimal import Decimal
 from typing import Any
 
@@ -11,24 +10,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.api.errors import ApiError
-from meterflow.errors import FieldError
-from meterflow.params import integer
-from meterflow.runtime import runtime_of
+from meterflow.kernel.money import decimal_text
+from meterflow.web.errors import ApiError
+from meterflow.web.state import runtime_of
 
 ADMIN_BODY_MAX = 1 << 20  # bytes of a JSON body that is not events
-PAGE_MAX = 500  # items of one list page
-# Every listed id (customer, meter code, key id) is of this alphabet and length.
-CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{0,255}")
-
-
-def decimal_text(d: Decimal) -> str:
-    """A finite Decimal as a JSON number with every digit: `format(d, "f")`
-    never rounds (unlike `normalize`, which rounds to the context's 28 digits)."""
-    text = format(d, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text == "-0" else text
 
 
 def _default(obj: Any) -> Any:
@@ -50,8 +36,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         async with asyncio.timeout(timeout_s):
             return await _read_body(request, limit)
     except TimeoutError:
-        raise ApiError(
-            408, "body_timeout", f"The request body did not arrive within {timeout_s:g} s, the limit.",
+        raise ApiError("body_timeout", f"The request body did not arrive within {timeout_s:g} s, the limit.",
             {"Connection": "close"},
         ) from None  # fmt: skip
 
@@ -64,15 +49,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
-            raise ApiError(400, "invalid_content_length", "Content-Length is not a number.")
+            raise ApiError("invalid_content_length", "Content-Length is not a number.")
         if int(declared) > limit:
-            raise ApiError(413, "body_too_large", f"The body is {declared} bytes; the limit is {limit} bytes.", CLOSE)
+            raise ApiError("body_too_large", f"The body is {declared} bytes; the limit is {limit} bytes.", CLOSE)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "body_too_large", f"The body is over the limit of {limit} bytes.", CLOSE)
+            raise ApiError("body_too_large", f"The body is over the limit of {limit} bytes.", CLOSE)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -81,7 +66,7 @@ def check_json(request: Request) -> None:
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         shown = ctype or "none"
-        raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, not {shown}.")
+        raise ApiError("unsupported_media_type", f"Content-Type must be application/json, not {shown}.")
 
 
 async def json_body(request: Request, limit: int = ADMIN_BODY_MAX) -> Any:
@@ -91,16 +76,4 @@ async def json_body(request: Request, limit: int = ADMIN_BODY_MAX) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise ApiError(400, "invalid_json", f"The body is not valid JSON: {e}.") from None
-
-
-def page_params(request: Request, max_limit: int = PAGE_MAX) -> tuple[int, str]:
-    """`limit` (1 to max_limit, default 100) and `cursor` of a list route, or a 400 naming the parameter."""
-    try:
-        limit = integer(request.query_params, "limit", 1, max_limit, default=100)
-    except FieldError as e:
-        raise ApiError(400, "invalid_parameter", e.message) from None
-    cursor = request.query_params.get("cursor", "")
-    if not CURSOR_RE.fullmatch(cursor):
-        raise ApiError(400, "invalid_parameter", "`cursor` must be the `next_cursor` of a previous page (an id).")
-    return limit, cursor
+        raise ApiError("invalid_json", f"The body is not valid JSON: {e}.") from None

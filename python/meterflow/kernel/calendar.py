@@ -9,7 +9,7 @@ local date of an instant is that of its whole second.
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, available_timezones
 
 
@@ -70,3 +70,17 @@ def year_start_ms(tz: ZoneInfo, t_ms: int) -> int:
 def next_year_start_ms(tz: ZoneInfo, t_ms: int) -> int:
     """The start of the local calendar year after the one containing an instant."""
     return local_midnight_ms(tz, local_datetime(tz, t_ms).year + 1, 1, 1)
+
+
+def parse_time(text: str) -> int:
+    """Epoch milliseconds, or an ISO 8601 date/time (UTC unless it says otherwise)."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither epoch milliseconds nor an ISO 8601 time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+

@@ -19,7 +19,7 @@ from decimal import (
     Overflow,
 )
 
-from meterflow.errors import FieldError
+from meterflow.kernel.errors import FieldError
 
 # ISO 4217 active codes by minor unit (decimal places). Codes not listed are refused.
 _BY_MINOR_UNIT = {
@@ -101,11 +101,12 @@ def parse_decimal(value: object, field: str, *, max_places: int, max_int_digits:
 
 
 def decimal_text(d: Decimal) -> str:
-    """A Decimal as JSON text: fixed point, no exponent, no trailing zeros ("1E+3" -> "1000", "2.50" -> "2.5")."""
-    if d.is_zero():
-        return "0"
-    n = d.normalize(context=_ROUNDING)
-    return format(n, "f")
+    """A finite Decimal as JSON text: fixed point, no exponent, no trailing zeros ("1E+3" -> "1000", "2.50" ->
+    "2.5"), every digit kept: `format(d, "f")` never rounds (`normalize` would, to its context's precision)."""
+    text = format(d, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
 
 
 def money_text(amount: Decimal, currency: str) -> str:
