@@ -1,20 +1,16 @@
-"""Real services shared by the tests and the benches: redis-server,
-clickhouse-server and PostgreSQL, started once per session on loopback ports."""
+"""Real services shared by the tests and the benches: redis-server, clickhouse-server, PostgreSQL and Garage,
+started once per session on loopback ports (the harness in tests/harness/)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "tests"))
-
-from services import ClickHouse, Garage, PostgreSQL, Redis
-
 from meterflow.config import Settings
 from meterflow.storage.embedded import EmbeddedStorage
+from tests.harness.processes import ClickHouse, Garage, PostgreSQL, Redis, running
 
 
 @pytest.fixture(scope="session")
@@ -24,34 +20,26 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_server(workdir: Path) -> Iterator[Redis]:
-    r = Redis(workdir)
-    r.start()
-    yield r
-    r.stop()
+    with running(Redis(workdir)) as r:
+        yield r
 
 
 @pytest.fixture(scope="session")
 def garage(workdir: Path) -> Iterator[Garage]:
-    g = Garage(workdir)
-    g.start()
-    yield g
-    g.stop()
+    with running(Garage(workdir)) as g:
+        yield g
 
 
 @pytest.fixture(scope="session")
 def clickhouse(workdir: Path) -> Iterator[ClickHouse]:
-    ch = ClickHouse(workdir)
-    ch.start()
-    yield ch
-    ch.stop()
+    with running(ClickHouse(workdir)) as ch:
+        yield ch
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgreSQL]:
-    pg = PostgreSQL()
-    pg.start()
-    yield pg
-    pg.cleanup()
+    with running(PostgreSQL()) as pg:
+        yield pg
 
 
 @pytest.fixture(scope="session")

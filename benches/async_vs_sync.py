@@ -1,6 +1,6 @@
 """Async against sync ingestion on the same full stack, in one run (issue 14).
 
-    .venv/bin/python benches/async_vs_sync.py [--seconds 8]
+    .venv/bin/python -m benches.async_vs_sync [--seconds 8]
 
 Starts its own redis-server (AOF, appendfsync always), clickhouse-server and
 PostgreSQL as the tests do, then for each mode one `meterflow serve` (one
@@ -17,27 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "loadtest")]
-
-from drive import drive  # noqa: E402
-from services import (  # noqa: E402
-    ASYNC,
-    ClickHouse,
-    MeterFlowServer,
-    MeterFlowWorker,
-    PostgreSQL,
-    Redis,
-    flush_redis,
-    wait_for,
-)  # fmt: skip
+from loadtest.drive import drive
+from tests.harness.backends import Backend
+from tests.harness.meterflow import ASYNC, MeterFlowServer, MeterFlowWorker
+from tests.harness.processes import ClickHouse, PostgreSQL, Redis, running, wait_for
 
 OPEN = {"MF_RATE_REQUESTS_PER_S": "10000000", "MF_RATE_REQUESTS_BURST": "10000000",
         "MF_RATE_EVENTS_PER_S": "100000000", "MF_RATE_EVENTS_BURST": "100000000",
@@ -51,20 +41,13 @@ def stream_length(server: MeterFlowServer) -> int:
 
 async def main(seconds: float) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="mf-async-bench-"))
-    redis, ch, pg = Redis(work), ClickHouse(work), PostgreSQL()
-    for s in (redis, ch, pg):
-        s.start()
     key = MeterFlowServer.auth["Authorization"].split()[1]
     out: dict[str, object] = {}
-    try:
+    with ExitStack() as services:
+        redis, ch, pg = (services.enter_context(running(s)) for s in (Redis(work), ClickHouse(work), PostgreSQL()))
         for mode in ("sync", "async"):
-            flush_redis(redis)
-            db = f"bench_{mode}"
-            ch.reset_database(db)
-            env = {"MF_STORAGE": "clickhouse", "MF_CLICKHOUSE_URL": ch.url, "MF_CLICKHOUSE_DATABASE": db,
-                   "MF_DEDUP": "redis", "MF_REDIS_URL": redis.url, "MF_DATABASE_URL": pg.new_database(),
-                   "MF_DATA_DIR": str(work / f"data_{mode}"), **OPEN,
-                   **(ASYNC if mode == "async" else {})}  # fmt: skip
+            backend = Backend.full(work / f"data_{mode}", ch, redis, pg, f"bench_{mode}")
+            env = {**backend.env, **OPEN, **(ASYNC if mode == "async" else {})}
             server = MeterFlowServer(work, env)
             server.start()
             try:
@@ -89,10 +72,6 @@ async def main(seconds: float) -> dict[str, object]:
                     out["async"]["worker_drain_events_per_s"] = round(queued / elapsed)  # type: ignore[index]
             finally:
                 server.stop()
-    finally:
-        for s in (redis, ch, pg):
-            s.stop()
-        pg.cleanup()
     sync, asyn = out["sync"], out["async"]
     out["async_over_sync_batch_1"] = round(asyn["batch_1_events_per_s"] / sync["batch_1_events_per_s"], 2)  # type: ignore[index]
     out["drain_over_sync_batch_1000"] = round(

@@ -17,7 +17,7 @@ from paired import paired_ratio
 
 from meterflow import samples
 from meterflow.archive.format import compress, decompress
-from meterflow.ingest.core import decode_batch
+from meterflow.kernel.rust import decode_batch
 
 NOW = samples.now_ms()
 # A flush under load gathers a few requests of 1000 events.

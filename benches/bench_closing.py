@@ -31,7 +31,6 @@ import pytest
 import sqlalchemy as sa
 from events import CUSTOMERS, END, START, load_events
 from paired import paired_ratio_of_parts
-from services import ClickHouse, PostgreSQL
 
 from meterflow.archive import DirectoryStore
 from meterflow.billing.catalog import PlanCatalog
@@ -42,16 +41,18 @@ from meterflow.billing.preview import price_subscription_period
 from meterflow.billing.rating import PricedPeriod
 from meterflow.billing.subscriptions import ID_PREFIX, Subscription, Subscriptions
 from meterflow.billing.webhooks import Webhooks
-from meterflow.clock import SYSTEM
 from meterflow.config import Settings
 from meterflow.customers import Customers, validate
+from meterflow.kernel.clock import SYSTEM
 from meterflow.metering.catalog import MeterCatalog
+from meterflow.metering.meters import configured_meters
 from meterflow.records import Records, open_records
 from meterflow.records.tables import customers as customers_table
 from meterflow.records.tables import invoice_numbers, invoices, subscriptions, webhook_attempts, webhook_deliveries
 from meterflow.runtime import ClosingRuntime, open_invoices
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.embedded import EmbeddedStorage
+from tests.harness.processes import ClickHouse, PostgreSQL
 
 _db = itertools.count(1)
 T = TypeVar("T")
@@ -100,7 +101,7 @@ def closing_data(
     archive = DirectoryStore(Path(tmp_path_factory.mktemp("archive")))
     loop.run_until_complete(records.start())
     loop.run_until_complete(archive.start())
-    meters = MeterCatalog(records, settings.meters)
+    meters = MeterCatalog(records, configured_meters(settings))
     plans = PlanCatalog(records, meters, ())
     rt = ClosingRuntime(settings, storage, records, meters, plans, Subscriptions(records, plans),
                         open_invoices(settings, records, archive, Customers(records), meters), CreditNotes(records),

@@ -26,12 +26,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from paired import low
-from services import Redis, flush_redis
 
 from meterflow import samples
 from meterflow.config import Settings
-from meterflow.ingest.core import decode_batch
-from meterflow.ingest.dedup import RedisDedup, new_flush_id
+from meterflow.ingest.dedup import RedisDedup
+from meterflow.kernel.flush_ids import new_flush_id
+from meterflow.kernel.rust import decode_batch
+from tests.harness.processes import Redis, flush_redis
 
 WINDOW = 31 * 86_400
 NOW = samples.now_ms()

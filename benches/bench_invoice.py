@@ -27,6 +27,7 @@ from meterflow.billing.subscriptions import Subscription, Subscriptions
 from meterflow.config import Settings
 from meterflow.customers import Customers, validate
 from meterflow.metering.catalog import MeterCatalog
+from meterflow.metering.meters import configured_meters
 from meterflow.metering.usage import UsageRequest, query_limits, run_usage
 from meterflow.records import Records, open_records
 from meterflow.storage import Storage
@@ -53,7 +54,7 @@ class Deps:
     def __init__(self, storage: Storage, records: Records) -> None:
         self.settings = Settings()
         self.storage = storage
-        self.meters = MeterCatalog(records, self.settings.meters)
+        self.meters = MeterCatalog(records, configured_meters(self.settings))
         self.plans = PlanCatalog(records, self.meters, ())
         self.subscriptions = Subscriptions(records, self.plans)
 

@@ -16,17 +16,18 @@ from typing import Any
 import pytest
 from events import CUSTOMERS, DAYS, END, START
 
-from meterflow.api.usage import usage_json
+from meterflow.api.usage import parse_request, usage_json
 from meterflow.config import Settings
 from meterflow.metering.catalog import MeterCatalog
-from meterflow.metering.usage import parse_request, query_limits, run_usage
+from meterflow.metering.meters import configured_meters
+from meterflow.metering.usage import query_limits, run_usage
 from meterflow.records import open_records
 from meterflow.storage import Storage
 
 
 def run(loop: asyncio.AbstractEventLoop, storage: Storage, params: dict[str, str]) -> dict[str, Any]:
     # Config meters only: the records database is never opened.
-    catalog = MeterCatalog(open_records(Settings(database_url="sqlite:////nonexistent/never-opened.db")), Settings().meters)
+    catalog = MeterCatalog(open_records(Settings(database_url="sqlite:////nonexistent/never-opened.db")), configured_meters(Settings()))
     req = loop.run_until_complete(parse_request(params, {}, catalog, Settings()))
     return usage_json(loop.run_until_complete(run_usage(storage, req, query_limits(Settings()))))
 

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 from events import Events, load_events
-from services import ClickHouse
 
 from meterflow.config import Settings
 from meterflow.storage import open_storage
 from meterflow.storage.embedded import EmbeddedStorage
+from tests.harness.processes import ClickHouse
 
 
 @pytest.fixture(scope="session", params=["chdb", "clickhouse"])

@@ -24,8 +24,8 @@ import time
 import orjson
 import redis
 
-from meterflow.ingest.core import STORED_LIMITS, DedupIndex, decode_batch
-from meterflow.ingest.dedup import new_flush_id
+from meterflow.kernel.flush_ids import new_flush_id
+from meterflow.kernel.rust import STORED_LIMITS, DedupIndex, decode_batch
 
 WINDOW = 31 * 86_400
 NOW = time.time_ns() // 1_000_000

@@ -2,9 +2,9 @@
 naive baseline server at batch 1000 and batch 1, CPU per process, the services' own
 ceilings as CPU per event, and a storage check (acknowledged ids equal stored ids, no doubles).
 
-    .venv/bin/python loadtest/run.py [--seconds 8] [--profile] [--sweep 16 32 64]
+    .venv/bin/python -m loadtest.run [--seconds 8] [--profile] [--sweep 16 32 64]
 
-Services come from tests/services.py (the helpers the tests use): Redis, ClickHouse,
+Services come from tests/harness/ (the helpers the tests use): Redis, ClickHouse,
 PostgreSQL (MeterFlow's records) and Garage (S3 archive). Per server and batch size:
 a closed-loop run gives the saturation rate (events/s and CPU per process), then an
 open-loop run at 80 % of that request rate gives p50/p99 without coordinated omission.
@@ -31,25 +31,10 @@ from typing import Any
 
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from services import (  # noqa: E402
-    TEST_ADMIN_KEY,
-    ClickHouse,
-    Garage,
-    MeterFlowServer,
-    MeterFlowWorker,
-    PostgreSQL,
-    Process,
-    Redis,
-    free_port,
-    http_ok,
-    wait_for,
-)
-
-from meterflow.ingest.core import decode_batch  # noqa: E402
-from meterflow.storage.base import EVENTS_DDL  # noqa: E402
+from meterflow.kernel.rust import decode_batch
+from meterflow.storage.base import EVENTS_DDL
+from tests.harness.meterflow import TEST_ADMIN_KEY, MeterFlowServer, MeterFlowWorker
+from tests.harness.processes import ROOT, ClickHouse, Garage, PostgreSQL, Process, Redis, free_port, http_ok, wait_for
 
 OUT = ROOT / "test-output"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -153,7 +138,7 @@ class Stack:
             self.before.stop()
         stops: list[Callable[[], object]] = [
             self.meterflow.stop, self.asyncmf.stop, *(w.stop for w in self.workers), self.naive.stop,
-            self.garage.stop, self.clickhouse.stop, self.redis.stop, self.postgres.cleanup]  # fmt: skip
+            self.garage.close, self.clickhouse.close, self.redis.close, self.postgres.close]  # fmt: skip
         for stop in stops:
             try:
                 stop()

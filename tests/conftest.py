@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from services import ASYNC, Backend, ClickHouse, MeterFlowServer, MeterFlowWorker, PostgreSQL, Redis, flush_redis
 
 from meterflow.config import Settings
 from meterflow.records import Records, open_records
@@ -15,8 +14,10 @@ from meterflow.runtime import started
 from meterflow.storage import Storage, open_storage
 from meterflow.storage.base import SCHEMA
 from meterflow.storage.embedded import EmbeddedStorage
+from tests.harness.backends import BACKENDS, Backend
+from tests.harness.meterflow import ASYNC, MeterFlowServer, MeterFlowWorker, Starter, starting
+from tests.harness.processes import ClickHouse, PostgreSQL, Redis
 
-BACKENDS = ["embedded", "full"]
 _db_seq = itertools.count(1)
 _seq = itertools.count(1)
 
@@ -27,24 +28,12 @@ def make_backend(
 ) -> Callable[[str], Backend]:
     def make(kind: str) -> Backend:
         if kind == "embedded":
-            data = tmp_path / f"data{next(_db_seq)}"
-            return Backend(kind, {"MF_STORAGE": "chdb", "MF_DEDUP": "memory", "MF_DATA_DIR": str(data)}, None, data)
+            return Backend.embedded(tmp_path / f"data{next(_db_seq)}")
         ch: ClickHouse = request.getfixturevalue("clickhouse")
         redis: Redis = request.getfixturevalue("redis_server")
         pg: PostgreSQL = request.getfixturevalue("postgres")
-        flush_redis(redis)
         db = f"mf_test_{next(_db_seq)}"
-        ch.reset_database(db)
-        env = {
-            "MF_DATA_DIR": str(tmp_path / f"data{next(_db_seq)}"),
-            "MF_STORAGE": "clickhouse",
-            "MF_CLICKHOUSE_URL": ch.url,
-            "MF_CLICKHOUSE_DATABASE": db,
-            "MF_DEDUP": "redis",
-            "MF_REDIS_URL": redis.url,
-            "MF_DATABASE_URL": pg.new_database(),
-        }
-        return Backend(kind, env, ch, None)
+        return Backend.full(tmp_path / f"data{next(_db_seq)}", ch, redis, pg, db)
 
     return make
 
@@ -55,34 +44,17 @@ def backend(request: pytest.FixtureRequest, make_backend: Callable[[str], Backen
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., MeterFlowServer]]:
-    servers: list[MeterFlowServer] = []
-
-    def start(backend: Backend, **env: str) -> MeterFlowServer:
-        s = MeterFlowServer(tmp_path, {**backend.env, **env})
-        s.start()
-        servers.append(s)
-        return s
-
-    yield start
-    for s in servers:
-        s.stop()
+def start_server(tmp_path: Path) -> Iterator[Starter[MeterFlowServer]]:
+    """`meterflow serve` processes on a backend; stopped (SIGTERM) at the end."""
+    with starting(MeterFlowServer, tmp_path) as start:
+        yield start
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[..., MeterFlowWorker]]:
+def start_worker(tmp_path: Path) -> Iterator[Starter[MeterFlowWorker]]:
     """`meterflow worker` processes on a backend, in async mode; stopped (SIGTERM) at the end."""
-    workers: list[MeterFlowWorker] = []
-
-    def start(backend: Backend, **env: str) -> MeterFlowWorker:
-        w = MeterFlowWorker(tmp_path, {**backend.env, **ASYNC, **env})
-        w.start()
-        workers.append(w)
-        return w
-
-    yield start
-    for w in workers:
-        w.stop()
+    with starting(MeterFlowWorker, tmp_path, ASYNC) as start:
+        yield start
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""The raw-event archive: exactly once, the spool, replay."""

@@ -1,0 +1,1 @@
+"""API keys, scopes, rate limits and failed authentication."""

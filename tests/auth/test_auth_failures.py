@@ -1,0 +1,118 @@
+"""Failed authentication is limited per client address; unknown keys never grow a cache without bound."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import httpx
+import pytest
+from redis.exceptions import RedisError
+
+from meterflow import samples
+from meterflow.auth import keys as keys_module
+from meterflow.auth.failures import AuthFailures
+from meterflow.auth.keys import KeyStore
+from meterflow.records import Records
+from meterflow.runtime import started
+from tests.harness.backends import Backend
+from tests.harness.http import post
+from tests.harness.meterflow import MeterFlowServer
+from tests.harness.processes import Redis, free_port
+
+LIMIT = 5
+
+
+def random_key() -> str:
+    return "mf_" + "".join(secrets.choice(keys_module.ALPHABET) for _ in range(44))
+
+
+def client(address: str) -> httpx.Client:
+    """A client whose connections come from `address` (any 127.0.0.0/8 address is local on Linux)."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30)
+
+
+def post_seed(c: httpx.Client, server: MeterFlowServer, key: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    """The seed event from `c`'s address with `key` (and `headers`)."""
+    return post(c, f"{server.url}/v1/events", samples.body([samples.seed_event()]),
+                auth={"Authorization": f"Bearer {key}"}, headers=headers)  # fmt: skip
+
+
+def test_an_address_that_guesses_keys_waits(
+    backend: Backend, start_server: Callable[..., MeterFlowServer]
+) -> None:
+    server = start_server(backend, MF_AUTH_FAILURES_PER_MINUTE=str(LIMIT))
+    with client("127.0.0.7") as guesser, client("127.0.0.8") as other:
+        for _ in range(LIMIT):
+            r = post_seed(guesser, server, random_key())
+            assert (r.status_code, r.json()["error"]) == (401, "invalid_api_key")
+        over = post_seed(guesser, server, random_key())
+        assert (over.status_code, over.json()["error"]) == (429, "too_many_auth_failures"), over.text
+        assert 1 <= int(over.headers["Retry-After"]) <= 60
+        assert str(LIMIT) in over.json()["message"]
+        # Even a right key waits: a guess that hits must not get through.
+        right = post_seed(guesser, server, server.auth["Authorization"].removeprefix("Bearer "))
+        assert right.status_code == 429
+        # Other addresses and keyless routes go on.
+        assert post_seed(other, server, server.auth["Authorization"].removeprefix("Bearer ")).status_code == 200
+        assert post_seed(other, server, random_key()).status_code == 401
+        assert guesser.get(f"{server.url}/health").status_code == 200
+
+
+def test_the_address_comes_from_the_trusted_proxy_header(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> None:
+    server = start_server(make_backend("embedded"), MF_AUTH_FAILURES_PER_MINUTE=str(LIMIT),
+                          MF_CLIENT_ADDRESS_HEADER="x-real-ip")  # fmt: skip
+    with httpx.Client(timeout=30) as c:
+        def send(ip: str, key: str) -> int:
+            return post_seed(c, server, key, {"X-Real-IP": ip}).status_code
+
+        assert [send("203.0.113.9", random_key()) for _ in range(LIMIT + 1)] == [401] * LIMIT + [429]
+        assert send("198.51.100.4", random_key()) == 401
+
+
+async def test_unknown_keys_do_not_grow_the_cache(records: Records, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keys_module, "MISSES_MAX", 100)
+    store = KeyStore(records)
+    for _ in range(300):
+        assert await store.authenticate(random_key()) is None
+    assert len(store._misses) == 100 and len(store._cache) == 0
+
+
+async def test_active_keys_stay_cached_through_a_flood_of_unknown_keys(
+    records: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of unknown keys evicts no active key; among active keys the least recently used goes first."""
+    monkeypatch.setattr(keys_module, "CACHE_MAX", 3)
+    monkeypatch.setattr(keys_module, "MISSES_MAX", 10)
+    store = KeyStore(records)
+    made = [await store.create("read", f"k{i}") for i in range(4)]
+    busy, other, third, fourth = ((key["id"], secret) for key, secret in made)
+    for _, secret in (busy, other, third):
+        assert await store.authenticate(secret) is not None
+    for _ in range(50):
+        assert await store.authenticate(random_key()) is None
+    assert list(store._cache) == [busy[0], other[0], third[0]]
+    assert await store.authenticate(busy[1]) is not None  # used again: now the most recent
+    assert await store.authenticate(fourth[1]) is not None  # one more active key drops the least recent
+    assert list(store._cache) == [third[0], busy[0], fourth[0]]
+
+
+async def test_the_shared_count_is_a_backend_ready_probes(redis_server: Redis) -> None:
+    shared = AuthFailures(LIMIT, redis_server.url)
+    async with started(shared):
+        await shared.ping()
+    gone = AuthFailures(LIMIT, f"redis://127.0.0.1:{free_port()}")
+    async with started(gone):
+        with pytest.raises((RedisError, OSError)):
+            await gone.ping()
+        # Redis away: the worker's own count stands in, the limit still holds.
+        assert [await gone.failed("192.0.2.1") for _ in range(LIMIT)] == [None] * LIMIT
+        assert await gone.failed("192.0.2.1") is not None
+
+
+def test_ready_reports_the_failure_count_backend(server: MeterFlowServer, backend: Backend) -> None:
+    checks = httpx.get(f"{server.url}/ready").json()["checks"]
+    name = "redis" if backend.kind == "full" else "memory"
+    assert checks[f"authfailures:{name}"] == {"status": "ok"}

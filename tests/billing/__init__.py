@@ -1,0 +1,1 @@
+"""Billing: pricing, subscriptions, closing, invoices, documents, credit notes, webhooks and the books."""

@@ -1,0 +1,1 @@
+"""Settings: defaults, files, environment and flags."""

@@ -1,0 +1,1 @@
+"""The dashboard, in pieces and in a real browser."""

@@ -1,0 +1,1 @@
+"""Ingestion: the Rust core, sync and async mode, flushing, stage metrics, failures and fault drills."""

@@ -1,0 +1,1 @@
+"""Metering: usage queries against references, versioned meters, reading events, bounded reads."""

@@ -1,0 +1,1 @@
+"""The records database on SQLite and PostgreSQL."""
