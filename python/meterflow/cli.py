@@ -50,6 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _serve_granian(args)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 def _serve_granian(args: argparse.Namespace) -> int:

@@ -231,16 +231,15 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
 
 
 def _tables(path: str, name: str, raw: Any) -> tuple[dict[str, Any], ...]:
-    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+    if not isinstance(raw, list):
         raise ConfigError(f"{path}: `{name}` must be an array of tables ([[{name}]]).")
-    return tuple(raw)
+    return tuple(raw)  # each element is checked by its catalog (a meter or a plan must be a table)
 
 
 def defined_once(source: str, name: str, codes: list[str]) -> None:
-    """Raises ConfigError naming the second definition of a code in `[[name]]`."""
-    for i, code in enumerate(codes):
-        if code in codes[:i]:
-            raise ConfigError(f"{source}: {name}[{i}].code: {code!r} is defined twice.")
+    """Raises ConfigError when the last code of `[[name]]` so far was defined before it."""
+    if codes[-1] in codes[:-1]:
+        raise ConfigError(f"{source}: {name}[{len(codes) - 1}].code: {codes[-1]!r} is defined twice.")
 
 
 def load(
@@ -269,7 +268,7 @@ def load(
         for key, raw in section.items():
             if key in ("meters", "plans") or isinstance(raw, dict):
                 continue
-            if key not in known:
+            if key not in known or key == "config":
                 raise ConfigError(f"{path}: unknown setting {key!r}.")
             values[key] = _convert(key, raw, hints[key])
     for key, raw in env.items():

@@ -93,7 +93,8 @@ class Probe:
         except Exception as e:  # any failure to answer is "down"
             # /ready needs no key: the service's own text (hosts, versions) goes to the log only.
             error = (str(e) or type(e).__name__)[:500]
-            log.warning("readiness check failed", extra={"check": self.label, "error": error})
+            logging.getLogger("meterflow.api").warning("readiness check failed",
+                                                       extra={"check": self.label, "error": error})  # fmt: skip
             return {"status": "down"}
         return {"status": "ok"}
 

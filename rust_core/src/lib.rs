@@ -1,6 +1,6 @@
 //! `meterflow._core`: bytes in, one compact batch object out.
 //!
-//! The Python package calls this in one place (`meterflow.ingest.core`); the
+//! The Python package calls this in one place (`meterflow.kernel.rust`); the
 //! GIL is released while a batch is decoded.
 
 pub mod decimal;

@@ -12,7 +12,8 @@ from meterflow.api.openapi import PAGE, Param, operation
 from meterflow.billing.rendered import Format, credit_note_bytes
 from meterflow.kernel.ids import CREDIT_NOTE_ID_RE, INVOICE_ID_RE, INVOICE_ID_RULE
 from meterflow.web.errors import or_not_found
-from meterflow.web.pagination import id_filter, page_params, page_response
+from meterflow.web.pagination import page_params, page_response
+from meterflow.web.params import id_filter
 from meterflow.web.responses import json_response
 from meterflow.web.state import runtime_of
 from meterflow.web.views import document_response, with_snapshot

@@ -12,6 +12,7 @@ from meterflow.records import IfMatch
 from meterflow.records.versions import etag
 from meterflow.web.errors import ApiError, or_not_found
 from meterflow.web.pagination import page_params, page_response
+from meterflow.web.params import path_id
 from meterflow.web.responses import json_body, json_response
 from meterflow.web.state import runtime_of
 
@@ -31,10 +32,7 @@ def _answer(customer: dict[str, object], status: int = 200) -> Response:
 
 
 def _id(request: Request) -> str:
-    cid = str(request.path_params["customer_id"])
-    if not ID_RE.fullmatch(cid):
-        raise ApiError("invalid_customer_id", f"A customer id is {ID_RULE}.")
-    return cid
+    return path_id(request, "customer_id", ID_RE, "invalid_customer_id", f"A customer id is {ID_RULE}.")
 
 
 def _fields(doc: object, partial: bool) -> dict[str, object]:

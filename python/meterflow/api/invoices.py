@@ -11,7 +11,8 @@ from meterflow.billing.credit_notes import CreditAmountInvalid, CreditExceedsInv
 from meterflow.billing.invoices import STATUSES, Invoices, WrongStatus
 from meterflow.kernel.money import MoneyError, parse_decimal
 from meterflow.web.errors import ApiError, or_not_found
-from meterflow.web.pagination import id_filter, page_params, page_response
+from meterflow.web.pagination import page_params, page_response
+from meterflow.web.params import id_filter
 from meterflow.web.responses import json_body, json_response
 from meterflow.web.state import runtime_of
 from meterflow.web.views import document_headers, document_response, invoice_document, invoice_id_of

@@ -172,7 +172,8 @@ async def upcoming_invoice(request: Request) -> Response:
         raise ApiError("usage_query_too_expensive", "A usage query of this period went over its limits "
                        "(MF_USAGE_MAX_*).") from None  # fmt: skip
     except StoredPlanBroken as e:
-        raise ApiError("plan_not_priceable", str(e)) from None
+        # 422 here (the period cannot be priced), 409 when subscribing (the plan conflicts with the catalog).
+        raise ApiError("plan_not_priceable", str(e), status=422) from None
     with localcontext(EXACT):
         late = sum((Decimal(ln["amount"]) for ln in pending), Decimal(0))
     return json_response({"customer_id": cid, "subscription_id": sub.id, "plan_version": sub.plan_version,

@@ -10,6 +10,7 @@ from meterflow.billing.webhooks import WebhookError, Webhooks, validate
 from meterflow.kernel.ids import WEBHOOK_ID_RE
 from meterflow.web.errors import ApiError
 from meterflow.web.pagination import page_params, page_response
+from meterflow.web.params import path_id
 from meterflow.web.responses import json_body, json_response
 from meterflow.web.state import runtime_of
 
@@ -19,10 +20,7 @@ def _store(request: Request) -> Webhooks:
 
 
 def _id(request: Request) -> str:
-    wid = str(request.path_params["webhook_id"])
-    if not WEBHOOK_ID_RE.fullmatch(wid):
-        raise ApiError("webhook_not_found", f"There is no webhook {wid[:100]!r}.")
-    return wid
+    return path_id(request, "webhook_id", WEBHOOK_ID_RE, "webhook_not_found", "There is no webhook {id}.")
 
 
 @operation("Register a webhook receiver; the answer holds its signing secret, shown this once",

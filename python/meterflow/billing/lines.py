@@ -130,7 +130,7 @@ def decode_line(d: Mapping[str, Any]) -> InvoiceLine:
     dim = d.get("dimension") or {}
     packages = d.get("packages")
     return InvoiceLine(
-        None if key is None else str(key), str(d["charge"]), d.get("meter"), d.get("description") or "",
+        None if key is None else str(key), str(d.get("charge") or ""), d.get("meter"), d.get("description") or "",
         Decimal(d["quantity"]), Decimal(d["amount"]), tuple(_tier(t) for t in d.get("tiers") or ()),
         next(iter(dim.items())) if dim else None, None if packages is None else Decimal(packages),
         _late_for(d.get("late_for")),

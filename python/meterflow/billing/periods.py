@@ -1,7 +1,7 @@
 """Billing periods: calendar months or years in the customer's time zone, and the parts a subscription bills.
 
 A period is half-open, [start, end) in epoch milliseconds, from one local
-midnight to another (the calendar arithmetic is `metering.calendar`, shared
+midnight to another (the calendar arithmetic is `kernel.calendar`, shared
 with usage windows). A subscription that starts, ends or changes plan inside a
 period bills only the part it covers: a `ServicePeriod`, whose share of the
 period's milliseconds prorates flat charges.

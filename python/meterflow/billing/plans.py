@@ -359,5 +359,5 @@ def configured_plans(settings: Settings, meters: tuple[Meter, ...]) -> tuple[Pla
             out.append(parse_plan(doc, by_code))
         except PlanError as e:
             raise ConfigError(f"{source}: plans[{i}].{e.field}: {e.message}") from None
-    defined_once(source, "plans", [p.code for p in out])
+        defined_once(source, "plans", [p.code for p in out])
     return tuple(out)

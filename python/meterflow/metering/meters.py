@@ -151,5 +151,5 @@ def configured_meters(settings: Settings) -> tuple[Meter, ...]:
             out.append(parse_meter(doc, "config"))
         except MeterError as e:
             raise ConfigError(f"{source}: meters[{i}].{e.field}: {e.message}") from None
-    defined_once(source, "meters", [m.code for m in out])
+        defined_once(source, "meters", [m.code for m in out])
     return tuple(out)

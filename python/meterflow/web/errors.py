@@ -24,10 +24,11 @@ class ApiError(Exception):
     """An error answer: its status is the code's (kernel.errors.STATUS); `message` defaults to the code's
     fixed sentence."""
 
-    def __init__(self, code: str, message: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, code: str, message: str | None = None, headers: dict[str, str] | None = None,
+                 status: int | None = None) -> None:  # fmt: skip
         message = SENTENCE[code] if message is None else message
         super().__init__(message)
-        self.status = status_of(code)
+        self.status = status_of(code) if status is None else status
         self.code = code
         self.message = message
         self.headers = headers or {}
@@ -35,7 +36,8 @@ class ApiError(Exception):
 
 def error_response(code: str, message: str | None = None, headers: dict[str, str] | None = None,
                    status: int | None = None) -> JSONResponse:  # fmt: skip
-    """`{"error": code, "message": ...}` with the code's status (`status` only for HTTP errors of the router)."""
+    """`{"error": code, "message": ...}` with the code's status (`status`: the router's HTTP errors, and a code
+    answered otherwise on one route)."""
     body = {"error": code, "message": SENTENCE[code] if message is None else message}
     return JSONResponse(body, status_code=status_of(code) if status is None else status, headers=headers)
 
@@ -70,7 +72,7 @@ def too_expensive(what: str, limits: str, advice: str) -> Iterator[None]:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.code, exc.message, exc.headers)
+    return error_response(exc.code, exc.message, exc.headers, exc.status)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}

@@ -11,7 +11,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterflow.kernel.errors import FieldError
-from meterflow.kernel.ids import ID_RE, ID_RULE
 from meterflow.kernel.params import integer
 from meterflow.web.errors import ApiError
 from meterflow.web.responses import json_response
@@ -32,14 +31,6 @@ def page_params(request: Request, max_limit: int = PAGE_MAX) -> tuple[int, str]:
     if not CURSOR_RE.fullmatch(cursor):
         raise ApiError("invalid_parameter", "`cursor` must be the `next_cursor` of a previous page (an id).")
     return limit, cursor
-
-
-def id_filter(request: Request, name: str, pattern: re.Pattern[str] = ID_RE, rule: str = ID_RULE) -> str:
-    """A list's optional filter by an id: "" when absent or empty, else an id of `pattern` or a 400 naming it."""
-    value = request.query_params.get(name, "")
-    if value and not pattern.fullmatch(value):
-        raise ApiError("invalid_parameter", f"`{name}` must be {rule}.")
-    return value
 
 
 @dataclass(frozen=True)

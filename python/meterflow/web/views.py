@@ -14,15 +14,13 @@ from meterflow.billing.snapshot import meter_units, seller_address, take_snapsho
 from meterflow.kernel.ids import INVOICE_ID_RE
 from meterflow.metering.usage import GROUP_SEPARATOR, Usage
 from meterflow.runtime import Runtime
-from meterflow.web.errors import ApiError, or_not_found
+from meterflow.web.errors import or_not_found
+from meterflow.web.params import path_id
 from meterflow.web.state import runtime_of
 
 
 def invoice_id_of(request: Request) -> str:
-    iid = str(request.path_params["invoice_id"])
-    if not INVOICE_ID_RE.fullmatch(iid):
-        raise ApiError("invoice_not_found", f"There is no invoice {iid[:100]!r}.")
-    return iid
+    return path_id(request, "invoice_id", INVOICE_ID_RE, "invoice_not_found", "There is no invoice {id}.")
 
 
 async def invoice_of(request: Request) -> dict[str, Any]:
