@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -112,6 +114,12 @@ class Settings:
     webhook_retry_for_s: int = 86_400
     webhook_timeout_ms: int = 10_000
     webhook_poll_ms: int = 1_000
+    # Webhook receivers: https only, except for these hosts (comma-separated names or IP literals); and
+    # public addresses only, except those in these CIDRs or addresses, or of these host names.
+    webhook_allow_http_hosts: str = ""
+    webhook_allow_addresses: str = ""
+    # Endpoints a worker's sender delivers to at once (each endpoint's deliveries go one after another).
+    webhook_concurrency: int = 8
     # Meters defined as code (TOML `[[meters]]`), as written: `metering.meters.configured_meters` parses
     # them (the seed's catalog when None).
     meters: tuple[dict[str, Any], ...] | None = None
@@ -135,6 +143,7 @@ class Settings:
             "invoice_settle_interval_s",
             "webhook_backoff_ms",
             "webhook_backoff_max_ms", "webhook_retry_for_s", "webhook_timeout_ms", "webhook_poll_ms",
+            "webhook_concurrency",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -182,6 +191,10 @@ class Settings:
             raise ConfigError("MF_ADMIN_KEY must look like a MeterFlow key: mf_ and 44 letters or digits.")
         if self.archive == "s3" and not (self.s3_access_key and self.s3_secret_key):
             raise ConfigError("MF_ARCHIVE=s3 needs MF_S3_ACCESS_KEY and MF_S3_SECRET_KEY.")
+        try:
+            allowed_addresses(self.webhook_allow_addresses)
+        except ValueError as e:
+            raise ConfigError(f"MF_WEBHOOK_ALLOW_ADDRESSES: {e}.") from None
         for url_name in ("clickhouse_url", "redis_url", "s3_endpoint"):
             url = getattr(self, url_name)
             scheme = url.split("://", 1)[0]
@@ -202,6 +215,27 @@ class Settings:
         d["meters"] = None if self.meters is None else [m.get("code") for m in self.meters]
         d["plans"] = [p.get("code") for p in self.plans]
         return d
+
+
+def host_list(text: str) -> frozenset[str]:
+    """A comma-separated list of host names, lower case, without a trailing dot."""
+    return frozenset(e.strip().lower().rstrip(".") for e in text.split(",") if e.strip())
+
+
+def allowed_addresses(text: str) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], frozenset[str]]:
+    """MF_WEBHOOK_ALLOW_ADDRESSES: comma-separated addresses or CIDRs, and host names; ValueError names a bad one."""
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    hosts: list[str] = []
+    for entry in (e.strip().lower() for e in text.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?\.?", entry):
+                raise ValueError(f"{entry[:60]!r} is neither an address, a CIDR nor a host name") from None
+            hosts.append(entry)
+    return tuple(networks), host_list(",".join(hosts))
 
 
 def _without_password(url: str) -> str:

@@ -21,6 +21,7 @@ from meterflow.auth.ratelimit import RateLimiter, open_rate_limiter
 from meterflow.billing.catalog import PlanCatalog
 from meterflow.billing.closing import Closer, CloseReport, close_periodically
 from meterflow.billing.credit_notes import CreditNotes
+from meterflow.billing.destinations import Destinations
 from meterflow.billing.invoices import Invoices
 from meterflow.billing.outbox import Schedule, Sender
 from meterflow.billing.plans import configured_plans
@@ -162,16 +163,19 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
         if spool is not None:
             spool.start()
         customers = Customers(records)
+        destinations = webhook_destinations(settings)
         rt = Runtime(
             settings=settings, metrics=metrics, storage=storage, dedup=dedup, records=records, limiter=limiter,
             archive=archive, spool=spool, ingest=service, customers=customers,
             keys=KeyStore(records, settings.admin_key, settings.key_cache_grace_s),
             auth_failures=auth_failures,
             meters=meters, plans=plans, subscriptions=Subscriptions(records, plans),
-            invoices=open_invoices(settings, records, archive, customers, meters), webhooks=Webhooks(records),
+            invoices=open_invoices(settings, records, archive, customers, meters),
+            webhooks=Webhooks(records, destinations),
             credit_notes=CreditNotes(records), clock=SYSTEM,
         )  # fmt: skip
-        sender = Sender(records, webhook_schedule(settings))
+        sender = Sender(records, webhook_schedule(settings), destinations=destinations,
+                        concurrency=settings.webhook_concurrency)  # fmt: skip
         sender.start()
         closing = asyncio.create_task(close_periodically(rt, settings.invoice_close_interval_s), name="closing")
         tune_gc()
@@ -242,6 +246,11 @@ def open_invoices(settings: Settings, records: Records, archive: Store | None, c
         return await take_snapshot(customers, meters, settings, invoice)
 
     return Invoices(records, archive, settings.invoice_due_days, clock=clock, snapshot=snapshot)
+
+
+def webhook_destinations(settings: Settings) -> Destinations:
+    """Where webhooks may go: the operator's http hosts and allowed addresses (config checked them)."""
+    return Destinations.from_settings(settings)
 
 
 def webhook_schedule(settings: Settings) -> Schedule:

@@ -16,14 +16,14 @@ import pytest
 
 from meterflow import samples
 from tests.harness.backends import Backend
-from tests.harness.meterflow import MeterFlowServer
+from tests.harness.meterflow import WEBHOOKS_TO_LOOPBACK, MeterFlowServer
 from tests.harness.pricing_reference import reference_price
 from tests.harness.processes import Process, free_port, http_ok, wait_for
 
 DAY = 86_400_000
 # Events of last month must be accepted: the age limit (and the dedup window that covers it) is 90 days.
 ENV = {"MF_MAX_AGE_MS": str(90 * DAY), "MF_DEDUP_WINDOW_S": str(100 * 86_400), "MF_INVOICE_GRACE_S": "3600",
-       "MF_RATE_REQUESTS_PER_S": "100000", "MF_RATE_REQUESTS_BURST": "100000"}  # fmt: skip
+       "MF_RATE_REQUESTS_PER_S": "100000", "MF_RATE_REQUESTS_BURST": "100000", **WEBHOOKS_TO_LOOPBACK}  # fmt: skip
 PLAN = {
     "code": "pro", "name": "Pro", "currency": "EUR", "interval": "month", "minimum": "60.00",
     "charges": [

@@ -17,6 +17,7 @@ from meterflow.billing.periods import Period
 from meterflow.billing.webhooks import Webhooks
 from meterflow.records import Records
 from meterflow.records.tables import webhook_deliveries
+from tests.billing.test_webhooks import LOOPBACK
 from tests.harness.invoice_samples import DAY, JAN_2026, draft, priced
 
 
@@ -90,7 +91,7 @@ async def test_finalized_invoice_is_archived_as_json(records: Records, tmp_path:
 
 
 async def test_each_transition_writes_its_event_for_each_webhook_in_the_same_transaction(records: Records) -> None:
-    hooks = Webhooks(records)
+    hooks = Webhooks(records, LOOPBACK)
     await hooks.register("http://127.0.0.1:9/a", ["invoice.finalized", "invoice.paid"], None)
     await hooks.register("http://127.0.0.1:9/b", ["invoice.voided"], None)
     invoices = Invoices(records, None)

@@ -17,6 +17,9 @@ from tests.harness.processes import Process, free_port, http_ok, wait_for
 # The fixed admin key of test servers (MF_ADMIN_KEY); keys the tests create are random.
 TEST_ADMIN_KEY = "mf_TestAdmin001" + "x" * 32
 
+# Webhook receivers are loopback servers the tests start: http for 127.0.0.1, and its address allowed.
+WEBHOOKS_TO_LOOPBACK = {"MF_WEBHOOK_ALLOW_HTTP_HOSTS": "127.0.0.1", "MF_WEBHOOK_ALLOW_ADDRESSES": "127.0.0.1/32"}
+
 # Async mode as the tests run it: dead workers' entries claimed after half a second.
 ASYNC = {"MF_INGEST_MODE": "async", "MF_WORKER_CLAIM_IDLE_MS": "500", "MF_FLUSH_TIMEOUT_S": "2"}
 

@@ -30,7 +30,7 @@ from meterflow.web.guard import requires
 from tests.harness.backends import Backend
 from tests.harness.http import JSON
 from tests.harness.invoice_samples import draft
-from tests.harness.meterflow import MeterFlowServer
+from tests.harness.meterflow import WEBHOOKS_TO_LOOPBACK, MeterFlowServer
 
 Probe = Callable[[httpx.Client], httpx.Response | int]
 TEXT = {"Content-Type": "text/plain"}
@@ -440,7 +440,7 @@ def test_every_documented_answer_is_one_the_route_gives(
     config.write_text(CONFIG)
     backend = make_backend("embedded")
     server = start_server(backend, MF_HTTP_BODY_TIMEOUT_S="1", MF_USAGE_MAX_RESULT_ROWS="1",
-                          MF_CONFIG=str(config))  # fmt: skip
+                          MF_CONFIG=str(config), **WEBHOOKS_TO_LOOPBACK)  # fmt: skip
     with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
         served = c.get("/openapi.json")
         assert served.status_code == 200

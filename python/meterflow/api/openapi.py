@@ -24,7 +24,7 @@ from meterflow.billing.invoices import STATUSES as INVOICE_STATUSES
 from meterflow.billing.invoices import Kind
 from meterflow.billing.plans import INTERVALS
 from meterflow.billing.subscriptions import STATUSES as SUBSCRIPTION_STATUSES
-from meterflow.billing.webhooks import EVENTS
+from meterflow.billing.webhooks import CREDIT_NOTE_SUMMARY, EVENTS, INVOICE_SUMMARY
 from meterflow.config import Settings
 from meterflow.kernel.ids import ID_RE
 from meterflow.kernel.params import EPOCH_MS_MAX, EPOCH_MS_MIN
@@ -185,6 +185,20 @@ def spec(routes: Iterable[BaseRoute], settings: Settings) -> dict[str, Any]:
             },
             "schemas": schemas(settings),
         },
+        "webhooks": {
+            event: {
+                "post": {
+                    "summary": f"`{event}`, sent to each receiver registered for it (Standard Webhooks: "
+                    "webhook-id, webhook-timestamp and webhook-signature headers)",
+                    "requestBody": {"content": {"application/json": {"schema": EVENT_REF}}},
+                    "responses": {
+                        "2XX": {"description": "Delivered; any other answer, a timeout or a refused address is "
+                                "retried with backoff."}
+                    },
+                }
+            }
+            for event in EVENTS
+        },
     }
 
 
@@ -192,6 +206,20 @@ def spec(routes: Iterable[BaseRoute], settings: Settings) -> dict[str, Any]:
 CORE = Limits()
 ID = {"type": "string", "minLength": 1, "maxLength": CORE.max_id_len, "pattern": f"^{ID_RE.pattern}$"}
 OBJECT = {"type": "object"}
+EVENT_REF = {"$ref": "#/components/schemas/WebhookEvent"}
+
+
+def _summary(fields: tuple[str, ...], description: str, links: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["id", "line_count", "links"],
+        "description": description + " Amounts are decimal strings; links are paths under the API's base URL.",
+        "properties": {
+            **{f: {} for f in fields},
+            "line_count": {"type": "integer", "minimum": 0, "description": "How many lines the document has."},
+            "links": {"type": "object", "required": list(links), "properties": {k: {"type": "string"} for k in links}},
+        },
+    }
 
 
 def schemas(settings: Settings) -> dict[str, Any]:
@@ -330,6 +358,28 @@ def schemas(settings: Settings) -> dict[str, Any]:
                 "secret": {"type": "string", "description": "whsec_...; only in the answer that registers it."},
             },
         },
+        "WebhookEvent": {
+            "type": "object",
+            "required": ["type", "timestamp", "data"],
+            "description": "A webhook's body: the summary of the invoice or credit note and links to it, never "
+            "its lines (read them from `links.self` with an API key).",
+            "properties": {
+                "type": {"enum": list(EVENTS)},
+                "timestamp": {"type": "string", "format": "date-time"},
+                "data": {
+                    "oneOf": [{"$ref": "#/components/schemas/InvoiceSummary"},
+                              {"$ref": "#/components/schemas/CreditNoteSummary"}]
+                },
+            },
+        },
+        "InvoiceSummary": _summary(
+            INVOICE_SUMMARY, "invoice.finalized, invoice.voided and invoice.paid: the invoice's fields but `lines`.",
+            links=("self", "html", "pdf"),
+        ),
+        "CreditNoteSummary": _summary(
+            CREDIT_NOTE_SUMMARY, "credit_note.created: the credit note's fields but `lines`.",
+            links=("self", "html", "pdf", "invoice"),
+        ),
         "Invoice": {
             "type": "object",
             "required": ["id", "number", "status", "customer_id", "currency", "lines", "total"],

@@ -28,9 +28,9 @@ def _id(request: Request) -> str:
 async def create_webhook(request: Request) -> Response:
     try:
         url, events, description = validate(await json_body(request))
+        return json_response(await _store(request).register(url, events, description), 201)
     except WebhookError as e:
         raise ApiError("invalid_webhook", e.message) from None
-    return json_response(await _store(request).register(url, events, description), 201)
 
 
 @operation("List webhook receivers, in id order", {200: "A page of webhooks", 400: "A parameter is invalid."},

@@ -16,6 +16,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from meterflow.billing.destinations import Destinations, RefusedDestination
 from meterflow.kernel.clock import now_ms
 from meterflow.kernel.errors import FieldError
 from meterflow.records import Records, plain
@@ -54,8 +55,8 @@ def validate(doc: Any) -> tuple[str, tuple[str, ...], str | None]:
     if not isinstance(url, str) or len(url) > URL_MAX:
         raise WebhookError("url", f"`url` must be an http(s) URL of at most {URL_MAX} characters.")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookError("url", f"`url` {url[:100]!r} is not an http:// or https:// URL with a host.")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise WebhookError("url", f"`url` {url[:100]!r} is not an https:// URL with a host.")
     events = doc.get("events", list(EVENTS))
     if not isinstance(events, list) or not events or not all(isinstance(e, str) and e in EVENTS for e in events):
         raise WebhookError("events", f"`events` must be a non-empty list of {', '.join(EVENTS)}.")
@@ -70,6 +71,30 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
             "created_at": row["created_at"]}  # fmt: skip
 
 
+# What a webhook carries of an invoice or a credit note: its summary and links, never its lines (an
+# invoice may have thousands); a receiver reads the rest from the API.
+INVOICE_SUMMARY = ("id", "number", "status", "kind", "customer_id", "subscription_id", "plan", "currency",
+                   "period", "subtotal", "minimum_adjustment", "late_usage", "total", "amount_credited",
+                   "amount_due", "created_at", "issued_at", "due_at", "paid_at", "voided_at")  # fmt: skip
+CREDIT_NOTE_SUMMARY = ("id", "number", "invoice_id", "invoice_number", "customer_id", "subscription_id",
+                       "reason", "currency", "total", "memo", "created_at")  # fmt: skip
+
+
+def summary(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The `data` of an event: the document's summary fields, its number of lines and links to it (paths
+    under the API's base URL: the JSON, the HTML and the PDF document)."""
+    fields: tuple[str, ...]
+    if event_type == "credit_note.created":
+        fields, base = CREDIT_NOTE_SUMMARY, f"/v1/credit_notes/{data['id']}"
+        extra = {"invoice": f"/v1/invoices/{data['invoice_id']}"}
+    else:
+        fields, base, extra = INVOICE_SUMMARY, f"/v1/invoices/{data['id']}", {}
+    out = {k: data[k] for k in fields if k in data}
+    out["line_count"] = len(data.get("lines") or ())
+    out["links"] = {"self": base, "html": base + ".html", "pdf": base + ".pdf", **extra}
+    return out
+
+
 def payload(event_type: str, data: dict[str, Any], at_ms: int) -> bytes:
     """The JSON body: `{type, timestamp, data}`, the payload structure the specification recommends."""
     stamp = dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -79,11 +104,17 @@ def payload(event_type: str, data: dict[str, Any], at_ms: int) -> bytes:
 class Webhooks:
     """Webhook endpoints in the records database and the outbox rows their events become."""
 
-    def __init__(self, records: Records) -> None:
+    def __init__(self, records: Records, destinations: Destinations | None = None) -> None:
         self._db = records
+        self._destinations = destinations if destinations is not None else Destinations()
 
     async def register(self, url: str, events: Sequence[str], description: str | None) -> dict[str, Any]:
-        """The new endpoint with its secret (shown this once)."""
+        """The new endpoint with its secret (shown this once); WebhookError when `url` may not receive
+        webhooks (its rules, or an address its host resolves to now)."""
+        try:
+            await self._destinations.check(url)
+        except RefusedDestination as e:
+            raise WebhookError("url", e.message) from None
         row = {"id": "wh_" + secrets.token_hex(12), "url": url, "secret": new_secret(), "events": list(events),
                "description": description, "created_at": now_ms(), "deleted_at": None}  # fmt: skip
         async with self._db.begin() as conn:
@@ -134,13 +165,14 @@ class Webhooks:
 
 async def enqueue(conn: AsyncConnection, event_type: str, data: dict[str, Any]) -> int:
     """Writes one delivery per endpoint that wants `event_type`, in the caller's transaction: the event
-    and its deliveries commit together, and sending happens later, never in the caller's way."""
+    and its deliveries commit together, and sending happens later, never in the caller's way. `data` is
+    the whole invoice or credit note; the delivery carries its summary."""
     rows = (await conn.execute(sa.select(webhooks.c.id, webhooks.c.events).where(webhooks.c.deleted_at.is_(None))))
     targets = [r.id for r in rows if event_type in r.events]
     if not targets:
         return 0
     at = now_ms()
-    body = payload(event_type, data, at).decode()
+    body = payload(event_type, summary(event_type, data), at).decode()
     await conn.execute(sa.insert(webhook_deliveries), [
         {"id": "msg_" + secrets.token_hex(16), "webhook_id": w, "event_type": event_type, "payload": body,
          "status": "pending", "attempts": 0, "created_at": at, "next_attempt_at": at, "claim": None,
