@@ -12,9 +12,10 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from meterflow import config
@@ -54,6 +55,7 @@ from meterflow.records import RecordsUnavailable, StaleVersion
 from meterflow.runtime import running
 from meterflow.storage import StorageError
 from meterflow.web import errors
+from meterflow.web.browser import BrowserHeaders, redirect_slashes
 from meterflow.web.guard import requires
 
 log = logging.getLogger("meterflow.app")
@@ -73,6 +75,7 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             yield
         log.info("stopped")
 
+    dashboard = dashboard_mount()
     # Every route but /health and /ready needs a key with the named scope (or admin).
     routes = [
         Route(INGEST_PATH, requires("ingest", post_events), methods=["POST"]),
@@ -126,11 +129,13 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", requires("read", metrics), methods=["GET"]),
         Route("/openapi.json", requires("read", openapi), methods=["GET"]),
-        dashboard_mount(),
+        dashboard,
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        # HSTS (MF_COOKIE_SECURE) and a CSP on every HTML answer; the ingest fast path (JSON) goes past it.
+        middleware=[Middleware(BrowserHeaders, settings=settings)],
         exception_handlers={
             errors.ApiError: errors.api_error,
             StaleVersion: errors.precondition_failed,
@@ -141,6 +146,12 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
             Exception: errors.internal_error,
         },
     )
+    # A trailing-slash redirect's Location from MF_PUBLIC_URL or relative, never from Host; the dashboard's
+    # own router redirects its paths (/dashboard/customers/ → /dashboard/customers).
+    for router in (app.router, dashboard.app):
+        if isinstance(router, Router):
+            redirect_slashes(router, settings)
+    return app
 
 
 async def bootstrap_admin_key(settings: config.Settings, keys: KeyStore) -> None:

@@ -17,6 +17,9 @@ from babel import Locale, UnknownLocaleError
 from meterflow.kernel.rust import Limits
 
 CORE_LIMITS = Limits()
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+# An origin: scheme, host (a name or an IPv4/[IPv6] address) and an optional port; a trailing slash is allowed.
+PUBLIC_URL_RE = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?/?")
 
 
 class ConfigError(Exception):
@@ -79,6 +82,15 @@ class Settings:
     auth_failures_per_minute: int = 20
     # Where a trusted reverse proxy puts the client's address (e.g. x-real-ip); empty: the socket's peer.
     client_address_header: str = ""
+    # Where users reach this server, as an origin (https://billing.example.com): redirects are built
+    # from it; empty: redirects are relative. Never the request's Host header.
+    public_url: str = ""
+    # The dashboard cookie: always `Secure` (and every answer through the app carries HSTS for
+    # hsts_max_age_s) when true; when false, `Secure` only for requests that came over HTTPS.
+    cookie_secure: bool = False
+    hsts_max_age_s: int = 31_536_000
+    # A dashboard session ends this long after sign-in, at sign-out, or when its key is revoked.
+    dashboard_session_s: int = 12 * 3600
     archive: Literal["none", "directory", "s3"] = "directory"
     s3_endpoint: str = "http://127.0.0.1:3900"
     s3_bucket: str = "meterflow-archive"
@@ -143,7 +155,7 @@ class Settings:
             "invoice_settle_interval_s",
             "webhook_backoff_ms",
             "webhook_backoff_max_ms", "webhook_retry_for_s", "webhook_timeout_ms", "webhook_poll_ms",
-            "webhook_concurrency",
+            "webhook_concurrency", "hsts_max_age_s", "dashboard_session_s",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -195,6 +207,11 @@ class Settings:
             allowed_addresses(self.webhook_allow_addresses)
         except ValueError as e:
             raise ConfigError(f"MF_WEBHOOK_ALLOW_ADDRESSES: {e}.") from None
+        if self.public_url and not PUBLIC_URL_RE.fullmatch(self.public_url):
+            raise ConfigError(
+                f"MF_PUBLIC_URL must be an origin such as https://billing.example.com (no path, query or "
+                f"credentials), got {self.public_url[:100]!r}."
+            )
         for url_name in ("clickhouse_url", "redis_url", "s3_endpoint"):
             url = getattr(self, url_name)
             scheme = url.split("://", 1)[0]
@@ -252,6 +269,12 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
         if raw not in choices:
             raise ConfigError(f"MF_{name.upper()} must be one of {', '.join(choices)}, got {raw!r}.")
         return raw
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in BOOLEANS:
+            return BOOLEANS[raw.strip().lower()]
+        raise ConfigError(f"MF_{name.upper()} must be true or false, got {raw!r}.")
     if kind is int:
         if isinstance(raw, bool):
             raise ConfigError(f"MF_{name.upper()} must be an integer, got {raw!r}.")

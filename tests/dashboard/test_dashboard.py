@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -15,6 +16,8 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from meterflow import samples
+from meterflow.app import create_app
+from meterflow.config import Settings
 from tests.harness.http import post_events
 from tests.harness.invoice_samples import PLAN
 from tests.harness.meterflow import MeterFlowServer
@@ -237,19 +240,42 @@ def test_an_invoice_is_voided(session: Callable[..., Page], dash: MeterFlowServe
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_invoice_documents_carry_a_csp_header_and_keep_their_bytes(
+    session: Callable[..., Page], dash: MeterFlowServer
+) -> None:
+    invoice = the_invoice(dash)
+    with httpx.Client(base_url=dash.url, headers=dash.auth, timeout=30) as c:
+        r = c.get(f"/v1/invoices/{invoice['id']}.html")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert r.headers["content-security-policy"].startswith("default-src 'none'")
+        if "etag" in r.headers:  # a frozen document: the policy is a header, its bytes are as stored
+            assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+    page = session(ADMIN)
+    framed = page.request.get(dash.url + f"/dashboard/invoices/{invoice['id']}/document.html")
+    assert framed.status == 200 and framed.headers["content-security-policy"].startswith("default-src 'none'")
+
+
 def keys_stored(server: MeterFlowServer) -> list[str]:
     with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
         return [k["id"] for k in c.get("/v1/keys", params={"limit": 500}).json()["data"]]
 
 
-def test_a_read_key_sees_everything_and_changes_nothing(session: Callable[..., Page], dash: MeterFlowServer) -> None:
+def test_a_read_key_sees_what_the_api_lets_it_read_and_changes_nothing(
+    session: Callable[..., Page], dash: MeterFlowServer
+) -> None:
     victim, _ = new_key(dash, "ingest")
     _, read = new_key(dash, "read")
     page = session(read)
-    for path in PAGES.values():
+    for name, path in PAGES.items():
         response = page.goto(dash.url + path)
-        assert response is not None and response.status == 200
+        assert response is not None and response.status == (403 if name == "keys" else 200), name
+    # The keys, like GET /v1/keys, need an admin key: refused, no key listed, no link to them.
+    with httpx.Client(base_url=dash.url, timeout=30) as c:
+        assert c.get("/v1/keys", headers={"Authorization": f"Bearer {read}"}).status_code == 403
     page.goto(dash.url + "/dashboard/keys")
+    assert "this page needs an `admin` key" in page.locator("main").inner_text()
+    assert victim not in page.content() and page.locator("tr[data-key]").count() == 0
+    assert page.locator("nav a[href='/dashboard/keys']").count() == 0
     assert page.locator("button:has-text('Revoke')").count() == 0
     assert page.locator("text=Create key").count() == 0
     before = keys_stored(dash)
@@ -265,6 +291,54 @@ def test_a_read_key_sees_everything_and_changes_nothing(session: Callable[..., P
     assert the_invoice(dash)["status"] == invoice["status"]
     page.goto(dash.url + f"/dashboard/invoices/{invoice['id']}")
     assert page.locator(".actions").count() == 0
+
+
+def test_an_admin_session_sees_the_keys_link(session: Callable[..., Page], dash: MeterFlowServer) -> None:
+    page = session(ADMIN)
+    assert page.locator("nav a[href='/dashboard/keys']").count() == 1
+
+
+def test_every_dashboard_page_needs_the_scope_its_api_route_needs() -> None:
+    """Each page or action against the API route that reads or changes the same data (app.py's `requires`)."""
+    app = create_app(Settings())
+
+    def scope_of(routes: Any, method: str, path: str) -> str:
+        for r in routes:
+            if getattr(r, "path", None) == path and method in (getattr(r, "methods", None) or ()):
+                return str(r.endpoint.scope)
+        raise AssertionError(f"no route {method} {path}")
+
+    mount = next(r for r in app.routes if getattr(r, "path", "") == "/dashboard")
+    api: dict[tuple[str, str], list[tuple[str, str]]] = {
+        ("GET", "/"): [("GET", "/metrics"), ("GET", "/v1/events/lag")],
+        ("GET", "/overview/live"): [("GET", "/metrics"), ("GET", "/v1/events/lag")],
+        ("POST", "/signout"): [],
+        ("GET", "/customers"): [("GET", "/v1/customers")],
+        ("GET", "/customers/{customer_id}"): [("GET", "/v1/customers/{customer_id}"), ("GET", "/v1/subscriptions"),
+                                              ("GET", "/v1/customers/{customer_id}/upcoming_invoice"),
+                                              ("GET", "/v1/invoices"), ("GET", "/v1/usage")],
+        ("GET", "/customers/{customer_id}/usage"): [("GET", "/v1/usage"), ("GET", "/v1/meters")],
+        ("GET", "/meters"): [("GET", "/v1/meters")],
+        ("GET", "/plans"): [("GET", "/v1/plans")],
+        ("GET", "/invoices"): [("GET", "/v1/invoices"), ("GET", "/v1/closing/failures")],
+        ("GET", "/invoices/{invoice_id}"): [("GET", "/v1/invoices/{invoice_id}"), ("GET", "/v1/customers/{customer_id}")],
+        ("GET", "/invoices/{invoice_id}/document.html"): [("GET", "/v1/invoices/{invoice_id}.html")],
+        ("GET", "/invoices/{invoice_id}/document.pdf"): [("GET", "/v1/invoices/{invoice_id}.pdf")],
+        ("POST", "/invoices/{invoice_id}/{action}"): [("POST", "/v1/invoices/{invoice_id}/finalize"),
+                                                      ("POST", "/v1/invoices/{invoice_id}/void"),
+                                                      ("POST", "/v1/invoices/{invoice_id}/mark_paid")],
+        ("GET", "/keys"): [("GET", "/v1/keys")],
+        ("POST", "/keys"): [("POST", "/v1/keys")],
+        ("POST", "/keys/{key_id}/revoke"): [("DELETE", "/v1/keys/{key_id}")],
+        ("GET", "/events"): [("GET", "/v1/events")],
+    }  # fmt: skip
+    rank = {"read": 0, "admin": 1}
+    signed = [(m, r.path) for r in mount.routes for m in sorted(getattr(r, "methods", None) or ())
+              if m != "HEAD" and hasattr(r.endpoint, "scope")]  # fmt: skip
+    assert sorted(signed) == sorted(api), "every signed-in page is in this table"
+    for (method, path), mirrors in api.items():
+        needed = max((scope_of(app.routes, m, p) for m, p in mirrors), key=rank.__getitem__, default="read")
+        assert scope_of(mount.routes, method, path) == needed, (method, path)
 
 
 def test_a_post_without_the_csrf_token_is_refused(session: Callable[..., Page], dash: MeterFlowServer) -> None:
@@ -309,6 +383,25 @@ def test_sign_out_ends_the_session_and_bad_keys_cannot_sign_in(
         page.fill("input[name=key]", key)
         page.click("button[type=submit]")
         assert message in page.locator(".error").inner_text()
+
+
+def test_sign_out_ends_the_session_for_every_copy_of_its_cookie(
+    session: Callable[..., Page], dash: MeterFlowServer
+) -> None:
+    page = session(ADMIN)
+    page.goto(dash.url + "/dashboard/keys")
+    cookie = next(c["value"] for c in page.context.cookies() if c["name"] == "mf_session")
+    csrf = str(page.locator("input[name=csrf]").first.get_attribute("value"))
+    page.click("text=Sign out")
+    page.wait_for_url("**/dashboard/signin")
+    before = keys_stored(dash)
+    # A copy of the cookie taken before signing out (another tab, a stolen copy) is refused everywhere.
+    with httpx.Client(base_url=dash.url, cookies={"mf_session": cookie}, timeout=30) as c:
+        made = c.post("/dashboard/keys", data={"csrf": csrf, "scope": "admin", "name": "after sign-out"})
+        assert made.status_code == 303 and made.headers["location"] == "/dashboard/signin", made.text
+        listed = c.get("/dashboard/keys")
+        assert listed.status_code == 303 and "mf_" not in listed.text
+    assert keys_stored(dash) == before
 
 
 def test_session_cookie_flags(dash: MeterFlowServer) -> None:

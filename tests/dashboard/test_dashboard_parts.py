@@ -1,32 +1,54 @@
-"""The dashboard's pieces without a browser: signed sessions, the per-minute history, number formatting."""
+"""The dashboard's pieces without a browser: sessions in the records database, the per-minute history, number formatting."""
 
 from __future__ import annotations
 
 from decimal import Decimal
-from pathlib import Path
 
+import sqlalchemy as sa
+
+from meterflow.auth.keys import KeyStore
 from meterflow.dashboard.format import json_script, money, number, size
-from meterflow.dashboard.sessions import LIFETIME_S, Signer, load_secret
+from meterflow.dashboard.sessions import Sessions
 from meterflow.metrics import HISTORY_MINUTES, Metrics
+from meterflow.records import Records
+from meterflow.records.tables import dashboard_sessions
 
 
-def test_a_session_cookie_is_read_back_only_untampered_and_unexpired(tmp_path: Path) -> None:
-    signer = Signer(load_secret(tmp_path))
-    cookie, session = signer.issue("abcdefghijkl", now=1000.0)
-    assert signer.read(cookie, now=1000.0 + LIFETIME_S - 1) == session
-    assert signer.read(cookie, now=1000.0 + LIFETIME_S) is None
-    payload, _, mac = cookie.partition(".")
-    assert signer.read(payload + "." + mac[:-1] + ("0" if mac[-1] != "0" else "1"), now=1000.0) is None
-    assert signer.read("garbage", now=1000.0) is None
-    other, _ = Signer(b"x" * 32).issue("abcdefghijkl", now=1000.0)
-    assert signer.read(other, now=1000.0) is None  # another server's secret
-    assert signer.csrf_ok(session, signer.csrf(session))
-    assert not signer.csrf_ok(session, "") and not signer.csrf_ok(session, signer.csrf(signer.issue("k")[1]))
+async def test_a_session_is_read_back_until_it_expires_or_is_ended(records: Records) -> None:
+    sessions = Sessions(records, lifetime_s=3600)
+    token, session = await sessions.start("abcdefghijkl", now=1_000_000)
+    assert await sessions.read(token, now=1_000_000) == session
+    assert await sessions.read(token, now=1_000_000 + 3600_000 - 1) == session
+    assert await sessions.read(token, now=1_000_000 + 3600_000) is None  # expired
+    assert await sessions.read(token[:-1] + ("A" if token[-1] != "A" else "B"), now=1_000_000) is None
+    assert await sessions.read("garbage", now=1_000_000) is None
+    assert session.csrf_ok(session.csrf) and not session.csrf_ok("") and session.csrf != token
+    other_token, other = await sessions.start("abcdefghijkl", now=1_000_000)
+    assert other_token != token and not session.csrf_ok(other.csrf)
+    await sessions.end(session)  # sign-out: the same token no longer works, the key's other session does
+    assert await sessions.read(token, now=1_000_000) is None
+    assert await sessions.read(other_token, now=1_000_000) == other
 
 
-def test_every_worker_reads_the_same_secret_from_the_data_dir(tmp_path: Path) -> None:
-    assert load_secret(tmp_path) == load_secret(tmp_path)
-    assert oct((tmp_path / "dashboard.secret").stat().st_mode & 0o777) == "0o600"
+async def test_the_database_holds_only_a_hash_and_drops_expired_sessions(records: Records) -> None:
+    sessions = Sessions(records, lifetime_s=60)
+    token, _ = await sessions.start("abcdefghijkl", now=1_000_000)
+    await sessions.start("abcdefghijkl", now=1_000_000 + 60_000)  # the first one has expired: dropped
+    async with records.connect() as conn:
+        rows = (await conn.execute(sa.select(dashboard_sessions))).mappings().all()
+    assert len(rows) == 1 and token not in str(dict(rows[0]))
+
+
+async def test_a_revoked_key_marks_its_sessions(records: Records) -> None:
+    keys = KeyStore(records)
+    key, _ = await keys.create("read", "dashboard")
+    sessions = Sessions(records, lifetime_s=3600)
+    token, _ = await sessions.start(key["id"])
+    found = await sessions.read(token)
+    assert found is not None and not found.key_revoked
+    assert await keys.revoke(key["id"])
+    found = await sessions.read(token)  # no key cache in between: at once, on every worker
+    assert found is not None and found.key_revoked
 
 
 def test_events_are_counted_per_minute_and_old_minutes_dropped() -> None:

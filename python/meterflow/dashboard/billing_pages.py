@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, Response
 
 from meterflow.billing.catalog import StoredPlanBroken
 from meterflow.billing.closing import Closer
@@ -15,13 +15,14 @@ from meterflow.billing.invoices import STATUSES, WrongStatus
 from meterflow.billing.preview import billing_context, price_service_period
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.subscriptions import Subscription
-from meterflow.dashboard.guard import signed_in
+from meterflow.dashboard.guard import redirect, signed_in
 from meterflow.dashboard.render import page
 from meterflow.kernel.clock import now_ms
 from meterflow.kernel.ids import ID_RE, ID_RULE, INVOICE_ID_RE
 from meterflow.metering.usage import UsageOutOfRange
 from meterflow.runtime import Runtime
 from meterflow.storage.base import QueryLimitExceeded
+from meterflow.web.browser import DOCUMENT_CSP
 from meterflow.web.pagination import page_of
 from meterflow.web.state import runtime_of
 from meterflow.web.views import document_headers, invoice_document
@@ -107,14 +108,14 @@ async def _transition(request: Request) -> Response:
                                    status=409)  # fmt: skip
     if done is None:
         return page(request, "refused.html", {"message": f"There is no invoice {iid!r}."}, 404)
-    return RedirectResponse(f"/dashboard/invoices/{iid}?done={action}", status_code=303)
+    return redirect(request, f"/dashboard/invoices/{iid}?done={action}")
 
 
-transition = signed_in(_transition, change=True)
+transition = signed_in(_transition, "admin")  # as POST /v1/invoices/{id}/finalize, void, mark_paid
 
 # The document is the API's own (GET /v1/invoices/{id}.html and .pdf): a draft's built live by the same
 # function, a finalized invoice's the very bytes the API serves.
-FRAMED = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'"}
+FRAMED = {"Content-Security-Policy": DOCUMENT_CSP}
 
 
 @signed_in

@@ -1,19 +1,19 @@
-"""Who may see a dashboard page: a live session of an active read or admin key; changes need admin and a CSRF token."""
+"""Who may see a dashboard page: a live session of an active key with the scope the API asks for the same data;
+changes are POSTs of an admin key with the session's CSRF token."""
 
 from __future__ import annotations
 
 import functools
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from meterflow.auth.keys import Principal
-from meterflow.config import data_dir
+from meterflow.auth.keys import Principal, Scope
 from meterflow.dashboard.render import page as render
-from meterflow.dashboard.sessions import COOKIE, LIFETIME_S, Session, Signer, load_secret
+from meterflow.dashboard.sessions import COOKIE, Session, Sessions
+from meterflow.web.browser import is_secure, location
 from meterflow.web.errors import ApiError
 from meterflow.web.guard import check_rate
 from meterflow.web.responses import read_body
@@ -21,31 +21,31 @@ from meterflow.web.state import runtime_of
 
 Page = Callable[[Request], Awaitable[Response]]
 SIGNIN = "/dashboard/signin"
-_signers: dict[Path, Signer] = {}
 
 
-def signer_of(request: Request) -> Signer:
-    """The worker's signer, its secret read (or made) once from the data dir."""
-    path = data_dir(runtime_of(request).settings)
-    if path not in _signers:
-        _signers[path] = Signer(load_secret(path))
-    return _signers[path]
+def sessions_of(request: Request) -> Sessions:
+    rt = runtime_of(request)
+    return Sessions(rt.records, rt.settings.dashboard_session_s)
 
 
 def secure(request: Request) -> bool:
-    """Behind HTTPS (the request's scheme, or the proxy's X-Forwarded-Proto): the cookie is Secure."""
-    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
-    return request.url.scheme == "https" or proto == "https"
+    """The cookie is Secure: MF_COOKIE_SECURE, or the request came over HTTPS (its scheme or X-Forwarded-Proto)."""
+    return is_secure(request, runtime_of(request).settings)
 
 
-def set_session(response: Response, request: Request, cookie: str) -> None:
-    response.set_cookie(COOKIE, cookie, max_age=LIFETIME_S, path="/dashboard", httponly=True, samesite="strict",
-                        secure=secure(request))  # fmt: skip
+def redirect(request: Request, path: str) -> Response:
+    """A 303 to a dashboard path, its Location from MF_PUBLIC_URL or relative (never the Host header)."""
+    return RedirectResponse(location(runtime_of(request).settings, path), status_code=303)
+
+
+def set_session(response: Response, request: Request, token: str) -> None:
+    response.set_cookie(COOKIE, token, max_age=runtime_of(request).settings.dashboard_session_s, path="/dashboard",
+                        httponly=True, samesite="strict", secure=secure(request))  # fmt: skip
 
 
 def to_signin(request: Request, why: str = "") -> Response:
-    """A redirect to the sign-in page that also ends the session cookie; htmx follows HX-Redirect."""
-    url = SIGNIN + (f"?why={why}" if why else "")
+    """A redirect to the sign-in page that also drops the session cookie; htmx follows HX-Redirect."""
+    url = location(runtime_of(request).settings, SIGNIN + (f"?why={why}" if why else ""))
     response: Response
     if request.headers.get("hx-request"):
         response = Response(status_code=200, headers={"HX-Redirect": url})
@@ -64,34 +64,40 @@ class Refused(Exception):
         self.message = message
 
 
-def signed_in(page: Page, *, change: bool = False) -> Page:
-    """The page behind a session; with `change`, the request must be a POST of an admin key with the CSRF token."""
+def signed_in(page: Page, scope: Scope = "read") -> Page:
+    """The page behind a session of a key that `allows(scope)`, as `requires(scope, ...)` guards the API route of
+    the same data; a POST must carry the session's CSRF token. The scope is kept on the page (`page.scope`)."""
 
     @functools.wraps(page)
     async def guarded(request: Request) -> Response:
-        signer = signer_of(request)
-        session = signer.read(request.cookies.get(COOKIE, ""))
+        rt = runtime_of(request)
+        # Signed out, expired, revoked key: no session (one query; every worker sees the same rows).
+        session = await sessions_of(request).read(request.cookies.get(COOKIE, ""))
         if session is None:
             return to_signin(request)
-        # Looked up on every request: a revoked key ends its sessions (within the key cache's 2 s).
-        principal = await runtime_of(request).keys.principal_of(session.key_id)
+        # The key's row decides revocation (read with the session); its scope comes from the key cache.
+        # The row stays until it expires, so every later request says why as well.
+        principal = None if session.key_revoked else await rt.keys.principal_of(session.key_id)
         if principal is None or principal.scope not in ("read", "admin"):
             return to_signin(request, "revoked")
         request.state.principal = principal
-        request.state.csrf = signer.csrf(session)
+        request.state.session = session
+        request.state.csrf = session.csrf
         try:
             # The key's request rate applies to its pages as to its API calls.
-            await check_rate(runtime_of(request).limiter, runtime_of(request).settings, principal, "requests", 1)
+            await check_rate(rt.limiter, rt.settings, principal, "requests", 1)
             if request.method == "POST":
-                await check_csrf(request, signer, session)
-            if change and principal.scope != "admin":
-                raise Refused(403, f"This key has scope `{principal.scope}`; changes need an `admin` key.")
+                await check_csrf(request, session)
+            if not principal.allows(scope):
+                what = "changes need" if request.method == "POST" else "this page needs"
+                raise Refused(403, f"This key has scope `{principal.scope}`; {what} an `{scope}` key.")
             return await page(request)
         except Refused as e:
             return render(request, "refused.html", {"message": e.message}, e.status)
         except ApiError as e:  # 429 from the rate limit, 413 or 408 from a form's body
             return render(request, "refused.html", {"message": e.message}, e.status, e.headers)
 
+    guarded.scope = scope  # type: ignore[attr-defined]  # compared with the API's scopes by the tests
     return guarded
 
 
@@ -108,10 +114,10 @@ async def form_of(request: Request) -> dict[str, str]:
     return cached
 
 
-async def check_csrf(request: Request, signer: Signer, session: Session) -> None:
+async def check_csrf(request: Request, session: Session) -> None:
     form = await form_of(request)
     token = form.get("csrf")
-    if not isinstance(token, str) or not signer.csrf_ok(session, token):
+    if not isinstance(token, str) or not session.csrf_ok(token):
         raise Refused(403, "The form's `csrf` token is missing or wrong; reload the page and try again.")
 
 
@@ -119,3 +125,9 @@ def principal_of(request: Request) -> Principal:
     p = request.state.principal
     assert isinstance(p, Principal)
     return p
+
+
+def session_of(request: Request) -> Session:
+    s = request.state.session
+    assert isinstance(s, Session)
+    return s

@@ -9,11 +9,21 @@ from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 
 from meterflow.auth.keys import SCOPES, KeyError_
 from meterflow.dashboard.billing_pages import billing_of
-from meterflow.dashboard.guard import form_of, principal_of, secure, set_session, signed_in, signer_of, to_signin
+from meterflow.dashboard.guard import (
+    form_of,
+    principal_of,
+    redirect,
+    secure,
+    session_of,
+    sessions_of,
+    set_session,
+    signed_in,
+    to_signin,
+)
 from meterflow.dashboard.render import page
 from meterflow.ingest.dedup import DedupUnavailable
 from meterflow.kernel.clock import now_ms
@@ -23,7 +33,8 @@ from meterflow.metering.meters import Meter
 from meterflow.metering.usage import UsageError, UsageOutOfRange, UsageQuery, query_limits, run_usage, usage_request
 from meterflow.metrics import PER_MINUTE
 from meterflow.storage.base import QueryLimitExceeded
-from meterflow.web.guard import client_address
+from meterflow.web.errors import ApiError
+from meterflow.web.guard import check_rate, client_address
 from meterflow.web.pagination import page_of
 from meterflow.web.state import runtime_of
 from meterflow.web.views import usage_json
@@ -69,14 +80,20 @@ async def signin(request: Request) -> Response:
     if principal.scope not in ("read", "admin"):
         return await signin_form(request, f"This key has scope `{principal.scope}`; sign in with a `read` or "
                                           "`admin` key.", 403)  # fmt: skip
-    cookie, _ = signer_of(request).issue(principal.key_id)
-    response = RedirectResponse("/dashboard/", status_code=303)
-    set_session(response, request, cookie)
+    try:  # a sign-in stores a session: it counts toward the key's request rate
+        await check_rate(rt.limiter, rt.settings, principal, "requests", 1)
+    except ApiError as e:
+        return await signin_form(request, e.message, 429)
+    token, _ = await sessions_of(request).start(principal.key_id)
+    response = redirect(request, "/dashboard/")
+    set_session(response, request, token)
     response.delete_cookie(SIGNIN_COOKIE, path="/dashboard")
     return response
 
 
 async def signout(request: Request) -> Response:
+    """Ends the session on every worker: its cookie no longer works, whoever holds a copy."""
+    await sessions_of(request).end(session_of(request))
     return to_signin(request)
 
 
@@ -216,8 +233,7 @@ async def _keys_page(request: Request, created: dict[str, Any] | None = None, er
     return page(request, "keys.html", {"keys": rows, "created": created, "error": error, "scopes": SCOPES}, status)
 
 
-@signed_in
-async def keys(request: Request) -> Response:
+async def _keys(request: Request) -> Response:
     return await _keys_page(request)
 
 
@@ -240,11 +256,13 @@ async def _revoke_key(request: Request) -> Response:
                                                "key to revoke it.", status=400)  # fmt: skip
     if not await runtime_of(request).keys.revoke(key_id):
         return await _keys_page(request, error=f"There is no active key {key_id!r}.", status=404)
-    return RedirectResponse("/dashboard/keys", status_code=303)
+    return redirect(request, "/dashboard/keys")
 
 
-create_key = signed_in(_create_key, change=True)
-revoke_key = signed_in(_revoke_key, change=True)
+# As GET and POST /v1/keys and DELETE /v1/keys/{id}: admin only, reading the keys included.
+keys = signed_in(_keys, "admin")
+create_key = signed_in(_create_key, "admin")
+revoke_key = signed_in(_revoke_key, "admin")
 signout_ = signed_in(signout)
 
 

@@ -1,86 +1,84 @@
-"""Dashboard sessions: an API key exchanged for a signed cookie that names the key, and the CSRF token of its forms."""
+"""Dashboard sessions, kept in the records database: a random cookie token, its CSRF token, and what ends it.
+
+The cookie holds 256 random bits; the database holds only their SHA-256, so a copy of the table
+signs nobody in. Every worker reads the same rows, so a session ends everywhere at once: at sign-out
+(its row is deleted), at its expiry (`MF_DASHBOARD_SESSION_S` after sign-in), or when its API key is
+revoked (the lookup joins the key's row: no cache stands between a revocation and the next page).
+"""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import os
+import re
 import secrets
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import orjson
+import sqlalchemy as sa
+
+from meterflow.kernel.clock import now_ms
+from meterflow.records import Records
+from meterflow.records.tables import api_keys, dashboard_sessions
 
 COOKIE = "mf_session"
-LIFETIME_S = 12 * 3600
-SECRET_FILE = "dashboard.secret"
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 
 
-def load_secret(data_dir: Path) -> bytes:
-    """The signing secret every worker shares: a random file in the data dir, made by whichever worker comes first."""
-    path = data_dir / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-    # Another worker may have created the file a moment ago and not written it yet.
-    deadline = time.monotonic() + 5
-    while True:
-        text = path.read_text().strip()
-        if len(text) == 64 or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    if len(text) != 64:
-        raise RuntimeError(f"{path} does not hold a 64-character hex secret; delete it to make a new one")
-    return bytes.fromhex(text)
+def _digest(purpose: str, token: str) -> str:
+    return hashlib.sha256(purpose.encode() + b"\0" + token.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class Session:
-    """Who signed in: the key's id (its scope is looked up on every request) and a random session id."""
+    """A live sign-in: its row's id, the key it signed in with (its scope is looked up on every request), when it
+    expires (epoch ms), and the CSRF token of its forms (derived from the cookie's token, which pages never show)."""
 
+    id: str
     key_id: str
-    sid: str
-    expires: int  # epoch seconds
+    expires_at: int
+    csrf: str
+    key_revoked: bool = False  # the guard ends such a session and says why
+
+    def csrf_ok(self, token: str) -> bool:
+        return hmac.compare_digest(token.encode(), self.csrf.encode())
 
 
-class Signer:
-    """Signs session cookies and derives their CSRF tokens with one server secret."""
+class Sessions:
+    """The dashboard's sessions in the records database."""
 
-    def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+    def __init__(self, records: Records, lifetime_s: int) -> None:
+        self._db = records
+        self.lifetime_s = lifetime_s
 
-    def _mac(self, purpose: str, payload: bytes) -> str:
-        return hmac.new(self._secret, purpose.encode() + b"\0" + payload, hashlib.sha256).hexdigest()
+    async def start(self, key_id: str, now: int | None = None) -> tuple[str, Session]:
+        """A new session of `key_id`: (the cookie's token, the session); expired sessions are dropped on the way."""
+        now = now_ms() if now is None else now
+        token = secrets.token_urlsafe(32)
+        s = Session(_digest("session", token), key_id, now + self.lifetime_s * 1000, _digest("csrf", token))
+        async with self._db.begin() as conn:
+            await conn.execute(sa.delete(dashboard_sessions).where(dashboard_sessions.c.expires_at <= now))
+            await conn.execute(sa.insert(dashboard_sessions).values(
+                id=s.id, key_id=key_id, created_at=now, expires_at=s.expires_at))  # fmt: skip
+        return token, s
 
-    def issue(self, key_id: str, now: float | None = None) -> tuple[str, Session]:
-        now = time.time() if now is None else now
-        s = Session(key_id, secrets.token_urlsafe(16), int(now) + LIFETIME_S)
-        payload = base64.urlsafe_b64encode(orjson.dumps([s.key_id, s.sid, s.expires])).decode()
-        return f"{payload}.{self._mac('session', payload.encode())}", s
-
-    def read(self, cookie: str, now: float | None = None) -> Session | None:
-        """The session of a cookie this server signed and that has not expired, else None."""
-        payload, _, mac = cookie.partition(".")
-        if not hmac.compare_digest(mac.encode(), self._mac("session", payload.encode()).encode()):
+    async def read(self, token: str, now: int | None = None) -> Session | None:
+        """The session of a cookie's token (`key_revoked` once its key is revoked); None once signed out or expired
+        (or never issued)."""
+        if not TOKEN_RE.fullmatch(token):
+            return None  # no session has such a token: no query
+        now = now_ms() if now is None else now
+        t = dashboard_sessions
+        revoked = sa.exists().where(api_keys.c.id == t.c.key_id, api_keys.c.revoked_at.is_not(None))
+        q = sa.select(t.c.key_id, t.c.expires_at, revoked.label("revoked")).where(
+            t.c.id == _digest("session", token), t.c.expires_at > now)  # fmt: skip
+        async with self._db.connect() as conn:
+            row = (await conn.execute(q)).first()
+        if row is None:
             return None
-        try:
-            key_id, sid, expires = orjson.loads(base64.urlsafe_b64decode(payload))
-        except (ValueError, TypeError, orjson.JSONDecodeError):
-            return None
-        if not (isinstance(key_id, str) and isinstance(sid, str) and isinstance(expires, int)):
-            return None
-        if expires <= (time.time() if now is None else now):
-            return None
-        return Session(key_id, sid, expires)
+        return Session(_digest("session", token), str(row.key_id), int(row.expires_at), _digest("csrf", token),
+                       bool(row.revoked))  # fmt: skip
 
-    def csrf(self, session: Session) -> str:
-        return self._mac("csrf", session.sid.encode())
-
-    def csrf_ok(self, session: Session, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.csrf(session).encode())
+    async def end(self, session: Session) -> None:
+        """Signs out: the session's cookie no longer works on any worker."""
+        async with self._db.begin() as conn:
+            await conn.execute(sa.delete(dashboard_sessions).where(dashboard_sessions.c.id == session.id))

@@ -277,3 +277,16 @@ closing_failures = sa.Table(
     sa.Column("last_failed_at", sa.BigInteger, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
 )
+
+# Dashboard sign-ins (dashboard/sessions.py): the cookie holds a random token, this table its hash.
+# Sign-out deletes its row; a row counts until it expires, or its key is revoked.
+dashboard_sessions = sa.Table(
+    "dashboard_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(12), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Index("dashboard_sessions_key", "key_id"),
+    sa.Index("dashboard_sessions_expires", "expires_at"),
+)

@@ -14,6 +14,7 @@ from meterflow.billing.snapshot import meter_units, seller_address, take_snapsho
 from meterflow.kernel.ids import INVOICE_ID_RE
 from meterflow.metering.usage import GROUP_SEPARATOR, Usage
 from meterflow.runtime import Runtime
+from meterflow.web.browser import DOCUMENT_CSP
 from meterflow.web.errors import or_not_found
 from meterflow.web.params import path_id
 from meterflow.web.state import runtime_of
@@ -70,7 +71,9 @@ def _matches(if_none_match: str, etag: str) -> bool:
 def document_response(request: Request, body: bytes, media_type: str, headers: dict[str, str],
                       sha256: str | None) -> Response:  # fmt: skip
     """A document; a frozen one (with its hash) carries `ETag: "<sha256>"`, and a matching `If-None-Match`
-    answers 304 without the body."""
+    answers 304 without the body. An HTML one carries its CSP as a header (the bytes stay as frozen)."""
+    if media_type.startswith("text/html"):
+        headers = {"Content-Security-Policy": DOCUMENT_CSP, **headers}
     if sha256 is None:
         return Response(body, media_type=media_type, headers=headers)
     etag = f'"{sha256}"'
