@@ -172,7 +172,7 @@ class RedisDedup:
         length = size = 0
 
         def parse(buf: bytes) -> list[tuple[int, bytes, int]] | None:
-            nonlocal length
+            nonlocal length, size
             m = min(len(buf), len(prefix))
             if buf[:m] != prefix[:m]:
                 error = next((ln for ln in buf.split(b"\r\n") if ln.startswith(b"-")), b"an unexpected reply")
