@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 
@@ -160,3 +161,18 @@ def test_ready_reports_the_failure_count_backend(server: MeterFlowServer, backen
     checks = httpx.get(f"{server.url}/ready").json()["checks"]
     name = "redis" if backend.kind == "full" else "memory"
     assert checks[f"authfailures:{name}"] == {"status": "ok"}
+
+
+def test_the_dashboard_signs_in_a_valid_key_after_bad_keys_from_its_address(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer]
+) -> None:
+    server = start_server(make_backend("embedded"), MF_AUTH_FAILURES_PER_MINUTE=str(LIMIT))
+    with client("127.0.0.10") as c:
+        def sign_in(key: str) -> int:
+            form = c.get(f"{server.url}/dashboard/signin")  # each form carries a token of its own
+            token = re.search(r'name="csrf" value="([^"]+)"', form.text)
+            assert token, form.text
+            return c.post(f"{server.url}/dashboard/signin", data={"csrf": token.group(1), "key": key}).status_code
+
+        assert [sign_in(random_key()) for _ in range(LIMIT + 1)] == [401] * LIMIT + [429]
+        assert sign_in(admin_key(server)) == 303
