@@ -55,8 +55,12 @@ class Settings:
     # Stream that `meterflow worker` processes commit (full stack only).
     ingest_mode: Literal["sync", "async"] = "sync"
     stream_max_entries: int = 100_000
+    # The bytes of events the stream may hold (past them: 503 overloaded); keep Redis's maxmemory well above.
+    stream_max_bytes: int = 256 * 1024 * 1024
     worker_claim_idle_ms: int = 30_000
     worker_max_attempts: int = 5
+    # The bytes of events one worker round reads (one entry at least, however large).
+    worker_round_max_bytes: int = 64 * 1024 * 1024
     max_body_bytes: int = 5 * 1024 * 1024
     # Connections: at most this many per worker (fewer if the open-file limit says so);
     # a begun header, or the idle time after a request, that brings no complete header
@@ -150,7 +154,7 @@ class Settings:
             "usage_max_filter_values", "usage_max_execution_s", "usage_max_query_bytes", "usage_max_result_rows",
             "usage_max_concurrent_queries", "auth_failures_per_minute", "http_max_connections",
             "http_body_timeout_s", "key_cache_grace_s", "stream_max_entries", "worker_claim_idle_ms",
-            "worker_max_attempts",
+            "worker_max_attempts", "stream_max_bytes", "worker_round_max_bytes",
             "http_body_timeout_s", "key_cache_grace_s", "invoice_due_days", "invoice_close_interval_s",
             "invoice_settle_interval_s",
             "webhook_backoff_ms",

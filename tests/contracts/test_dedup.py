@@ -22,7 +22,7 @@ from meterflow.ingest.dedup import (
     open_dedup,
 )
 from meterflow.ingest.service import IngestResult, IngestService, Unavailable, hour_runs
-from meterflow.ingest.stream import STREAM, EventStream
+from meterflow.ingest.stream import STREAM, STREAM_BYTES, EventStream
 from meterflow.kernel.flush_ids import new_flush_id
 from meterflow.kernel.rust import Batch, decode_batch
 from meterflow.metrics import Metrics
@@ -253,21 +253,27 @@ async def test_a_lost_connection_fails_the_waiting_reservations_and_the_next_one
 
 
 async def test_a_queued_reservation_tells_the_stream_length_so_the_api_reads_none(redis_server: Redis) -> None:
-    """Async mode: the reservation's own reply carries the stream's length, the API's backpressure."""
+    """Async mode: the reservation's own reply carries the stream's length and bytes, the API's backpressure;
+    the byte count is exactly the bytes of the entries' events."""
     d = await started_redis_dedup(redis_server)
-    first = await d.reserve_queued(batch(5, seed=7), new_flush_id(), STREAM)
-    second = await d.reserve_queued(batch(5, seed=8), new_flush_id(), STREAM)
+    batches = [batch(5, seed=7), batch(5, seed=8)]
+    first = await d.reserve_queued(batches[0], new_flush_id(), STREAM)
+    second = await d.reserve_queued(batches[1], new_flush_id(), STREAM)
     assert (first.stream_length, second.stream_length) == (1, 2)
+    sizes = [len(b.archive_lines()) for b in batches]
+    assert (first.stream_bytes, second.stream_bytes) == (sizes[0], sizes[0] + sizes[1])
     again = await d.reserve_queued(batch(5, seed=8), new_flush_id(), STREAM)  # duplicates still queue an entry
-    assert again.duplicates == 5 and again.stream_length == 3
-    stream = EventStream(d.redis, max_entries=10)
+    assert again.duplicates == 5 and again.stream_length == 3 and again.stream_bytes == sizes[0] + 2 * sizes[1]
+    entries = await d.redis.xrange(STREAM)
+    assert int(await d.redis.get(STREAM_BYTES)) == sum(len(f[b"e"]) for _, f in entries)
+    stream = EventStream(d.redis, max_entries=10, max_bytes=1 << 20)
 
     async def xlen_calls() -> int:
         return int((await d.redis.info("commandstats")).get("cmdstat_xlen", {}).get("calls", 0))
 
     calls = await xlen_calls()
-    stream.seen(3)
-    assert await stream.length() == 3
+    stream.seen(3, 300)
+    assert await stream.size() == (3, 300)
     assert await xlen_calls() == calls  # answered from the reply, no XLEN
     await d.close()
 

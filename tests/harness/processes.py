@@ -142,6 +142,10 @@ def port_open(port: int) -> bool:
         return True
 
 
+# As the shipped configs: a bound, and writes refused (OOM) rather than keys evicted past it.
+MAXMEMORY = "512mb"
+
+
 class Redis(Service):
     name = "redis-server"
 
@@ -152,7 +156,7 @@ class Redis(Service):
         self.proc = Process(
             [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.dir), "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-             "--daemonize", "no"],
+             "--maxmemory", MAXMEMORY, "--maxmemory-policy", "noeviction", "--daemonize", "no"],
             self.dir / "redis.log",
         )  # fmt: skip
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -15,7 +16,7 @@ from meterflow import samples
 from tests.harness.backends import Backend
 from tests.harness.http import get, post_events
 from tests.harness.meterflow import ASYNC, MeterFlowServer, MeterFlowWorker
-from tests.harness.processes import ClickHouse, until
+from tests.harness.processes import MAXMEMORY, ClickHouse, Redis, until
 
 
 def overview_html(server: MeterFlowServer) -> str:
@@ -140,3 +141,75 @@ async def test_an_entry_failing_max_attempts_goes_to_the_dead_letters_and_retry_
     await until(lambda: backend.stored() == (50, 50), "the retried entry stored", 60)
     assert httpx.get(f"{server.url}/ready").json()["stream"] == {
         "status": "ok", "length": 0, "dead_letters": 0, "oldest_pending_age_ms": 0, "workers": 1}
+
+
+def lag_of(server: MeterFlowServer) -> dict[str, Any]:
+    return dict(get(server, "/v1/events/lag").json())
+
+
+async def test_a_stream_full_in_bytes_answers_503_and_rounds_stay_within_their_bytes(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer],
+    start_worker: Callable[..., MeterFlowWorker],
+) -> None:  # fmt: skip
+    """Bounded in bytes, not only entries: few large requests cannot fill Redis, nor one round a worker;
+    every event acknowledged before the 503 is stored once the workers drain."""
+    backend = make_backend("full")
+    limit, round_limit = 100_000, 40_000
+    server = start_server(backend, **ASYNC, MF_STREAM_MAX_BYTES=str(limit))
+    accepted = 0
+    refused: httpx.Response | None = None
+    for seed in range(40):  # about 17 KB of events a batch: full after a handful, far below 100,000 entries
+        r = post_events(server, samples.batch(100, seed=900 + seed, prefix=f"b{seed}"))
+        assert r.status_code in (202, 503), r.text
+        if r.status_code == 503:
+            refused = r
+            last = seed
+            break
+        accepted += r.json()["accepted"]
+    assert refused is not None, "the stream was never full in bytes"
+    assert refused.headers["Retry-After"] == "1" and refused.json()["error"] == "overloaded"
+    assert "MF_STREAM_MAX_BYTES" in refused.json()["message"] and str(limit) in refused.json()["message"]
+    lag = lag_of(server)
+    assert 0 < lag["stream_bytes"] <= limit and lag["stream_length"] == last
+    start_worker(backend, MF_WORKER_ROUND_MAX_BYTES=str(round_limit))
+    await until(lambda: lag_of(server)["stream_length"] == 0, "the worker draining the stream", 60)
+    assert lag_of(server)["stream_bytes"] == 0  # counted off exactly
+    assert backend.stored() == (accepted, accepted)  # nothing acknowledged lost, nothing twice
+
+    def stats() -> dict[str, Any]:
+        workers = lag_of(server)["workers"]
+        return dict(next(iter(workers.values()))) if workers else {}
+
+    await until(lambda: stats().get("entries_total") == last, "the worker's statistics")
+    # Each round read at most 40,000 bytes of events (two entries of about 17 KB), not the whole stream.
+    assert 0 < stats()["largest_round_bytes"] <= round_limit
+    again = post_events(server, samples.batch(100, seed=900 + last, prefix=f"b{last}"))
+    assert again.status_code == 202 and again.json()["accepted"] == 100  # nothing of the refused batch was kept
+
+
+async def test_redis_at_maxmemory_answers_503_and_workers_still_drain(
+    make_backend: Callable[[str], Backend], start_server: Callable[..., MeterFlowServer],
+    start_worker: Callable[..., MeterFlowWorker], redis_server: Redis,
+) -> None:  # fmt: skip
+    """Redis refusing writes (maxmemory, noeviction): requests get 503 with Retry-After and nothing of
+    them is kept; the workers still commit and delete what was acknowledged, which frees the memory."""
+    backend = make_backend("full")
+    server = start_server(backend, **ASYNC)
+    queued = [samples.batch(50, seed=950 + i, prefix=f"m{i}") for i in range(3)]
+    for events in queued:
+        assert post_events(server, events).status_code == 202
+    assert redis_server.command(b"CONFIG SET maxmemory 1", b"+OK")  # every write past it: OOM
+    try:
+        refused = samples.batch(50, seed=960, prefix="oom")
+        r = post_events(server, refused)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+        assert r.json()["error"] == "overloaded" and "maxmemory" in r.json()["message"]
+        start_worker(backend)  # its consumer group is created at maxmemory too
+        await until(lambda: lag_of(server)["stream_length"] == 0, "the worker draining at maxmemory", 60)
+        assert backend.stored() == (150, 150)
+        assert post_events(server, refused).status_code == 503  # still full: still refused, still nothing kept
+    finally:
+        assert redis_server.command(f"CONFIG SET maxmemory {MAXMEMORY}".encode(), b"+OK")
+    r = post_events(server, refused)
+    assert r.status_code == 202 and r.json() == {"accepted": 50, "duplicates": 0, "failed": []}
+    await until(lambda: backend.stored() == (200, 200), "the batch refused at maxmemory stored once accepted")

@@ -49,6 +49,14 @@ class Principal:
         return self.scope == "admin" or self.scope == needed
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A presented key that does not authenticate: `key_id` is set when the id is an active key's
+    and the secret is wrong (failures count against that key id, else against the address)."""
+
+    key_id: str | None
+
+
 def _random(n: int) -> str:
     return "".join(secrets.choice(ALPHABET) for _ in range(n))
 
@@ -148,17 +156,25 @@ class KeyStore:
         return bool(done.rowcount)
 
     async def authenticate(self, raw: str) -> Principal | None:
-        """The key's principal, or None for an unknown, malformed or revoked key."""
+        """The key's principal, or None for an unknown, malformed, revoked or wrong key."""
+        found = await self.verify(raw)
+        return found if isinstance(found, Principal) else None
+
+    async def verify(self, raw: str) -> Principal | Refused:
+        """The key's principal, or why it is refused: an unknown, malformed or revoked key
+        (`Refused(None)`), or a known key id with a wrong secret (`Refused(<id>)`)."""
         parts = split_key(raw)
         if parts is None:
-            return None
+            return Refused(None)
         key_id, secret = parts
         hashed = digest(secret)
-        if self._static is not None and hmac.compare_digest(hashed, self._static[1]) and key_id == self._static[0]:
-            return self._static_admin
+        if self._static is not None and key_id == self._static[0]:
+            return self._static_admin if hmac.compare_digest(hashed, self._static[1]) else Refused(key_id)
         doc = await self._lookup(key_id)
-        if doc is None or not hmac.compare_digest(str(doc["hash"]), hashed):
-            return None
+        if doc is None:
+            return Refused(None)
+        if not hmac.compare_digest(str(doc["hash"]), hashed):
+            return Refused(key_id)
         await self._touch(doc)
         return Principal(key_id=key_id, scope=doc["scope"], customer_id=doc.get("customer_id"),
                          rate_limits=doc.get("rate_limits") or {})  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.auth.keys import SCOPES, KeyError_
+from meterflow.auth.keys import SCOPES, KeyError_, Refused
 from meterflow.dashboard.billing_pages import billing_of
 from meterflow.dashboard.guard import (
     form_of,
@@ -70,12 +70,12 @@ async def signin(request: Request) -> Response:
     expected = request.cookies.get(SIGNIN_COOKIE, "")
     if not (isinstance(token, str) and expected and hmac.compare_digest(token.encode(), expected.encode())):
         return await signin_form(request, "The form's `csrf` token is missing or wrong; try again.", 403)
-    address = client_address(request, rt.settings.client_address_header)
-    if (wait := rt.auth_failures.retry_after(address)) is not None:
-        return await signin_form(request, f"Too many unknown keys from this address; retry after {wait} s.", 429)
-    principal = await rt.keys.authenticate(raw.strip()) if isinstance(raw, str) else None
-    if principal is None:
-        await rt.auth_failures.failed(address)
+    # The key first: a valid key always signs in, whatever failed before it from this address.
+    principal = await rt.keys.verify(raw.strip()) if isinstance(raw, str) else Refused(None)
+    if isinstance(principal, Refused):
+        address = client_address(request, rt.settings.client_address_header)
+        if (wait := await rt.auth_failures.failed(address, principal.key_id)) is not None:
+            return await signin_form(request, f"Too many wrong API keys; retry after {wait} s.", 429)
         return await signin_form(request, "The API key is unknown or revoked.", 401)
     if principal.scope not in ("read", "admin"):
         return await signin_form(request, f"This key has scope `{principal.scope}`; sign in with a `read` or "

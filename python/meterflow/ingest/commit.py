@@ -12,9 +12,11 @@ the commit record; if the insert fails, release instead. What "commit" and
   store; commit writes its record, release frees its keys. A flush that never
   commits (a dead process) has its ids taken over once `MF_FLUSH_TIMEOUT_S` passes;
 - async (`Queued`): the worker stores stream entries; commit writes each
-  entry's flush record, deletes its queued marker and acknowledges the entries,
-  in one transaction. Nothing is released: an entry not stored stays pending
-  (its keys held by its queued flush) and is stored again later.
+  entry's flush record, deletes its queued marker, acknowledges and deletes the
+  entries and takes their bytes off the stream's byte count, in one script that
+  runs even when Redis is at `maxmemory` (deleting is what frees it). Nothing is
+  released: an entry not stored stays pending (its keys held by its queued
+  flush) and is stored again later.
 
 Owns the sequence and both modes' commit writes. Does not own grouping (the
 flusher, the worker), the Redis keys' format (`ingest.dedup`) or storage.
@@ -30,8 +32,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from meterflow.archive import Spool
-from meterflow.ingest.dedup import QUEUED_PREFIX, Dedup, DedupUnavailable, commit_record
-from meterflow.ingest.stream import ATTEMPTS, GROUP, STREAM
+from meterflow.ingest.dedup import FLUSH_PREFIX, QUEUED_PREFIX, Dedup, DedupUnavailable
+from meterflow.ingest.stream import ATTEMPTS, GROUP, STREAM, STREAM_BYTES
 from meterflow.kernel.flush_ids import flush_created_ms
 from meterflow.metrics import Metrics
 from meterflow.redis import Redis
@@ -137,26 +139,47 @@ class Reserved:
             log.warning("release failed", extra={"flush_id": flush_id, "error": str(e)})
 
 
+# KEYS: the stream, the attempts hash, the byte count, then per entry its commit record and queued marker.
+# ARGV: the group, the window, then per entry its id and its bytes. A deleted entry's bytes leave the count
+# only if this XDEL deleted it (an entry committed twice, by a worker that claimed it, counts once).
+# `allow-oom`: at `maxmemory` the commit still runs, and its deletions free the memory.
+_COMMIT = """#!lua flags=allow-oom
+local freed = 0
+for i = 1, (#ARGV - 2) / 2 do
+  local id = ARGV[2 * i + 1]
+  redis.call('SET', KEYS[2 * i + 2], 'committed', 'EX', ARGV[2])
+  redis.call('DEL', KEYS[2 * i + 3])
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  if redis.call('XDEL', KEYS[1], id) == 1 then
+    freed = freed + tonumber(ARGV[2 * i + 2])
+  end
+  redis.call('HDEL', KEYS[2], id)
+end
+if freed > 0 then
+  redis.call('DECRBY', KEYS[3], freed)
+end
+return freed
+"""
+
+
 @dataclass(frozen=True)
 class Queued:
-    """Async mode: stream entries (entry id, the flush id it was queued under) stored together."""
+    """Async mode: stream entries (entry id, the flush id it was queued under, its bytes) stored together."""
 
     redis: Redis
     window_s: int
-    entries: list[tuple[bytes, str]]
+    entries: list[tuple[bytes, str, int]]
 
     async def commit(self) -> None:
-        """Commit records, queued markers gone, acknowledged and deleted: one transaction.
-        Raises RedisError: the entries stay pending, and are stored and committed again."""
-        ids = [entry_id for entry_id, _ in self.entries]
-        async with self.redis.pipeline(transaction=True) as p:
-            for _, flush_id in self.entries:
-                p.execute_command(*commit_record(flush_id, self.window_s))
-                p.delete(QUEUED_PREFIX + flush_id)
-            p.xack(STREAM, GROUP, *ids)
-            p.xdel(STREAM, *ids)
-            p.hdel(ATTEMPTS, *ids)
-            await p.execute()
+        """Commit records (as `commit_record` writes them), queued markers gone, acknowledged, deleted and
+        their bytes counted off: one script. Raises RedisError: the entries stay pending, and are stored
+        and committed again."""
+        keys: list[bytes | str] = [STREAM, ATTEMPTS, STREAM_BYTES]
+        args: list[bytes | str | int] = [GROUP, self.window_s]
+        for entry_id, flush_id, size in self.entries:
+            keys += [FLUSH_PREFIX + flush_id, QUEUED_PREFIX + flush_id]
+            args += [entry_id, size]
+        await self.redis.register_script(_COMMIT)(keys=keys, args=args)
 
     async def release(self) -> None:
         return None  # the entries stay pending: retried, claimed by another worker, or dead-lettered

@@ -13,7 +13,7 @@ import orjson
 
 from meterflow.archive import Spool, SpoolFull
 from meterflow.config import Settings
-from meterflow.ingest.dedup import Dedup, DedupUnavailable, RedisDedup, Reservation
+from meterflow.ingest.dedup import Dedup, DedupFull, DedupUnavailable, RedisDedup, Reservation
 from meterflow.ingest.flusher import Flusher, Overloaded
 from meterflow.ingest.stream import STREAM, EventStream
 from meterflow.kernel.clock import now_ms
@@ -112,7 +112,7 @@ class IngestService:
         # Async mode: requests queue their events in the stream `meterflow worker` commits.
         self.stream: EventStream | None = None
         if settings.ingest_mode == "async" and isinstance(dedup, RedisDedup):
-            self.stream = EventStream(dedup.redis, settings.stream_max_entries)
+            self.stream = EventStream(dedup.redis, settings.stream_max_entries, settings.stream_max_bytes)
 
     async def warm(self) -> None:
         """Embedded mode: load the keys and fingerprints of the events stored
@@ -231,22 +231,42 @@ class IngestService:
         return res
 
     async def _queue(self, batch: Batch) -> Reservation:
-        """Async mode: refuse past the stream's bound (known from the previous reply, so
-        under load without a round trip of its own), else reserve and queue in one round trip."""
+        """Async mode: refuse past the stream's bounds in entries and bytes (known from the previous
+        reply, so under load without a round trip of its own, plus this process's bytes in flight),
+        else reserve and queue in one round trip."""
         stream, dedup = self.stream, self.dedup
         assert stream is not None and isinstance(dedup, RedisDedup)
+        lines = batch.archive_lines()  # the stream entry's events, as `reserve_queued` queues them
+        size = len(lines)
         try:
-            length = await stream.length()
+            length, queued = await stream.size()
             if length >= stream.max_entries:
                 self.metrics.inc("meterflow_stream_full_total")
                 raise Unavailable(
                     "overloaded", f"The event stream holds {length} entries; the limit is {stream.max_entries}."
                 )
+            ahead = queued + stream.in_flight_bytes
+            # An empty stream takes any batch, so one larger than the limit is never refused forever.
+            if ahead and ahead + size > stream.max_bytes:
+                self.metrics.inc("meterflow_stream_full_total")
+                raise Unavailable(
+                    "overloaded",
+                    f"The event stream holds {ahead} bytes of events; this batch's {size} bytes would pass "
+                    f"the limit of {stream.max_bytes} (MF_STREAM_MAX_BYTES).",
+                )
             t0 = time.perf_counter()
-            res = await dedup.reserve_queued(batch, new_flush_id(), STREAM)
+            stream.in_flight_bytes += size
+            try:
+                res = await dedup.reserve_queued(batch, new_flush_id(), STREAM, lines)
+            finally:
+                stream.in_flight_bytes -= size
             self.metrics.stage("dedup", time.perf_counter() - t0)
-            if res.stream_length is not None:
-                stream.seen(res.stream_length)
+            if res.stream_length is not None and res.stream_bytes is not None:
+                stream.seen(res.stream_length, res.stream_bytes)
             return res
+        except DedupFull as e:
+            self.metrics.inc("meterflow_stream_full_total")
+            log.warning("ingest refused: Redis is at maxmemory", extra={"error": str(e)[:300]})
+            raise Unavailable("overloaded", "Redis is out of memory (maxmemory); nothing was queued.") from e
         except DedupUnavailable as e:
             raise Unavailable("dedup_unavailable", f"The dedup store is unavailable: {e}") from e

@@ -1,7 +1,8 @@
 """`meterflow worker`: reads the async mode's stream in a consumer group and commits it.
 
-Each round takes up to ENTRIES_PER_ROUND entries (claimed ones of dead workers
-first), keeps of each entry the events whose dedup key its flush still holds,
+Each round takes up to ENTRIES_PER_ROUND entries and MF_WORKER_ROUND_MAX_BYTES
+bytes of events (claimed ones of dead workers first; one entry at least, however
+large), keeps of each entry the events whose dedup key its flush still holds,
 and group-commits them through `ingest.commit`: one insert, one archive object,
 then the commit records, the queued markers' deletion, XACK and XDEL in one transaction. A
 worker killed anywhere before that transaction leaves its entries pending;
@@ -21,13 +22,21 @@ from dataclasses import dataclass
 from typing import cast
 
 import orjson
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from meterflow.archive import Spool
 from meterflow.config import Settings
 from meterflow.ingest import commit
 from meterflow.ingest.dedup import KEY_PREFIX
-from meterflow.ingest.stream import ATTEMPTS, DEAD, GROUP, STREAM, WORKERS
+from meterflow.ingest.stream import (
+    ATTEMPTS,
+    GROUP,
+    STREAM,
+    WORKERS,
+    create_group,
+    move_to_dead_letters,
+    reset_bytes_if_empty,
+)
 from meterflow.kernel.clock import now_ms
 from meterflow.kernel.flush_ids import new_flush_id
 from meterflow.kernel.rust import STORED_LIMITS, Batch, DecodeError, decode_batch
@@ -83,22 +92,28 @@ class Worker:
         self._last_claim = 0.0
         self._stats_at = time.monotonic()
         self._stats_rows = 0
+        self.round_max_bytes = settings.worker_round_max_bytes
+        # No entry is larger than this (a request's body; raised by any larger one seen): a read of
+        # `room // _entry_bound` entries never takes the round past its bytes.
+        self._entry_bound = settings.max_body_bytes
+        self.largest_round_bytes = 0  # published with the stats
 
     async def create_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        await create_group(self.redis)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.create_group()
         backoff = 0.2
+        grouped = False
         while not stop.is_set():
             try:
+                if not grouped:
+                    await self.create_group()
+                    grouped = True
                 entries = await self._next()
                 if entries:
                     await self._process(entries)
+                else:
+                    await reset_bytes_if_empty(self.redis)
                 backoff = 0.2
                 await self._publish_stats()
             except (RedisError, OSError) as e:
@@ -110,27 +125,54 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 await _sleep_unless(stop, backoff)
 
+    def _room(self, entries: list[Entry], size: int) -> int:
+        """How many entries the round may still read: within ENTRIES_PER_ROUND, and within its bytes
+        however large each is (one at least, for a round still empty)."""
+        fits = (self.round_max_bytes - size) // self._entry_bound
+        return min(ENTRIES_PER_ROUND - len(entries), max(fits, 0 if entries else 1))
+
+    def _take(self, entries: list[Entry], items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> int:
+        """Parses `items` into `entries`; returns their bytes (an entry's events, as counted in the stream)."""
+        size = 0
+        for i, f in items:
+            if f:
+                e = parse_entry(i, f)
+                entries.append(e)
+                size += len(e.lines)
+                self._entry_bound = max(self._entry_bound, len(e.lines))
+        return size
+
     async def _next(self) -> list[Entry]:
         if self._retry:
             out, self._retry = self._retry, []
             return out
         entries: list[Entry] = []
+        size = 0
         if time.monotonic() - self._last_claim > min(1.0, self.settings.worker_claim_idle_ms / 1000):
             self._last_claim = time.monotonic()
-            reply = await self.redis.xautoclaim(
-                STREAM, GROUP, self.name, self.settings.worker_claim_idle_ms, "0-0", count=ENTRIES_PER_ROUND
-            )
-            claimed = cast(list[tuple[bytes, dict[bytes, bytes] | None]], reply[1])
-            if claimed:
-                log.info("claimed entries of a stopped worker", extra={"entries": len(claimed)})
-                self.metrics.inc("meterflow_worker_claimed_total", len(claimed))
-            entries += [parse_entry(i, f) for i, f in claimed if f]
-        if len(entries) < ENTRIES_PER_ROUND:
-            got = await self.redis.xreadgroup(
-                GROUP, self.name, {STREAM: ">"}, count=ENTRIES_PER_ROUND - len(entries), block=BLOCK_MS
-            )
-            for _, items in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes] | None]]]], got or []):
-                entries += [parse_entry(i, f) for i, f in items if f]
+            cursor: bytes | str = "0-0"
+            while (want := self._room(entries, size)) > 0:
+                reply = await self.redis.xautoclaim(
+                    STREAM, GROUP, self.name, self.settings.worker_claim_idle_ms, cursor, count=want
+                )
+                cursor = reply[0]
+                claimed = cast(list[tuple[bytes, dict[bytes, bytes] | None]], reply[1])
+                if claimed:
+                    log.info("claimed entries of a stopped worker", extra={"entries": len(claimed)})
+                    self.metrics.inc("meterflow_worker_claimed_total", len(claimed))
+                size += self._take(entries, claimed)
+                if cursor in (b"0-0", "0-0") or not claimed:
+                    break
+        block: int | None = None if entries else BLOCK_MS
+        while (want := self._room(entries, size)) > 0:
+            got = await self.redis.xreadgroup(GROUP, self.name, {STREAM: ">"}, count=want, block=block)
+            items = [item for _, its in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes] | None]]]],
+                                              got or []) for item in its]  # fmt: skip
+            size += self._take(entries, items)
+            if len(items) < want:
+                break
+            block = None  # the first read waits for entries; the rest take what is there
+        self.largest_round_bytes = max(self.largest_round_bytes, size)
         return entries
 
     async def _process(self, entries: list[Entry]) -> None:
@@ -187,7 +229,7 @@ class Worker:
         rows = b"".join(e.batch.storage_rows(e.keep) for e in parts if e.batch is not None)
         archive = b"".join(e.batch.archive_lines(e.keep) for e in parts if e.batch is not None)
         count = sum(e.kept for e in parts)
-        queued = commit.Queued(self.redis, self.window, [(e.id, e.flush_id) for e in entries])
+        queued = commit.Queued(self.redis, self.window, [(e.id, e.flush_id, len(e.lines)) for e in entries])
         await commit.flush(self._sink, new_flush_id(), rows, archive, count, queued)
 
     def _count(self, entries: list[Entry]) -> None:
@@ -204,14 +246,9 @@ class Worker:
             log.warning("entry failed", extra={"entry": e.id.decode(), "attempt": n, "error": e.error[:300]})
             if n < self.settings.worker_max_attempts:
                 continue  # stays pending: claimed again after the idle time
-            async with self.redis.pipeline(transaction=True) as p:
-                # The flush's keys stay held (queued marker kept): `meterflow worker retry` brings it back.
-                p.xadd(DEAD, {b"f": e.flush_id.encode(), b"e": e.lines, b"src": e.id, b"n": str(n).encode(),
-                              b"err": e.error.encode()})  # fmt: skip
-                p.xack(STREAM, GROUP, e.id)
-                p.xdel(STREAM, e.id)
-                p.hdel(ATTEMPTS, e.id)
-                await p.execute()
+            # The flush's keys stay held (queued marker kept): `meterflow worker retry` brings it back.
+            if not await move_to_dead_letters(self.redis, e.id, e.flush_id, e.lines, n, e.error):
+                continue  # another worker committed or moved it meanwhile
             self.metrics.inc("meterflow_worker_dead_letters_total")
             log.error("entry moved to the dead letters", extra={"entry": e.id.decode(), "attempts": n})
 
@@ -222,8 +259,9 @@ class Worker:
         rate = (self.rows_total - self._stats_rows) / (now - self._stats_at)
         self._stats_at, self._stats_rows = now, self.rows_total
         stats = {"rows_per_s": round(rate, 1), "rows_total": self.rows_total, "entries_total": self.entries_total,
-                 "seen_ms": now_ms()}  # fmt: skip
-        await self.redis.hset(WORKERS, self.name, orjson.dumps(stats))
+                 "largest_round_bytes": self.largest_round_bytes, "seen_ms": now_ms()}  # fmt: skip
+        with contextlib.suppress(OutOfMemoryError):  # Redis at maxmemory: statistics wait, the rounds go on
+            await self.redis.hset(WORKERS, self.name, orjson.dumps(stats))
 
 
 class _StorageDown(Exception):

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterflow.auth.keys import Principal, Scope
+from meterflow.auth.keys import Principal, Refused, Scope
 from meterflow.auth.ratelimit import RateLimiter, RateLimitUnavailable, Verdict
 from meterflow.config import Settings
 from meterflow.web.errors import ApiError
@@ -33,12 +33,12 @@ def client_address(request: Request, header: str) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def too_many_failures(retry_after: int, limit: int) -> ApiError:
-    return ApiError(
-        "too_many_auth_failures",
-        f"This address sent more than {limit} unknown or revoked API keys this minute; retry after {retry_after} s.",
-        {"Retry-After": str(retry_after)},
-    )
+def too_many_failures(retry_after: int, limit: int, key_id: str | None) -> ApiError:
+    what = (f"API key `{key_id}` was sent with a wrong secret more than {limit} times this minute"
+            if key_id is not None else
+            f"This address sent more than {limit} unknown or revoked API keys this minute")  # fmt: skip
+    headers = {"Retry-After": str(retry_after)}
+    return ApiError("too_many_auth_failures", f"{what}; retry after {retry_after} s.", headers)
 
 
 def rate_limited(verdict: Verdict, what: str) -> ApiError:
@@ -71,15 +71,14 @@ def requires(scope: Scope, endpoint: Endpoint) -> Endpoint:
         raw = presented_key(request)
         if not raw:
             raise ApiError("missing_api_key")
-        failures = rt.auth_failures
-        address = client_address(request, rt.settings.client_address_header)
-        if (wait := failures.retry_after(address)) is not None:
-            raise too_many_failures(wait, failures.per_minute)
+        # The key first: a valid key always authenticates, whatever failed before it from this address.
         # An unreachable records database raises RecordsUnavailable: 503 records_unavailable.
-        principal = await rt.keys.authenticate(raw)
-        if principal is None:
-            if (wait := await failures.failed(address)) is not None:
-                raise too_many_failures(wait, failures.per_minute)
+        principal = await rt.keys.verify(raw)
+        if isinstance(principal, Refused):
+            failures = rt.auth_failures
+            address = client_address(request, rt.settings.client_address_header)
+            if (wait := await failures.failed(address, principal.key_id)) is not None:
+                raise too_many_failures(wait, failures.per_minute, principal.key_id)
             raise ApiError("invalid_api_key")
         if not principal.allows(scope):
             raise ApiError("insufficient_scope", f"This key has scope `{principal.scope}`; this route needs `{scope}`.")

@@ -17,20 +17,29 @@ from __future__ import annotations
 
 from meterflow.config import Settings
 from meterflow.ingest.dedup.memory import MemoryDedup
-from meterflow.ingest.dedup.protocol import Dedup, DedupUnavailable, Reservation
-from meterflow.ingest.dedup.redis import FLUSH_PREFIX, KEY_PREFIX, QUEUED_PREFIX, RedisDedup, commit_record
+from meterflow.ingest.dedup.protocol import Dedup, DedupFull, DedupUnavailable, Reservation
+from meterflow.ingest.dedup.redis import (
+    FLUSH_PREFIX,
+    KEY_PREFIX,
+    QUEUED_PREFIX,
+    RedisDedup,
+    commit_record,
+    stream_bytes_key,
+)
 
 __all__ = [
     "FLUSH_PREFIX",
     "KEY_PREFIX",
     "QUEUED_PREFIX",
     "Dedup",
+    "DedupFull",
     "DedupUnavailable",
     "MemoryDedup",
     "RedisDedup",
     "Reservation",
     "commit_record",
     "open_dedup",
+    "stream_bytes_key",
 ]
 
 

@@ -12,6 +12,10 @@ class DedupUnavailable(Exception):
     """The dedup store cannot be reached; nothing of the request was accepted."""
 
 
+class DedupFull(DedupUnavailable):
+    """The dedup store refuses writes for want of memory (Redis at `maxmemory`, noeviction); nothing was accepted."""
+
+
 @dataclass
 class Reservation:
     """The dedup verdict for one batch's valid events."""
@@ -23,6 +27,7 @@ class Reservation:
     # (valid-event index, differing fields as bits: 1 event_type, 2 timestamp, 4 properties)
     conflicts: list[tuple[int, int]] = field(default_factory=list)
     stream_length: int | None = None  # async mode: the stream's entries right after this batch's
+    stream_bytes: int | None = None  # async mode: the bytes of events the stream holds right after this batch's
 
 
 class Dedup(Protocol):

@@ -1,8 +1,10 @@
 """The shared dedup: reservations, take-overs and commit records in Redis, one round trip per batch.
 
 Its keys: `dedup:<key>` (a reservation, `<flush_id>|<fingerprint>`), `flush:<id>`
-(a commit record) and `queued:<id>` (async mode: the flush's stream entry is
-queued, so its ids are never taken over). The connection is `meterflow.redis`'s.
+(a commit record), `queued:<id>` (async mode: the flush's stream entry is
+queued, so its ids are never taken over) and `<stream>:bytes` (async mode: the
+bytes of events the stream holds, incremented with every XADD in the same step,
+decremented by what the workers delete). The connection is `meterflow.redis`'s.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from meterflow.config import Settings
-from meterflow.ingest.dedup.protocol import DedupUnavailable, Reservation
+from meterflow.ingest.dedup.protocol import DedupFull, DedupUnavailable, Reservation
 from meterflow.kernel import clock
 from meterflow.kernel.flush_ids import flush_created_ms, new_flush_id
 from meterflow.kernel.rust import Batch, ReplyError
@@ -26,6 +28,11 @@ FLUSH_PREFIX = "flush:"
 # Set with a queued flush's stream entry (async mode), deleted at its commit:
 # while it exists, the flush's ids are never taken over, however old.
 QUEUED_PREFIX = "queued:"
+
+
+def stream_bytes_key(stream: str) -> str:
+    """The counter of the bytes of events `stream` holds (each entry's `e` field, exactly)."""
+    return stream + ":bytes"
 
 
 def commit_record(flush_id: str, window_s: int) -> list[bytes]:
@@ -61,6 +68,7 @@ end
 if won and ARGV[3] ~= '' then
   redis.call('SET', '""" + QUEUED_PREFIX + """' .. ARGV[1], '1', 'EX', ARGV[2])
   redis.call('XADD', ARGV[3], '*', 'f', ARGV[1], 'e', ARGV[4])
+  redis.call('INCRBY', ARGV[3] .. ':bytes', #ARGV[4])
 end
 return out
 """
@@ -112,7 +120,9 @@ class RedisDedup:
             await self._redis.aclose()
 
     def _unavailable(self, e: BaseException) -> DedupUnavailable:
-        return DedupUnavailable(f"Redis at {self._address}: {e}")
+        # Redis at `maxmemory` (noeviction) refuses writes with an `OOM` error reply: nothing was written.
+        full = isinstance(e, OutOfMemoryError) or (isinstance(e, ReplyError) and "OOM " in str(e))
+        return (DedupFull if full else DedupUnavailable)(f"Redis at {self._address}: {e}")
 
     async def ping(self) -> None:
         try:
@@ -141,25 +151,28 @@ class RedisDedup:
         except (RedisError, OSError) as e:
             raise self._unavailable(e) from e
 
-    async def reserve_queued(self, batch: Batch, flush_id: str, stream: str) -> Reservation:
+    async def reserve_queued(self, batch: Batch, flush_id: str, stream: str, lines: bytes | None = None) -> Reservation:
         """Async mode: in one transaction (one round trip, one AOF record) the
         flush's queued marker, its stream entry (every valid event; the worker
-        keeps those whose key this flush holds), the stream's length after it
-        (`Reservation.stream_length`, the API's backpressure) and the reservations."""
+        keeps those whose key this flush holds), the stream's length and bytes after it
+        (`Reservation.stream_length`, `.stream_bytes`: the API's backpressure) and the reservations.
+        Redis at `maxmemory` refuses the whole transaction: DedupFull, nothing written."""
         n = len(batch)
         window = str(self._window).encode()
+        lines = batch.archive_lines() if lines is None else lines  # every valid event (`lines`: already made)
         head = (
             command([b"MULTI"])
             + command([b"SET", (QUEUED_PREFIX + flush_id).encode(), b"1", b"EX", window])
-            + command([b"XADD", stream.encode(), b"*", b"f", flush_id.encode(), b"e", batch.archive_lines()])
+            + command([b"XADD", stream.encode(), b"*", b"f", flush_id.encode(), b"e", lines])
             + command([b"XLEN", stream.encode()])
+            + command([b"INCRBY", stream_bytes_key(stream).encode(), str(len(lines)).encode()])
         )
         data = head + batch.redis_reserve(KEY_PREFIX, flush_id, self._window) + command([b"EXEC"])
-        prefix = b"+OK\r\n" + b"+QUEUED\r\n" * (n + 3) + b"*%d\r\n+OK\r\n" % (n + 3)
-        length = 0
+        prefix = b"+OK\r\n" + b"+QUEUED\r\n" * (n + 4) + b"*%d\r\n+OK\r\n" % (n + 4)
+        length = size = 0
 
         def parse(buf: bytes) -> list[tuple[int, bytes, int]] | None:
-            nonlocal length
+            nonlocal length, size
             m = min(len(buf), len(prefix))
             if buf[:m] != prefix[:m]:
                 error = next((ln for ln in buf.split(b"\r\n") if ln.startswith(b"-")), b"an unexpected reply")
@@ -176,6 +189,10 @@ class RedisDedup:
             if end < 0:
                 return None
             length = int(rest[start + 1 : end])
+            start, end = end + 2, rest.find(b"\r\n", end + 2)  # the INCRBY's `:<bytes>`
+            if end < 0:
+                return None
+            size = int(rest[start + 1 : end])
             return batch.reserve_replies(rest[end + 2 :])
 
         try:
@@ -183,12 +200,12 @@ class RedisDedup:
         except (OSError, ConnectionError, TimeoutError, ReplyError, ValueError) as e:
             raise self._unavailable(e) from e
         if not taken:
-            return Reservation(keep=None, accepted=n, duplicates=0, stream_length=length)
+            return Reservation(keep=None, accepted=n, duplicates=0, stream_length=length, stream_bytes=size)
         try:
             res = await self._resolve(batch, flush_id, n, taken, stream)
         except (RedisError, OSError) as e:
             raise self._unavailable(e) from e
-        res.stream_length = length
+        res.stream_length, res.stream_bytes = length, size
         return res
 
     async def _resolve(
