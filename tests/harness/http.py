@@ -1,8 +1,10 @@
 """HTTP for the tests: the one JSON content-type header, and one way to post a body to or get a path from a
-MeterFlow server (with its admin key) or an `httpx.Client` (with its own base URL and headers)."""
+MeterFlow server (with its admin key) or an `httpx.Client` (with its own base URL and headers), and the
+dashboard's sign-in."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -50,3 +52,13 @@ def get(to: To, path: str, *, params: Mapping[str, Any] | None = None, auth: Map
     if isinstance(to, httpx.Client):
         return to.get(path, params=params, headers=_auth(to, auth), **_timeout(timeout))
     return httpx.get(f"{to.url}{path}", params=params, headers=_auth(to, auth), timeout=timeout or 30)
+
+
+def sign_in(c: httpx.Client, key: str) -> None:
+    """Signs `c` (a client with a server's base URL) in to the dashboard with `key`: the sign-in form's CSRF
+    token, then the session cookie, which `c` keeps."""
+    form = c.get("/dashboard/signin").text
+    token = re.search(r'name="csrf" value="([^"]+)"', form)
+    assert token, form
+    r = c.post("/dashboard/signin", data={"csrf": token.group(1), "key": key}, follow_redirects=False)
+    assert r.status_code == 303, r.text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import httpx
 
 from meterflow import samples
 from tests.harness.backends import Backend
-from tests.harness.http import get, post_events
+from tests.harness.http import get, post_events, sign_in
 from tests.harness.meterflow import ASYNC, MeterFlowServer, MeterFlowWorker
 from tests.harness.processes import MAXMEMORY, ClickHouse, Redis, until
 
@@ -22,11 +21,7 @@ from tests.harness.processes import MAXMEMORY, ClickHouse, Redis, until
 def overview_html(server: MeterFlowServer) -> str:
     """The dashboard's overview as a signed-in admin sees it (the sign-in form's CSRF token, then the session)."""
     with httpx.Client(base_url=server.url, timeout=10) as c:
-        form = c.get("/dashboard/signin").text
-        token = re.search(r'name="csrf" value="([^"]+)"', form)
-        assert token, form
-        key = server.auth["Authorization"].removeprefix("Bearer ")
-        assert c.post("/dashboard/signin", data={"csrf": token.group(1), "key": key}).status_code == 303
+        sign_in(c, server.auth["Authorization"].removeprefix("Bearer "))
         page = c.get("/dashboard/")
         assert page.status_code == 200, page.text
         return page.text
