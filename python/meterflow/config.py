@@ -155,7 +155,7 @@ class Settings:
             "usage_max_concurrent_queries", "auth_failures_per_minute", "http_max_connections",
             "http_body_timeout_s", "key_cache_grace_s", "stream_max_entries", "worker_claim_idle_ms",
             "worker_max_attempts", "stream_max_bytes", "worker_round_max_bytes",
-            "http_body_timeout_s", "key_cache_grace_s", "invoice_due_days", "invoice_close_interval_s",
+            "invoice_due_days", "invoice_close_interval_s",
             "invoice_settle_interval_s",
             "webhook_backoff_ms",
             "webhook_backoff_max_ms", "webhook_retry_for_s", "webhook_timeout_ms", "webhook_poll_ms",
