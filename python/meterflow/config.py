@@ -95,6 +95,8 @@ class Settings:
     hsts_max_age_s: int = 31_536_000
     # A dashboard session ends this long after sign-in, at sign-out, or when its key is revoked.
     dashboard_session_s: int = 12 * 3600
+    # A subscription may start at most this many days before now (each past period is invoiced at once).
+    subscription_max_backdate_days: int = 400
     archive: Literal["none", "directory", "s3"] = "directory"
     s3_endpoint: str = "http://127.0.0.1:3900"
     s3_bucket: str = "meterflow-archive"
@@ -159,7 +161,7 @@ class Settings:
             "invoice_settle_interval_s",
             "webhook_backoff_ms",
             "webhook_backoff_max_ms", "webhook_retry_for_s", "webhook_timeout_ms", "webhook_poll_ms",
-            "webhook_concurrency", "hsts_max_age_s", "dashboard_session_s",
+            "webhook_concurrency", "hsts_max_age_s", "dashboard_session_s", "subscription_max_backdate_days",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

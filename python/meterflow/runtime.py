@@ -169,7 +169,8 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
             archive=archive, spool=spool, ingest=service, customers=customers,
             keys=KeyStore(records, settings.admin_key, settings.key_cache_grace_s),
             auth_failures=auth_failures,
-            meters=meters, plans=plans, subscriptions=Subscriptions(records, plans),
+            meters=meters, plans=plans,
+            subscriptions=Subscriptions(records, plans, max_backdate_days=settings.subscription_max_backdate_days),
             invoices=open_invoices(settings, records, archive, customers, meters),
             webhooks=Webhooks(records, destinations),
             credit_notes=CreditNotes(records), clock=SYSTEM,
@@ -219,7 +220,8 @@ class ClosingRuntime:
         async with started(storage, records, *([archive] if archive is not None else [])):
             meters, plans = await open_catalogs(settings, records)
             customers = Customers(records)
-            yield cls(settings, storage, records, meters, plans, Subscriptions(records, plans),
+            yield cls(settings, storage, records, meters, plans,
+                      Subscriptions(records, plans, max_backdate_days=settings.subscription_max_backdate_days),
                       open_invoices(settings, records, archive, customers, meters), CreditNotes(records), customers,
                       SYSTEM)  # fmt: skip
 

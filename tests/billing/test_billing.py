@@ -187,7 +187,27 @@ def test_plan_validation_names_the_field(server: MeterFlowServer) -> None:
         assert c.get("/v1/plans/bad").status_code == 404
 
 
+def test_a_subscription_starts_at_most_the_backdate_horizon_ago(server: MeterFlowServer) -> None:
+    """Issue 23, finding 12: a start at epoch 0 invoiced ~680 periods at once; the horizon is 400 days."""
+    day = 86_400_000
+    with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
+        assert c.put("/v1/customers/cust_old", json={}).status_code == 201
+        assert c.put("/v1/plans/old_p", json={"currency": "EUR", "charges": [{"type": "flat", "amount": "1.00"}]}
+                     ).status_code == 201  # fmt: skip
+        for start in (0, samples.now_ms() - 401 * day):
+            r = c.post("/v1/subscriptions", json={"customer_id": "cust_old", "plan": "old_p", "start": start})
+            assert r.status_code == 400, r.text
+            body = r.json()
+            assert body["error"] == "invalid_subscription" and body["message"].startswith("`start`"), body
+            assert "MF_SUBSCRIPTION_MAX_BACKDATE_DAYS (400)" in body["message"], body
+        assert c.get("/v1/subscriptions", params={"customer_id": "cust_old"}).json()["data"] == []
+        r = c.post("/v1/subscriptions", json={"customer_id": "cust_old", "plan": "old_p",
+                                              "start": samples.now_ms() - 399 * day})  # fmt: skip
+        assert r.status_code == 201, r.text
+
+
 def test_overlap_409_versioning_on_put_archive_and_if_match(server: MeterFlowServer) -> None:
+    b = samples.now_ms() - 300 * 86_400_000  # the history's origin, within the backdate horizon
     with httpx.Client(base_url=server.url, headers=server.auth, timeout=30) as c:
         for cid in ("cust_a", "cust_b"):
             assert c.put(f"/v1/customers/{cid}", json={}).status_code == 201
@@ -196,24 +216,24 @@ def test_overlap_409_versioning_on_put_archive_and_if_match(server: MeterFlowSer
         assert c.put("/v1/plans/team", json=one).status_code == 201
         r = c.put("/v1/plans/team", json=two)  # no subscription yet: changed in place
         assert (r.status_code, r.json()["plan_version"], r.headers["ETag"]) == (200, 1, '"2"')
-        sub = c.post("/v1/subscriptions", json={"customer_id": "cust_a", "plan": "team", "start": 1_000}).json()
+        sub = c.post("/v1/subscriptions", json={"customer_id": "cust_a", "plan": "team", "start": b + 1_000}).json()
         assert sub["plan_version"] == 1
         # Overlapping the same plan: 409, whether the new one starts before, inside or after it.
-        for start in (0, 5_000, 10**12):
+        for start in (b, b + 5_000, b + 10**9):
             r = c.post("/v1/subscriptions", json={"customer_id": "cust_a", "plan": "team", "start": start})
             assert r.status_code == 409 and r.json()["error"] == "subscription_conflict", r.text
         assert c.put("/v1/plans/team", json=one, headers={"If-Match": '"1"'}).status_code == 412
         r = c.put("/v1/plans/team", json=one, headers={"If-Match": '"2"'})
         assert (r.status_code, r.json()["plan_version"], r.json()["charges"][0]["amount"]) == (200, 2, "10.00")
         assert c.get(f"/v1/subscriptions/{sub['id']}").json()["plan_version"] == 1  # kept until moved
-        other = c.post("/v1/subscriptions", json={"customer_id": "cust_b", "plan": "team", "start": 1_000}).json()
+        other = c.post("/v1/subscriptions", json={"customer_id": "cust_b", "plan": "team", "start": b + 1_000}).json()
         assert other["plan_version"] == 2
         # Cancelled at 50_000: a new one from then does not overlap; one from before it does.
-        r = c.post(f"/v1/subscriptions/{sub['id']}/cancel", json={"at": 50_000})
-        assert (r.status_code, r.json()["end"], r.json()["status"]) == (200, 50_000, "ended")
+        r = c.post(f"/v1/subscriptions/{sub['id']}/cancel", json={"at": b + 50_000})
+        assert (r.status_code, r.json()["end"], r.json()["status"]) == (200, b + 50_000, "ended")
         assert c.post("/v1/subscriptions", json={"customer_id": "cust_a", "plan": "team",
-                                                 "start": 49_999}).status_code == 409  # fmt: skip
-        again = c.post("/v1/subscriptions", json={"customer_id": "cust_a", "plan": "team", "start": 50_000})
+                                                 "start": b + 49_999}).status_code == 409  # fmt: skip
+        again = c.post("/v1/subscriptions", json={"customer_id": "cust_a", "plan": "team", "start": b + 50_000})
         assert again.status_code == 201 and again.json()["plan_version"] == 2
         listed = c.get("/v1/subscriptions", params={"customer_id": "cust_a", "limit": 1}).json()
         rest = c.get("/v1/subscriptions", params={"customer_id": "cust_a", "cursor": listed["next_cursor"]}).json()
@@ -243,7 +263,8 @@ async def deps(storage: Storage, records: Records) -> AsyncIterator[Deps]:
     settings = Settings()
     meters = MeterCatalog(records, configured_meters(settings))
     plans = PlanCatalog(records, meters, ())
-    yield Deps(settings, storage, meters, plans, Subscriptions(records, plans))
+    # The months priced here are fixed (2026): no backdate horizon, or they age out of it.
+    yield Deps(settings, storage, meters, plans, Subscriptions(records, plans, max_backdate_days=100 * 366))
 
 
 def berlin_ms(year: int, month: int, day: int) -> int:

@@ -71,7 +71,9 @@ async def books(records: Records) -> AsyncIterator[Books]:
     config = parse_meter({"code": "cfg", "event_type": "c", "aggregation": "COUNT"}, "config")
     catalog = MeterCatalog(records, (config,), clock, late_window_ms=WINDOW)
     plans = PlanCatalog(records, catalog, ())
-    yield Books(clock, catalog, plans, Subscriptions(records, plans), records)
+    # These histories run on instants from 1970: no backdate horizon here.
+    subs = Subscriptions(records, plans, clock=clock, max_backdate_days=100 * 366)
+    yield Books(clock, catalog, plans, subs, records)
 
 
 async def event_type_at(books: Books, t: int, code: str = "calls") -> str | None:
@@ -304,19 +306,20 @@ def test_delete_answers_meter_in_use_while_priced_then_a_broken_plan_refuses_sub
         ok(c.post("/v1/plans", json=priced_by("metered", "calls")), 201)
         ok(c.post("/v1/plans", json=priced_by("lately", "recent")), 201)
         ok(c.post("/v1/plans", json=priced_by("flat")), 201)
-        sub = ok(c.post("/v1/subscriptions", json={"customer_id": "cust_d", "plan": "metered", "start": 1_000}), 201)
+        old = samples.now_ms() - 300 * 86_400_000  # long ago, within the backdate horizon
+        sub = ok(c.post("/v1/subscriptions", json={"customer_id": "cust_d", "plan": "metered", "start": old}), 201)
 
         r = c.delete("/v1/meters/calls")
         assert (r.status_code, r.json()["error"]) == (409, "meter_in_use"), r.text
         assert r.json()["message"] == (f"Meter 'calls' is priced by subscription {sub['id']}; cancel it or move it "
                                        "to a plan without the meter first.")  # fmt: skip
         # Moved to a plan without the meter long ago: nothing may still be billed for it.
-        ok(c.post(f"/v1/subscriptions/{sub['id']}/change", json={"plan": "flat", "at": 2_000}))
+        ok(c.post(f"/v1/subscriptions/{sub['id']}/change", json={"plan": "flat", "at": old + 1_000}))
         ok(c.delete("/v1/meters/calls"), 204)
         assert c.get("/v1/meters/calls").status_code == 404
 
         # Ended just now: late usage may still arrive for it.
-        recent = ok(c.post("/v1/subscriptions", json={"customer_id": "cust_r", "plan": "lately", "start": 1_000}), 201)
+        recent = ok(c.post("/v1/subscriptions", json={"customer_id": "cust_r", "plan": "lately", "start": old}), 201)
         ok(c.post(f"/v1/subscriptions/{recent['id']}/cancel", json={}))
         r = c.delete("/v1/meters/recent")
         assert (r.status_code, r.json()["error"]) == (409, "meter_in_use"), r.text

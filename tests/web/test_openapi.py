@@ -38,6 +38,7 @@ BIG = b'{"name": "' + b"x" * (1 << 20) + b'"}'
 USAGE = {"customer_id": "c", "meter": "api_calls"}
 METER = {"event_type": "probe", "aggregation": "COUNT"}
 STALE = {"If-Match": '"999"'}  # a version none of the probes' records reaches
+T0 = samples.now_ms() - 30 * 86_400_000  # the probes' subscriptions start here (within the backdate horizon)
 # Path parameters of the generic probes (auth and rate limits answer before the route reads them).
 SAMPLE = {"code": "api_calls", "customer_id": "cust_probe", "key_id": "A" * 12, "subscription_id": "sub_probe",
           "invoice_id": "inv_" + "0" * 24, "webhook_id": "wh_" + "0" * 24, "credit_note_id": "cn_" + "0" * 24}
@@ -199,12 +200,12 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
 
     def subscribe(c: httpx.Client) -> httpx.Response:
         assert c.put("/v1/customers/cust_sub", json={"name": "S"}).status_code in (200, 201)
-        r = c.post("/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "probe_p", "start": 0})
+        r = c.post("/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "probe_p", "start": T0})
         made["sub"] = r.json().get("id", "")
         return r
 
     def change(c: httpx.Client) -> httpx.Response:
-        r = c.post(f"/v1/subscriptions/{made['sub']}/change", json={"plan": "probe_p", "at": 1000})
+        r = c.post(f"/v1/subscriptions/{made['sub']}/change", json={"plan": "probe_p", "at": T0 + 1000})
         made["new"] = r.json().get("subscription", {}).get("id", "")
         return r
 
@@ -214,7 +215,7 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         assert c.post("/v1/plans", json={"code": "probe_dim", **DIMENSIONAL}).status_code == 201
         assert c.put("/v1/customers/c_dim", json={"name": "D"}).status_code in (200, 201)
         assert c.post("/v1/subscriptions", json={"customer_id": "c_dim", "plan": "probe_dim",
-                                                 "start": 0}).status_code == 201  # fmt: skip
+                                                 "start": T0}).status_code == 201  # fmt: skip
         two = [{**e, "customer_id": "c_dim"} for e in samples.batch(20, seed=11, prefix="dim", ts=now)]
         assert c.post(events, content=samples.body(two), headers=JSON).json()["accepted"] == 20
         return c.get(up.format(customer_id="c_dim"))
@@ -240,7 +241,7 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
         ("DELETE", pl, 409): lambda c: c.delete("/v1/plans/config_plan"),
         ("POST", "/v1/subscriptions", 201): subscribe,
         ("POST", "/v1/subscriptions", 409): lambda c: c.post(
-            "/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "probe_p", "start": 1}),
+            "/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "probe_p", "start": T0 + 1}),
         ("POST", "/v1/subscriptions", 400): lambda c: c.post(
             "/v1/subscriptions", json={"customer_id": "cust_sub", "plan": "nope"}),
         ("POST", "/v1/subscriptions", 413): lambda c: c.post("/v1/subscriptions", content=BIG, headers=JSON),
@@ -258,7 +259,7 @@ def route_probes(c: httpx.Client, data_dir: str) -> dict[tuple[str, str, int], P
                                                          json={"plan": "probe_p", "at": "soon"}),
         ("POST", sub + "/change", 404): lambda c: c.post("/v1/subscriptions/sub_none/change", json={"plan": "probe_p"}),
         ("POST", sub + "/change", 409): lambda c: c.post(f"/v1/subscriptions/{made['sub']}/change",
-                                                         json={"plan": "probe_p", "at": 2000}),
+                                                         json={"plan": "probe_p", "at": T0 + 2000}),
         ("POST", sub + "/change", 413): lambda c: c.post("/v1/subscriptions/sub_none/change", content=BIG,
                                                          headers=JSON),
         ("POST", sub + "/change", 415): lambda c: c.post("/v1/subscriptions/sub_none/change", content=b"{}",

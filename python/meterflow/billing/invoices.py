@@ -27,7 +27,7 @@ from meterflow.billing.periods import Period
 from meterflow.billing.rating import PricedPeriod
 from meterflow.billing.render import priced_period_json
 from meterflow.billing.webhooks import enqueue
-from meterflow.kernel.clock import SYSTEM, Clock
+from meterflow.kernel.clock import DAY_MS, SYSTEM, Clock
 from meterflow.kernel.money import EXACT, money_text
 from meterflow.records import Records, plain
 from meterflow.records.tables import invoice_numbers, invoices
@@ -35,7 +35,6 @@ from meterflow.records.tables import invoice_numbers, invoices
 log = logging.getLogger("meterflow.invoices")
 
 STATUSES = ("draft", "finalized", "paid", "void")
-DAY_MS = 86_400_000
 # A transition: the status it needs, the status it makes, the time column it sets, the event it sends.
 TRANSITIONS = {
     "finalize": ("draft", "finalized", "issued_at", "invoice.finalized"),

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterflow.billing.catalog import PlanCatalog
 from meterflow.customers import timezone_history
-from meterflow.kernel.clock import SYSTEM, Clock
+from meterflow.kernel.clock import DAY_MS, SYSTEM, Clock
 from meterflow.kernel.errors import FieldError
 from meterflow.records import Records
 from meterflow.records.tables import customers, subscriptions
@@ -88,10 +88,12 @@ def _sub(row: Any) -> Subscription:
 
 
 class Subscriptions:
-    def __init__(self, records: Records, plans: PlanCatalog, *, clock: Clock = SYSTEM) -> None:
+    def __init__(self, records: Records, plans: PlanCatalog, *, clock: Clock = SYSTEM,
+                 max_backdate_days: int = 400) -> None:
         self._db = records
         self._plans = plans
         self._clock = clock
+        self._max_backdate_days = max_backdate_days
         self._local = asyncio.Lock()  # SQLite: the one embedded worker's writes take turns
 
     async def get(self, sub_id: str) -> Subscription | None:
@@ -134,6 +136,11 @@ class Subscriptions:
                                .values(settle_from=None))  # fmt: skip
 
     async def create(self, customer_id: str, plan_code: str, start: int) -> Subscription:
+        days = self._max_backdate_days
+        if start < self._clock.now_ms() - days * DAY_MS:
+            # Every period since `start` is invoiced at once: a start at epoch 0 would be ~680 invoices.
+            raise SubscriptionError("start", f"`start` ({start}) is more than {days} days ago; a subscription may "
+                                    f"start at most MF_SUBSCRIPTION_MAX_BACKDATE_DAYS ({days}) days in the past.")
         pv = await self._plan_version(plan_code, "plan")
         async with self._turn(customer_id) as conn:
             live = await conn.execute(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+DAY_MS = 86_400_000
+
 
 def now_ms() -> int:
     """The wall clock in epoch milliseconds, for code that has no clock of its own to ask."""

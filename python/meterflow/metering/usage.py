@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 
 from meterflow.config import Settings
 from meterflow.kernel.calendar import time_zone
+from meterflow.kernel.clock import DAY_MS
 from meterflow.kernel.errors import FieldError
 from meterflow.kernel.ids import ID_RE, ID_RULE
 from meterflow.metering.catalog import MeterCatalog
@@ -32,7 +33,6 @@ from meterflow.metering.windows import WINDOWS, Window, bucket_sql, count_spans,
 from meterflow.storage.base import QueryLimits, Storage, quote
 
 GROUP_SEPARATOR = "|"
-DAY_MS = 86_400_000
 # Usage values are exact and smaller than 1e29 in magnitude: the 38 digits of
 # Decimal128(9). Values are handled as integers of 1e-9 units (`raw`).
 USAGE_LIMIT = 10**29
