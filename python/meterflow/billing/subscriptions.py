@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterflow.billing.catalog import PlanCatalog
+from meterflow.config import Settings
 from meterflow.customers import timezone_history
 from meterflow.kernel.clock import DAY_MS, SYSTEM, Clock
 from meterflow.kernel.errors import FieldError
@@ -89,7 +90,7 @@ def _sub(row: Any) -> Subscription:
 
 class Subscriptions:
     def __init__(self, records: Records, plans: PlanCatalog, *, clock: Clock = SYSTEM,
-                 max_backdate_days: int = 400) -> None:
+                 max_backdate_days: int = Settings.subscription_max_backdate_days) -> None:
         self._db = records
         self._plans = plans
         self._clock = clock
